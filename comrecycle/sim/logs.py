@@ -1,0 +1,98 @@
+"""The request log (DESIGN.md §7): one Parquet row per request.
+
+Contract columns are fixed; the simulator adds `expected_reward` (the served page's exact
+expected clicks), `page_items`, `clicked_items` and `n_viewed` which model training uses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+LOG_SCHEMA = pa.schema([
+    ("request_id", pa.int64()), ("user_id", pa.int64()), ("session_id", pa.int64()),
+    ("ts", pa.float64()), ("page", pa.int16()), ("is_repeat", pa.bool_()),
+    ("gender", pa.int8()), ("age", pa.int8()), ("country", pa.int16()),
+    ("secs_since_prev", pa.float32()), ("prev_exposures", pa.int32()), ("prev_clicks", pa.int32()),
+    ("history", pa.list_(pa.int64())), ("strategy", pa.int8()), ("propensity", pa.float32()),
+    ("reward", pa.float32()), ("cost", pa.float32()),
+])
+CONTRACT_COLUMNS = tuple(LOG_SCHEMA.names)
+SIM_SCHEMA = pa.schema(list(LOG_SCHEMA) + [
+    ("expected_reward", pa.float32()), ("n_viewed", pa.int16()),
+    ("page_items", pa.list_(pa.int64())), ("clicked_items", pa.list_(pa.int64())),
+])
+
+
+class LogBuilder:
+    """Collects (batch, outcome) pairs; `table()` returns them sorted by ts."""
+
+    def __init__(self):
+        self._cols: dict[str, list] = {n: [] for n in SIM_SCHEMA.names}
+
+    def add(self, batch, outcome, strategy: np.ndarray | int = 0,
+            propensity: np.ndarray | float = 1.0, cost: np.ndarray | float = 1.0) -> None:
+        B = len(batch)
+        c = self._cols
+        c["request_id"].append(batch.request_id)
+        c["user_id"].append(batch.user_id)
+        c["session_id"].append(batch.session_id)
+        c["ts"].append(batch.ts)
+        c["page"].append(batch.page)
+        c["is_repeat"].append(batch.is_repeat)
+        c["gender"].append(batch.user_features[:, 0])
+        c["age"].append(batch.user_features[:, 1])
+        c["country"].append(batch.user_features[:, 2])
+        c["secs_since_prev"].append(batch.secs_since_prev)
+        c["prev_exposures"].append(batch.prev_exposures)
+        c["prev_clicks"].append(batch.prev_clicks)
+        c["history"].extend(batch.history_of(i) for i in range(B))
+        c["strategy"].append(np.broadcast_to(np.asarray(strategy, np.int8), (B,)))
+        c["propensity"].append(np.broadcast_to(np.asarray(propensity, np.float32), (B,)))
+        c["reward"].append(outcome.clicks.astype(np.float32))
+        c["cost"].append(np.broadcast_to(np.asarray(cost, np.float32), (B,)))
+        c["expected_reward"].append(outcome.expected_clicks)
+        c["n_viewed"].append(outcome.n_viewed)
+        c["page_items"].extend(outcome.page_items)
+        c["clicked_items"].extend(outcome.clicked_items)
+
+    def __len__(self) -> int:
+        return int(sum(a.size for a in self._cols["request_id"]))
+
+    def table(self) -> pa.Table:
+        arrays = []
+        for f in SIM_SCHEMA:
+            vals = self._cols[f.name]
+            if pa.types.is_list(f.type):
+                arrays.append(pa.array([np.asarray(v, np.int64) for v in vals], type=f.type))
+            else:
+                arrays.append(pa.array(np.concatenate(vals) if vals else [], type=f.type))
+        t = pa.Table.from_arrays(arrays, schema=SIM_SCHEMA)
+        return t.sort_by([("ts", "ascending"), ("request_id", "ascending")])
+
+
+def write_log(table: pa.Table, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def read_log(path: str | Path, require_sim_columns: bool = False) -> pa.Table:
+    """Read a request log and check the contract columns and types (clear error otherwise)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"request log {path} does not exist")
+    table = pq.read_table(path)
+    expected = SIM_SCHEMA if require_sim_columns else LOG_SCHEMA
+    missing = [n for n in expected.names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; expected the DESIGN.md §7 schema "
+                         f"{list(expected.names)}")
+    wrong = [f"{f.name}: expected {f.type}, got {table.schema.field(f.name).type}"
+             for f in expected if table.schema.field(f.name).type != f.type]
+    if wrong:
+        raise ValueError(f"{path}: wrong column types: " + "; ".join(wrong))
+    return table

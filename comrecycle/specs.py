@@ -1,0 +1,158 @@
+"""The single source of truth for every served tensor: names, dtypes, dims and value rules.
+
+Imported by the ONNX exporter, the config.pbtxt generator, every model.py, the in-process
+cascade, the clients and the perf input data. Dims exclude the batch dimension; -1 is a
+variable-length list (allowed ragged in the dynamic batcher, padded with PAD_ID internally).
+
+Ids are INT64 everywhere (never BYTES). Ids the models have not seen in training are not
+errors: they are served as a cold start (out-of-vocabulary embedding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PAD_ID = -1  # internal padding of variable-length id lists; never valid on the wire
+HISTORY_MAX = 50  # clicked item ids, most recent first
+EXCLUDE_MAX = 2000  # items already exposed in the session
+USER_FEATURE_NAMES = ("gender", "age", "country")
+REQUEST_FEATURE_NAMES = ("secs_since_prev", "page", "prev_exposures", "prev_clicks")
+
+STAGES = ("retrieval", "prerank", "rank", "rerank")
+STRATEGIES = {0: "full", 1: "reuse-retrieval", 2: "reuse-prerank", 3: "reuse-rank"}
+# strategy j enters the cascade at STAGES[j]; it reads the cached output of STAGES[j-1]
+STRATEGY_ENTRY_STAGE = {0: "retrieval", 1: "prerank", 2: "rank", 3: "rerank"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a served model (dims exclude the batch dim)."""
+
+    name: str
+    dtype: str  # numpy dtype name: "int64" | "float32"
+    dims: tuple[int, ...]
+    doc: str
+    min_len: int = 0  # for variable-length lists
+    max_len: int | None = None
+    nonnegative: bool = False  # ids and categorical codes
+    finite: bool = False  # floats: NaN/inf rejected
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    @property
+    def triton_dtype(self) -> str:
+        return {"int64": "TYPE_INT64", "float32": "TYPE_FP32"}[self.dtype]
+
+    @property
+    def wire_dtype(self) -> str:
+        """Datatype string of the KServe v2 protocol (tritonclient)."""
+        return {"int64": "INT64", "float32": "FP32"}[self.dtype]
+
+    @property
+    def variable(self) -> bool:
+        return -1 in self.dims
+
+
+# ---- request context, the same for every stage -------------------------------------------
+USER_ID = TensorSpec("user_id", "int64", (1,), "user id (any int64 >= 0; unseen ids are cold starts)",
+                     nonnegative=True)
+USER_FEATURES = TensorSpec("user_features", "int64", (3,),
+                           "gender, age bucket, country code (>= 0; out-of-range codes -> unknown)",
+                           nonnegative=True)
+HISTORY = TensorSpec("history", "int64", (-1,), f"clicked item ids, most recent first, <= {HISTORY_MAX}",
+                     min_len=0, max_len=HISTORY_MAX, nonnegative=True)
+REQUEST_FEATURES = TensorSpec("request_features", "float32", (4,),
+                              "secs_since_prev (-1 if initial), page (0 = first), "
+                              "previous page's exposures (viewed items), previous page's clicks",
+                              finite=True)
+EXCLUDE_ITEMS = TensorSpec("exclude_items", "int64", (-1,),
+                           f"items already exposed to the user in this session (<= {EXCLUDE_MAX})",
+                           min_len=0, max_len=EXCLUDE_MAX, nonnegative=True)
+CONTEXT = (USER_ID, USER_FEATURES, HISTORY, REQUEST_FEATURES)
+
+
+def candidates_spec(max_len: int) -> TensorSpec:
+    return TensorSpec("candidates", "int64", (-1,), f"candidate item ids (1..{max_len})",
+                      min_len=1, max_len=max_len, nonnegative=True)
+
+
+def items_out(stage: str) -> TensorSpec:
+    return TensorSpec(f"{stage}_items", "int64", (-1,), f"{stage} output: item ids, best first")
+
+
+def scores_out(stage: str) -> TensorSpec:
+    return TensorSpec(f"{stage}_scores", "float32", (-1,), f"{stage} output: scores of {stage}_items")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage model: the context tensors, its candidate input and its top-k output."""
+
+    name: str
+    top_k: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...] = field(default=())
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class CascadeSizes:
+    """Top-k of each stage (a model-set profile decides them)."""
+
+    retrieval: int = 1000
+    prerank: int = 300
+    rank: int = 100
+    rerank: int = 20  # the page size
+
+    def top_k(self, stage: str) -> int:
+        return getattr(self, stage)
+
+    def input_len(self, stage: str) -> int:
+        """Longest candidate list a stage accepts: the previous stage's top-k."""
+        i = STAGES.index(stage)
+        return getattr(self, STAGES[i - 1]) if i > 0 else 0
+
+
+def stage_specs(sizes: CascadeSizes) -> dict[str, StageSpec]:
+    specs = {}
+    for stage in STAGES:
+        inputs = CONTEXT + ((EXCLUDE_ITEMS,) if stage == "retrieval"
+                            else (candidates_spec(sizes.input_len(stage)),))
+        specs[stage] = StageSpec(stage, sizes.top_k(stage), inputs,
+                                 (items_out(stage), scores_out(stage)))
+    return specs
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """An ensemble that runs STAGES[first:] ; `entry` is the ensemble input fed as candidates."""
+
+    name: str
+    first_stage: str
+    entry: TensorSpec | None  # None for the full cascade (retrieval reads exclude_items)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return STAGES[STAGES.index(self.first_stage):]
+
+
+def ensemble_specs() -> dict[str, EnsembleSpec]:
+    """Ensembles served besides the stages. `rerank` (strategy 3) is the stage model itself."""
+    return {
+        "cascade": EnsembleSpec("cascade", "retrieval", None),
+        "cascade_from_prerank": EnsembleSpec("cascade_from_prerank", "prerank", items_out("retrieval")),
+        "cascade_from_rank": EnsembleSpec("cascade_from_rank", "rank", items_out("prerank")),
+    }
+
+
+# Which served model a strategy calls, and which tensor carries the cached candidates.
+STRATEGY_MODEL = {0: "cascade", 1: "cascade_from_prerank", 2: "cascade_from_rank", 3: "rerank"}
+STRATEGY_CANDIDATES = {0: None, 1: "retrieval_items", 2: "prerank_items", 3: "candidates"}
