@@ -13,7 +13,9 @@ class Profile:
     n_users: int
     sizes: CascadeSizes
     train_requests: int  # requests in the bootstrap log the stage models learn from
-    epochs: int
+    epochs: int  # prerank, rank, rerank
+    retrieval_epochs: int
+    rank_examples: int = 600_000  # cap on (request, item) examples for ranking (2x for pre-ranking)
     emb_dim: int = 32
     rank_hidden: tuple[int, ...] = (256, 128, 64)  # ranking is the heavy stage
     rank_attention_hidden: int = 64
@@ -21,9 +23,9 @@ class Profile:
 
 PROFILES = {
     "default": Profile("default", n_items=20_000, n_users=5_000, sizes=CascadeSizes(1000, 300, 100, 20),
-                       train_requests=120_000, epochs=2),
+                       train_requests=100_000, epochs=2, retrieval_epochs=8),
     "tiny": Profile("tiny", n_items=2_000, n_users=500, sizes=CascadeSizes(200, 100, 50, 20),
-                    train_requests=12_000, epochs=1, emb_dim=16, rank_hidden=(64, 32),
+                    train_requests=12_000, epochs=2, retrieval_epochs=20, rank_examples=60_000, emb_dim=16, rank_hidden=(64, 32),
                     rank_attention_hidden=16),
 }
 

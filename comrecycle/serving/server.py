@@ -55,7 +55,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 LOG = logging.getLogger(__name__)
 
@@ -805,8 +805,12 @@ class TritonServer:
 # Command line
 # --------------------------------------------------------------------------------------------
 
-class _Terminate(Exception):
-    """Raised by the SIGTERM handler of :func:`main`."""
+class _Terminate(BaseException):
+    """Raised by :func:`main`'s signal handler while the server is starting up.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``) so that no ``except Exception`` on the way
+    (logging, urllib) can swallow it.
+    """
 
 
 def _parse_port(text: str) -> Optional[int]:
@@ -855,10 +859,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def _on_sigterm(signum, frame):
-        raise _Terminate()
+    # Ctrl-C and SIGTERM: during start-up abort it; once serving, just note the request and let
+    # the main loop stop the server (never raise at an arbitrary point of a running program).
+    state = {"started": False, "signal": None, "signum": 0}
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    def _on_signal(signum, frame):
+        state["signal"] = signal.Signals(signum).name
+        state["signum"] = signum
+        if not state["started"]:
+            raise _Terminate()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    server: Optional[TritonServer] = None
     try:
         server = TritonServer(
             args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
@@ -867,28 +880,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             address=args.address, exit_timeout=args.exit_timeout,
         )
         server.start()
+        state["started"] = True
     except (TritonStartError, ValueError, FileNotFoundError) as exc:
         LOG.error("%s", exc)
         return 1
-    except (KeyboardInterrupt, _Terminate):
-        LOG.info("interrupted during start-up")
-        return 130
-    LOG.info("serving %s: HTTP %s | gRPC %s | metrics %s | log %s — Ctrl-C or SIGTERM to stop",
+    except _Terminate:
+        LOG.info("%s during start-up: stopping", state["signal"])
+        if server is not None:
+            server.stop()
+        return 128 + state["signum"]
+    LOG.info("serving %s: HTTP %s | gRPC %s | metrics %s | log %s | Ctrl-C or SIGTERM to stop",
              server.model_repository, server.http_url, server.grpc_url, server.metrics_endpoint,
              server.log_path)
-    status = 0
-    try:
-        while server.is_running():
-            time.sleep(0.5)
+    while server.is_running() and state["signal"] is None:
+        time.sleep(0.2)
+    if state["signal"] is not None:
+        LOG.info("%s: shutting down", state["signal"])
+        status = 0
+    else:
         LOG.error("tritonserver exited unexpectedly (code %s); last lines of its log:\n%s",
-                  server._process.returncode if server._process else "?", server.log_tail())
+                  server._process.poll() if server._process else "?", server.log_tail())
         status = 1
-    except KeyboardInterrupt:
-        LOG.info("Ctrl-C: shutting down")
-    except _Terminate:
-        LOG.info("SIGTERM: shutting down")
-    finally:
-        server.stop()
+    server.stop()
     LOG.info("stopped")
     return status
 

@@ -1,0 +1,1 @@
+"""Stage models: PyTorch definitions, training on simulated logs, ONNX export."""

@@ -1,0 +1,66 @@
+"""Measured per-stage cost and the strategy cost profile c_j (DESIGN.md §2).
+
+Each stage is timed per request at a reference batch size, in-process with onnxruntime on
+realistic inputs (real candidate lists produced by the upstream stages). c_j = the cost of
+the stages strategy j runs, normalised so that c_0 = 1. Nothing here is typed in by hand.
+"""
+from __future__ import annotations
+
+import platform
+import time
+
+import numpy as np
+
+from ..specs import STAGES, STRATEGIES, STRATEGY_ENTRY_STAGE
+from .cascade import InProcessCascade, batched
+
+
+def measure_stage_costs(cascade: InProcessCascade, contexts: list[dict], batch_size: int = 8,
+                        repeats: int = 5, warmup: int = 1) -> dict:
+    """Median seconds per request of each stage at `batch_size` requests per onnxruntime call."""
+    contexts = contexts[:batch_size]
+    if len(contexts) < batch_size:
+        raise ValueError(f"need {batch_size} contexts, got {len(contexts)}")
+    full = cascade.run(contexts)
+    per_stage = {}
+    for si, stage in enumerate(STAGES):
+        reqs = []
+        for c, out in zip(contexts, full):
+            ctx = {k: c[k] for k in ("user_id", "user_features", "history", "request_features")}
+            if stage == "retrieval":
+                ctx["exclude_items"] = c["exclude_items"]
+            else:
+                ctx["candidates"] = out[f"{STAGES[si - 1]}_items"]
+            reqs.append(batched(ctx))
+        rt = cascade.stages[stage]
+        for _ in range(warmup):
+            rt.run(reqs)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            rt.run(reqs)
+            times.append(time.perf_counter() - t0)
+        per_stage[stage] = float(np.median(times)) / batch_size
+    return per_stage
+
+
+def strategy_costs(per_stage: dict[str, float]) -> dict[int, float]:
+    total = sum(per_stage.values())
+    return {j: sum(per_stage[s] for s in STAGES[STAGES.index(STRATEGY_ENTRY_STAGE[j]):]) / total
+            for j in STRATEGIES}
+
+
+def cost_profile(cascade: InProcessCascade, contexts: list[dict], batch_size: int = 8, repeats: int = 5) -> dict:
+    per_stage = measure_stage_costs(cascade, contexts, batch_size=batch_size, repeats=repeats)
+    c = strategy_costs(per_stage)
+    return {
+        "batch_size": batch_size, "repeats": repeats,
+        "seconds_per_request": per_stage,
+        "share_of_full_cascade": {s: v / sum(per_stage.values()) for s, v in per_stage.items()},
+        "strategy_cost": {str(j): c[j] for j in c},
+        "strategy_names": {str(j): n for j, n in STRATEGIES.items()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "ort_threads": int(next(iter(cascade.stages.values())).session.get_session_options()
+                                       .intra_op_num_threads)},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,1 @@
+"""Benchmarks driven by perf_analyzer against a running Triton server."""
