@@ -1,0 +1,1 @@
+"""Clients of the served cascade: HTTP and gRPC, single pages and the session replay."""

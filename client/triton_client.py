@@ -1,0 +1,121 @@
+"""Async HTTP / gRPC client for the ComRecycle models (tensor names from comrecycle.specs).
+
+    async with CascadeClient("127.0.0.1:8001", "grpc") as c:
+        page = await c.page(context)            # full cascade -> item ids of the page
+        out = await c.infer("cascade", context)  # every output, numpy arrays without batch dim
+
+Requests carry one user each (batch dim 1); Triton's dynamic batcher does the batching.
+Server-side errors surface as ServingError with Triton's message (e.g. INVALID_ARG text).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tritonclient.utils import InferenceServerException
+
+from comrecycle.specs import CONTEXT, EXCLUDE_ITEMS, STAGES, ensemble_specs, items_out, scores_out
+
+PROTOCOLS = ("grpc", "http")
+
+
+class ServingError(RuntimeError):
+    """A request the server answered with an error."""
+
+
+def model_inputs(model: str) -> list[str]:
+    """Input tensor names of a served model (ensemble or stage)."""
+    ctx = [t.name for t in CONTEXT]
+    ens = ensemble_specs()
+    if model in ens:
+        e = ens[model]
+        return ctx + ([EXCLUDE_ITEMS.name] if e.entry is None else [e.entry.name])
+    if model == "retrieval":
+        return ctx + [EXCLUDE_ITEMS.name]
+    if model in STAGES:
+        return ctx + ["candidates"]
+    raise ValueError(f"unknown model {model!r}")
+
+
+def model_outputs(model: str) -> list[str]:
+    ens = ensemble_specs()
+    stages = ens[model].stages if model in ens else (model,)
+    return [n for s in stages for n in (items_out(s).name, scores_out(s).name)]
+
+
+@dataclass
+class Timed:
+    outputs: dict[str, np.ndarray] | None
+    seconds: float
+    error: str | None = None
+
+
+class CascadeClient:
+    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 30.0):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
+        if protocol == "grpc":
+            import tritonclient.grpc.aio as mod
+            self._client = mod.InferenceServerClient(url)
+        else:
+            import tritonclient.http.aio as mod
+            self._client = mod.InferenceServerClient(url, conn_limit=256)
+        self._mod = mod
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self):
+        await self._client.close()
+
+    async def ready(self, model: str | None = None) -> bool:
+        if model is None:
+            return bool(await self._client.is_server_ready())
+        return bool(await self._client.is_model_ready(model))
+
+    def _inputs(self, model: str, tensors: dict[str, np.ndarray]):
+        ins = []
+        for name in model_inputs(model):
+            if name not in tensors:
+                raise ValueError(f"model {model!r} needs input {name!r}; got {sorted(tensors)}")
+            v = np.asarray(tensors[name])[None, ...]
+            dt = "INT64" if v.dtype == np.int64 else "FP32" if v.dtype == np.float32 else str(v.dtype)
+            t = self._mod.InferInput(name, list(v.shape), dt)
+            t.set_data_from_numpy(v) if self.protocol == "grpc" else t.set_data_from_numpy(v, binary_data=True)
+            ins.append(t)
+        return ins
+
+    def _outputs(self, model: str):
+        if self.protocol == "grpc":
+            return [self._mod.InferRequestedOutput(n) for n in model_outputs(model)]
+        return [self._mod.InferRequestedOutput(n, binary_data=True) for n in model_outputs(model)]
+
+    async def infer(self, model: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request (tensors without batch dim) -> outputs without batch dim."""
+        try:
+            if self.protocol == "grpc":
+                res = await self._client.infer(model, self._inputs(model, tensors), outputs=self._outputs(model),
+                                               client_timeout=self.timeout_s)
+            else:
+                res = await self._client.infer(model, self._inputs(model, tensors), outputs=self._outputs(model))
+        except InferenceServerException as e:
+            raise ServingError(f"{model}: {e.message() if hasattr(e, 'message') else e}") from e
+        return {n: res.as_numpy(n)[0] for n in model_outputs(model)}
+
+    async def timed_infer(self, model: str, tensors: dict[str, np.ndarray]) -> Timed:
+        t0 = time.perf_counter()
+        try:
+            out = await self.infer(model, tensors)
+            return Timed(out, time.perf_counter() - t0)
+        except (ServingError, asyncio.TimeoutError) as e:
+            return Timed(None, time.perf_counter() - t0, str(e))
+
+    async def page(self, context: dict[str, np.ndarray]) -> np.ndarray:
+        """The page (item ids, best first) of the full cascade for one request."""
+        return (await self.infer("cascade", context))["rerank_items"]

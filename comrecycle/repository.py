@@ -1,0 +1,203 @@
+"""Generate the Triton model repository from comrecycle.specs (the one source of truth).
+
+Three variants come from the same specs:
+  cpu        (default, embedded tritonserver from nvidia-pytriton): stages are Python-backend
+             models running their ONNX file with onnxruntime on CPU (KIND_CPU)
+  gpu        the same Python-backend models on KIND_GPU with the CUDA execution provider
+  container  the official Triton container: stages use the native onnxruntime backend on
+             KIND_GPU (no Python in the stage hop); ensembles unchanged
+
+Each stage: dynamic batching, variable-length id lists allowed ragged (the Python model
+pads them into one onnxruntime call). Ensembles: `cascade` (all four stages),
+`cascade_from_prerank`, `cascade_from_rank`; `rerank` is called directly for strategy 3.
+Every ensemble also outputs the intermediate stage outputs the recycling cache stores.
+
+Configs are written with protobuf ModelConfig + text_format and committed; a test
+regenerates them and fails on any difference.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from .specs import (CONTEXT, EXCLUDE_ITEMS, STAGES, CascadeSizes, EnsembleSpec, StageSpec, TensorSpec,
+                    ensemble_specs, items_out, scores_out, stage_specs)
+
+VARIANTS = ("cpu", "gpu", "container")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REPOSITORY = {"cpu": REPO_ROOT / "model_repository",
+                      "gpu": REPO_ROOT / "deploy" / "gpu" / "model_repository",
+                      "container": REPO_ROOT / "deploy" / "container" / "model_repository"}
+STAGE_MODEL_PY = REPO_ROOT / "python_backends" / "stage" / "model.py"
+# Largest batch per stage call. Ranking's target attention is [batch, 300, 50, 4*emb] floats.
+STAGE_MAX_BATCH = {"retrieval": 32, "prerank": 32, "rank": 16, "rerank": 32}
+STAGE_INSTANCES = {"retrieval": 1, "prerank": 1, "rank": 2, "rerank": 1}
+QUEUE_DELAY_US = 200
+MODEL_VERSION = 1
+_DTYPE = {"int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32}
+
+
+def _input(t: TensorSpec, ragged: bool) -> mc.ModelInput:
+    return mc.ModelInput(name=t.name, data_type=_DTYPE[t.dtype], dims=list(t.dims),
+                         allow_ragged_batch=bool(ragged and t.variable))
+
+
+def _output(t: TensorSpec) -> mc.ModelOutput:
+    return mc.ModelOutput(name=t.name, data_type=_DTYPE[t.dtype], dims=list(t.dims))
+
+
+def stage_config(spec: StageSpec, variant: str = "cpu") -> mc.ModelConfig:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    native = variant == "container"
+    cfg = mc.ModelConfig(name=spec.name, max_batch_size=STAGE_MAX_BATCH[spec.name])
+    if native:
+        cfg.platform = "onnxruntime_onnx"
+        cfg.default_model_filename = "model.onnx"
+    else:
+        cfg.backend = "python"
+    # the native backend cannot take ragged inputs without batch_input plumbing: it batches
+    # requests of equal list lengths only
+    cfg.input.extend(_input(t, ragged=not native) for t in spec.inputs)
+    cfg.output.extend(_output(t) for t in spec.outputs)
+    kind = mc.ModelInstanceGroup.KIND_CPU if variant == "cpu" else mc.ModelInstanceGroup.KIND_GPU
+    count = STAGE_INSTANCES[spec.name] if variant == "cpu" else 1
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=count, kind=kind))
+    cfg.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
+    cand = [t for t in spec.inputs if t.name == "candidates"]
+    params = {"top_k": str(spec.top_k),
+              "max_candidates": str(cand[0].max_len if cand else 0)}
+    if not native:
+        params.update({"onnx_file": "model.onnx", "device": "gpu" if variant == "gpu" else "cpu",
+                       "ort_intra_op_threads": "1"})
+    for k, v in sorted(params.items()):
+        cfg.parameters[k].string_value = v
+    return cfg
+
+
+def ensemble_config(ens: EnsembleSpec, stages: dict[str, StageSpec]) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=ens.name, platform="ensemble",
+                         max_batch_size=min(STAGE_MAX_BATCH[s] for s in ens.stages))
+    inputs = list(CONTEXT) + ([EXCLUDE_ITEMS] if ens.entry is None else
+                              [TensorSpec(ens.entry.name, "int64", (-1,), ens.entry.doc)])
+    cfg.input.extend(_input(t, ragged=False) for t in inputs)
+    for s in ens.stages:
+        cfg.output.extend([_output(items_out(s)), _output(scores_out(s))])
+    prev = ens.entry.name if ens.entry is not None else None
+    for s in ens.stages:
+        step = cfg.ensemble_scheduling.step.add(model_name=s, model_version=-1)
+        for t in stages[s].inputs:
+            if t.name == "candidates":
+                step.input_map[t.name] = prev
+            else:
+                step.input_map[t.name] = t.name
+        for t in stages[s].outputs:
+            step.output_map[t.name] = t.name
+        prev = items_out(s).name
+    return cfg
+
+
+def all_configs(sizes: CascadeSizes, variant: str = "cpu") -> dict[str, mc.ModelConfig]:
+    stages = stage_specs(sizes)
+    cfgs = {s: stage_config(stages[s], variant) for s in STAGES}
+    for name, ens in ensemble_specs().items():
+        cfgs[name] = ensemble_config(ens, stages)
+    return cfgs
+
+
+def config_text(cfg: mc.ModelConfig) -> str:
+    return ("# Generated by build_models.py from comrecycle/specs.py - do not edit.\n"
+            + text_format.MessageToString(cfg))
+
+
+def write_configs(repo: str | Path, sizes: CascadeSizes, variant: str = "cpu") -> list[Path]:
+    """Write config.pbtxt (+ model.py for Python-backend stages, + empty version dirs) of every
+    model. Returns the written files (what the regeneration test compares)."""
+    repo = Path(repo)
+    written = []
+    for name, cfg in all_configs(sizes, variant).items():
+        d = repo / name
+        (d / str(MODEL_VERSION)).mkdir(parents=True, exist_ok=True)
+        (d / "config.pbtxt").write_text(config_text(cfg))
+        written.append(d / "config.pbtxt")
+        if cfg.backend == "python":
+            dst = d / str(MODEL_VERSION) / "model.py"
+            shutil.copyfile(STAGE_MODEL_PY, dst)
+            written.append(dst)
+        elif cfg.platform == "ensemble":
+            keep = d / str(MODEL_VERSION) / ".gitkeep"
+            keep.write_text("")
+            written.append(keep)
+    return written
+
+
+def install_model_set(repo: str | Path, model_dir: str | Path, variant: str = "cpu") -> dict:
+    """Copy a built model set's ONNX files into the repository's version dirs and write the
+    repository manifest (versions, seed, git SHA, time)."""
+    repo, model_dir = Path(repo), Path(model_dir)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    sizes = CascadeSizes(**manifest["sizes"])
+    write_configs(repo, sizes, variant)
+    for s in STAGES:
+        dst = repo / s / str(MODEL_VERSION)
+        shutil.copyfile(model_dir / f"{s}.onnx", dst / "model.onnx")
+        (dst / "manifest.json").write_text(json.dumps(
+            {"stage": s, "version": MODEL_VERSION, "model_set": str(model_dir.resolve()),
+             **{k: manifest[k] for k in ("profile", "seed", "git_sha", "built_at", "sizes")}}, indent=2))
+    repo_manifest = {"variant": variant, "model_set": str(model_dir.resolve()),
+                     "versions": {s: MODEL_VERSION for s in STAGES}, **{
+                         k: manifest[k] for k in ("profile", "seed", "git_sha", "built_at", "sizes", "world")}}
+    (repo / "manifest.json").write_text(json.dumps(repo_manifest, indent=2))
+    return repo_manifest
+
+
+def check_repository_configs(repo: str | Path) -> list[str]:
+    """Structural checks of a generated repository (for variants that cannot be loaded here):
+    every config parses, ensemble steps reference existing models and tensors, dtypes agree."""
+    repo = Path(repo)
+    problems, cfgs = [], {}
+    for p in sorted(repo.glob("*/config.pbtxt")):
+        cfg = mc.ModelConfig()
+        try:
+            text_format.Parse(p.read_text(), cfg)
+        except text_format.ParseError as e:
+            problems.append(f"{p}: {e}")
+            continue
+        if cfg.name != p.parent.name:
+            problems.append(f"{p}: name {cfg.name!r} differs from its directory")
+        cfgs[cfg.name] = cfg
+    for name, cfg in cfgs.items():
+        if cfg.platform != "ensemble":
+            continue
+        available = {i.name: i.data_type for i in cfg.input}
+        for step in cfg.ensemble_scheduling.step:
+            sub = cfgs.get(step.model_name)
+            if sub is None:
+                problems.append(f"{name}: step model {step.model_name!r} missing")
+                continue
+            if sub.max_batch_size < cfg.max_batch_size:
+                problems.append(f"{name}: max_batch_size above {step.model_name}'s")
+            sub_in = {i.name: i.data_type for i in sub.input}
+            for k, v in step.input_map.items():
+                if k not in sub_in:
+                    problems.append(f"{name}: {step.model_name} has no input {k!r}")
+                elif v not in available:
+                    problems.append(f"{name}: tensor {v!r} not produced before {step.model_name}")
+                elif available[v] != sub_in[k]:
+                    problems.append(f"{name}: dtype mismatch for {k!r} of {step.model_name}")
+            if set(sub_in) - set(step.input_map):
+                problems.append(f"{name}: {step.model_name} inputs not mapped: {set(sub_in) - set(step.input_map)}")
+            sub_out = {o.name: o.data_type for o in sub.output}
+            for k, v in step.output_map.items():
+                if k not in sub_out:
+                    problems.append(f"{name}: {step.model_name} has no output {k!r}")
+                else:
+                    available[v] = sub_out[k]
+        for o in cfg.output:
+            if o.name not in available:
+                problems.append(f"{name}: output {o.name!r} produced by no step")
+    return problems
