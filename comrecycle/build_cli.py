@@ -1,0 +1,85 @@
+"""build_models.py: build a model set and generate the model repository.
+
+  python build_models.py                       # default profile -> artifacts/models/default,
+                                               #   installed into model_repository/
+  python build_models.py --profile tiny --out DIR --repository REPO
+  python build_models.py --configs-only        # regenerate the committed configs of all three
+                                               #   variants (cpu, gpu, container) from specs.py
+  python build_models.py --variant gpu         # install into deploy/gpu/model_repository
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .profiles import PROFILES, get_profile
+from .repository import DEFAULT_REPOSITORY, VARIANTS, REPO_ROOT, install_model_set, write_configs
+
+log = logging.getLogger("comrecycle.build")
+
+
+def regenerate_committed_configs() -> list[Path]:
+    """The committed configs are those of the default profile, for every variant."""
+    sizes = get_profile("default").sizes
+    written = []
+    for v in VARIANTS:
+        written += write_configs(DEFAULT_REPOSITORY[v], sizes, v)
+    return written
+
+
+def ensure_model_set(profile: str, model_dir: Path, repository: Path | None, seed: int = 0,
+                     force: bool = False, progress: bool = True, variant: str = "cpu") -> dict:
+    """Build the model set unless one of the same profile and seed exists; install it."""
+    from .build import build_model_set
+
+    mpath = model_dir / "manifest.json"
+    manifest = json.loads(mpath.read_text()) if mpath.exists() else None
+    if force or manifest is None or manifest.get("profile") != profile or manifest.get("seed") != seed \
+            or not (model_dir / "cost_profile.json").exists():
+        print(f"[build] building the '{profile}' model set into {model_dir} (seed {seed}) ...", flush=True)
+        t0 = time.time()
+        manifest = build_model_set(profile, model_dir, seed=seed, progress=progress)
+        print(f"[build] done in {time.time() - t0:.0f}s", flush=True)
+    else:
+        print(f"[build] using the model set in {model_dir} (built {manifest['built_at']})", flush=True)
+    if repository is not None:
+        install_model_set(repository, model_dir, variant)
+        print(f"[build] installed into {repository} ({variant})", flush=True)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="build_models.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="model set directory (default artifacts/models/PROFILE)")
+    ap.add_argument("--variant", choices=VARIANTS, default="cpu")
+    ap.add_argument("--repository", help="model repository to install into (default by variant)")
+    ap.add_argument("--no-install", action="store_true", help="build the model set only")
+    ap.add_argument("--force", action="store_true", help="rebuild even if the model set exists")
+    ap.add_argument("--configs-only", action="store_true",
+                    help="only regenerate the committed config.pbtxt/model.py files from specs.py")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.configs_only:
+        for p in regenerate_committed_configs():
+            print(p.relative_to(REPO_ROOT))
+        return 0
+    model_dir = Path(a.out or REPO_ROOT / "artifacts" / "models" / a.profile)
+    repo = None if a.no_install else Path(a.repository or DEFAULT_REPOSITORY[a.variant])
+    m = ensure_model_set(a.profile, model_dir, repo, seed=a.seed, force=a.force, progress=not a.quiet,
+                         variant=a.variant)
+    q = json.loads((model_dir / "quality.json").read_text())
+    print(json.dumps({"timings": m.get("timings"), "recall": q["recall"],
+                      "expected_clicks_per_page": q["expected_clicks_per_page"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""`comrecycle` — the project's one console script.
+
+  comrecycle simulate       write a simulated request log (DESIGN.md §7 Parquet schema)
+  comrecycle build-models   train the four stages, export ONNX, install the model repository
+  comrecycle profile-costs  re-measure per-stage cost and the strategy cost profile c_j
+  comrecycle serve          run the embedded tritonserver on a model repository
+  comrecycle replay         replay simulated sessions against a running server
+  comrecycle perf           perf_analyzer on `cascade` and the trivial-model floor (CSV)
+  comrecycle demo           the main job: build if needed, serve, replay, report
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .repository import DEFAULT_REPOSITORY, REPO_ROOT
+
+log = logging.getLogger("comrecycle")
+ARTIFACTS = REPO_ROOT / "artifacts"
+
+
+def default_model_dir(profile: str) -> Path:
+    return ARTIFACTS / "models" / profile
+
+
+class CliError(Exception):
+    """A user error: printed without a traceback, exit code 2."""
+
+
+# ---- simulate ---------------------------------------------------------------------------------
+def cmd_simulate(a) -> int:
+    from .build import world_for
+    from .profiles import get_profile
+    from .sim import LoggingPolicy, SessionSimulator
+    from .sim.logs import write_log
+
+    if a.logging == "random":
+        raise CliError("--logging random needs the recycling simulator and the estimator (issue 3); "
+                       "only --logging full is available in this version")
+    if a.requests < 1:
+        raise CliError(f"--requests must be >= 1, got {a.requests}")
+    if a.policy == "cascade":
+        from .runtime.cascade import InProcessCascade
+
+        model_dir = Path(a.models or default_model_dir(a.profile))
+        if not (model_dir / "manifest.json").exists():
+            raise CliError(f"no model set in {model_dir}: run `python build_models.py --profile {a.profile}` "
+                           f"first, pass --models DIR, or use --policy legacy")
+        manifest = json.loads((model_dir / "manifest.json").read_text())
+        world = world_for(manifest)
+        serve = InProcessCascade.load(model_dir).serve_pages
+    else:
+        world = world_for(get_profile(a.profile), seed=a.world_seed)
+        serve = LoggingPolicy(world, a.seed)
+    sim = SessionSimulator(world, seed=a.seed, concurrency=min(a.concurrency, world.n_users // 2))
+    table = sim.run(a.requests, serve, progress=not a.quiet, desc=f"simulate ({a.policy})").table()
+    path = write_log(table, a.out)
+    er = table["expected_reward"].to_numpy()
+    print(f"wrote {table.num_rows} requests to {path} (repeated {table['is_repeat'].to_numpy().mean():.1%}, "
+          f"expected clicks/request {er.mean():.4f})")
+    return 0
+
+
+# ---- build / costs ------------------------------------------------------------------------------
+def cmd_build_models(a) -> int:
+    sys.argv = ["build_models.py"]
+    from .build_cli import main as build_main
+
+    return build_main(a.rest)
+
+
+def cmd_profile_costs(a) -> int:
+    from .runtime.cascade import InProcessCascade
+    from .runtime.costs import cost_profile
+    from .build import world_for
+    from .sim import SessionSimulator
+
+    model_dir = Path(a.models or default_model_dir(a.profile))
+    if not (model_dir / "manifest.json").exists():
+        raise CliError(f"no model set in {model_dir} (run build_models.py first)")
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    world = world_for(manifest)
+    batch = SessionSimulator(world, seed=a.seed, concurrency=max(a.batch_size, 8)).next_batch()
+    cascade = InProcessCascade.load(model_dir)
+    prof = cost_profile(cascade, [batch.context(i) for i in range(len(batch))], batch_size=a.batch_size,
+                        repeats=a.repeats)
+    out = Path(a.out or model_dir / "cost_profile.json")
+    out.write_text(json.dumps(prof, indent=2))
+    print(json.dumps({"seconds_per_request": prof["seconds_per_request"],
+                      "strategy_cost": prof["strategy_cost"]}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+# ---- serve / replay / perf / demo ---------------------------------------------------------------
+def _check_repository(repo: Path) -> dict:
+    mpath = repo / "manifest.json"
+    if not mpath.exists():
+        raise CliError(f"{repo} has no installed model set (no manifest.json): run "
+                       f"`python build_models.py` first")
+    return json.loads(mpath.read_text())
+
+
+def cmd_serve(a) -> int:
+    from .serving.server import main as server_main
+
+    repo = Path(a.repository)
+    _check_repository(repo)
+    args = ["--model-repository", str(repo), "--http-port", str(a.http_port), "--grpc-port", str(a.grpc_port),
+            "--metrics-port", str(a.metrics_port)]
+    return server_main(args)
+
+
+def cmd_replay(a) -> int:
+    from client.replay import main as replay_main
+
+    args = ["--url", a.url, "--protocol", a.protocol, "--repository", a.repository, "--requests",
+            str(a.requests), "--concurrency", str(a.concurrency), "--seed", str(a.seed)]
+    if a.json:
+        args += ["--json", a.json]
+    return replay_main(args)
+
+
+def cmd_perf(a) -> int:
+    from perf.cascade_perf import main as perf_main
+
+    return perf_main(a.rest)
+
+
+def cmd_demo(a) -> int:
+    from client.replay import replay, world_from_repository
+    from .serving.server import TritonServer
+
+    repo = Path(a.repository)
+    model_dir = Path(a.models or default_model_dir(a.profile))
+    from .build_cli import ensure_model_set
+
+    ensure_model_set(a.profile, model_dir, repo, seed=a.seed, progress=True)
+    world = world_from_repository(repo)
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[demo] starting tritonserver on {repo} ...", flush=True)
+    with TritonServer(repo) as srv:
+        print(f"[demo] ready in {srv.startup_seconds:.1f}s: HTTP {srv.http_url}, gRPC {srv.grpc_url}, "
+              f"metrics {srv.metrics_endpoint}", flush=True)
+        rep = replay(srv.grpc_url, "grpc", world, a.requests, concurrency=a.concurrency, seed=a.seed + 1)
+    quality = json.loads((model_dir / "quality.json").read_text())
+    costs = json.loads((model_dir / "cost_profile.json").read_text())
+    report = {"replay": rep.__dict__, "stage_quality": quality, "cost_profile": costs}
+    (out_dir / "demo_report.json").write_text(json.dumps(report, indent=2))
+    print("\n== ComRecycle demo (full cascade served by Triton) ==")
+    print(rep.summary())
+    if rep.first_errors:
+        print("first errors:", *rep.first_errors, sep="\n  ")
+    ec = quality["expected_clicks_per_page"]
+    print("expected clicks per page, offline: " + ", ".join(f"{k} {v:.3f}" for k, v in ec.items()))
+    print("strategy cost c_j (measured): " + ", ".join(f"{j}: {c:.3f}" for j, c in costs["strategy_cost"].items()))
+    print("(recycling of repeated requests — recycle_router — arrives with issues 3-5)")
+    print(f"report: {out_dir / 'demo_report.json'}")
+    return 0 if rep.errors == 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="comrecycle", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("simulate", help="write a simulated request log (Parquet)")
+    s.add_argument("--out", required=True, help="output Parquet file")
+    s.add_argument("--requests", type=int, default=10_000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--logging", choices=("full", "random"), default="full",
+                   help="full: strategy 0 for every request; random: randomised recycling (issue 3)")
+    s.add_argument("--policy", choices=("cascade", "legacy"), default="cascade",
+                   help="who serves the pages: the built cascade (in-process onnxruntime) or the "
+                        "legacy logging policy used to bootstrap training")
+    s.add_argument("--profile", default="default", help="model-set / world profile (default, tiny)")
+    s.add_argument("--models", help="model set directory (default artifacts/models/PROFILE)")
+    s.add_argument("--world-seed", type=int, default=0, help="world seed for --policy legacy")
+    s.add_argument("--concurrency", type=int, default=256, help="concurrent simulated sessions")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("build-models", help="train, export and install the stage models "
+                                            "(same as python build_models.py; options after --)",
+                       add_help=True)
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of build_models.py (try -- --help)")
+    s.set_defaults(func=cmd_build_models)
+
+    s = sub.add_parser("profile-costs", help="measure per-stage cost and c_j of strategies 0-3")
+    s.add_argument("--profile", default="default")
+    s.add_argument("--models", help="model set directory (default artifacts/models/PROFILE)")
+    s.add_argument("--batch-size", type=int, default=8, help="reference batch size (requests per call)")
+    s.add_argument("--repeats", type=int, default=7)
+    s.add_argument("--seed", type=int, default=3)
+    s.add_argument("--out", help="output JSON (default MODELS/cost_profile.json)")
+    s.set_defaults(func=cmd_profile_costs)
+
+    s = sub.add_parser("serve", help="run the embedded tritonserver in the foreground")
+    s.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]))
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("replay", help="replay simulated sessions against a running server")
+    s.add_argument("--url", default="127.0.0.1:8001")
+    s.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    s.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]))
+    s.add_argument("--requests", type=int, default=2000)
+    s.add_argument("--concurrency", type=int, default=16)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--json")
+    s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("perf", help="perf_analyzer on cascade + floor (options after --; try -- --help)")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_perf)
+
+    s = sub.add_parser("demo", help="the main job: build models if needed, serve, replay, report")
+    s.add_argument("--profile", default="default")
+    s.add_argument("--models", help="model set directory (default artifacts/models/PROFILE)")
+    s.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]))
+    s.add_argument("--requests", type=int, default=2000)
+    s.add_argument("--concurrency", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=str(REPO_ROOT / "runs" / "demo"))
+    s.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(a, "rest", None) and a.rest[:1] == ["--"]:
+        a.rest = a.rest[1:]
+    t0 = time.time()
+    try:
+        rc = a.func(a)
+    except CliError as e:
+        print(f"comrecycle {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"comrecycle {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    log.debug("%s took %.1fs", a.command, time.time() - t0)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
