@@ -6,6 +6,7 @@ the Python-backend model and the native onnxruntime backend all see the same int
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,10 @@ def export_stage(module: torch.nn.Module, spec: StageSpec, user_vocab: Vocab, it
         dyn[o] = {0: "batch", 1: "k"}
     module.eval()
     tmp = path.with_suffix(".raw.onnx")
-    with torch.no_grad():
+    # the TorchScript exporter is deprecated in torch 2.9+ but is the one that keeps the
+    # LabelEncoder graft simple and exports dynamic list lengths without tracing guards
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(module, example_inputs(spec.name), str(tmp), input_names=names,
                           output_names=out_names, dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
     model = onnx.load(str(tmp))

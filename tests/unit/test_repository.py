@@ -1,0 +1,74 @@
+"""Generated configs: committed, regenerated identically, structurally valid for all variants."""
+import filecmp
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from comrecycle.profiles import get_profile
+from comrecycle.repository import (DEFAULT_REPOSITORY, REPO_ROOT, VARIANTS, all_configs,
+                                   check_repository_configs, write_configs)
+from comrecycle.specs import STAGES
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_regeneration_matches_committed(variant, tmp_path):
+    written = write_configs(tmp_path, get_profile("default").sizes, variant)
+    committed = DEFAULT_REPOSITORY[variant]
+    diffs = []
+    for f in written:
+        rel = f.relative_to(tmp_path)
+        if not (committed / rel).exists() or not filecmp.cmp(f, committed / rel, shallow=False):
+            diffs.append(str(rel))
+    extra = {p.relative_to(committed) for p in committed.glob("*/config.pbtxt")} - \
+        {f.relative_to(tmp_path) for f in written}
+    assert not diffs and not extra, (f"{committed} is stale: {diffs + sorted(map(str, extra))}; "
+                                     f"run `python build_models.py --configs-only`")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_configs_are_valid(variant):
+    assert check_repository_configs(DEFAULT_REPOSITORY[variant]) == []
+
+
+def test_check_catches_a_broken_ensemble(tmp_path):
+    write_configs(tmp_path, get_profile("tiny").sizes, "cpu")
+    p = tmp_path / "cascade_from_rank" / "config.pbtxt"
+    p.write_text(p.read_text().replace('value: "prerank_items"', 'value: "nonexistent"'))
+    problems = check_repository_configs(tmp_path)
+    assert any("nonexistent" in x for x in problems)
+
+
+def test_ensembles_expose_intermediate_outputs():
+    cfgs = all_configs(get_profile("default").sizes)
+    outs = {n: {o.name for o in c.output} for n, c in cfgs.items()}
+    assert outs["cascade"] == {f"{s}_{k}" for s in STAGES for k in ("items", "scores")}
+    assert outs["cascade_from_prerank"] >= {"prerank_items", "rank_items", "rerank_items"}
+    assert outs["cascade_from_rank"] >= {"rank_items", "rerank_items"}
+
+
+def test_ids_are_int64_never_bytes():
+    for v in VARIANTS:
+        for c in all_configs(get_profile("default").sizes, v).values():
+            for t in list(c.input) + list(c.output):
+                assert t.data_type in (mc.TYPE_INT64, mc.TYPE_FP32), (c.name, t.name)
+
+
+def test_variants_differ_where_they_should():
+    cpu = all_configs(get_profile("default").sizes, "cpu")["rank"]
+    gpu = all_configs(get_profile("default").sizes, "gpu")["rank"]
+    native = all_configs(get_profile("default").sizes, "container")["rank"]
+    assert cpu.backend == "python" and cpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert gpu.backend == "python" and gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert gpu.parameters["device"].string_value == "gpu"
+    assert native.platform == "onnxruntime_onnx" and native.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    for c in (cpu, gpu, native):
+        assert c.dynamic_batching is not None and c.max_batch_size > 1
+        text_format.Parse(text_format.MessageToString(c), mc.ModelConfig())
+
+
+def test_model_py_is_the_template():
+    src = (REPO_ROOT / "python_backends" / "stage" / "model.py").read_text()
+    for s in STAGES:
+        assert (DEFAULT_REPOSITORY["cpu"] / s / "1" / "model.py").read_text() == src
