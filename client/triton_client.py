@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from comrecycle.specs import CONTEXT, EXCLUDE_ITEMS, STAGES, ensemble_specs, items_out, scores_out
 
@@ -85,8 +85,7 @@ class CascadeClient:
             if name not in tensors:
                 raise ValueError(f"model {model!r} needs input {name!r}; got {sorted(tensors)}")
             v = np.asarray(tensors[name])[None, ...]
-            dt = "INT64" if v.dtype == np.int64 else "FP32" if v.dtype == np.float32 else str(v.dtype)
-            t = self._mod.InferInput(name, list(v.shape), dt)
+            t = self._mod.InferInput(name, list(v.shape), np_to_triton_dtype(v.dtype))
             t.set_data_from_numpy(v) if self.protocol == "grpc" else t.set_data_from_numpy(v, binary_data=True)
             ins.append(t)
         return ins
