@@ -15,7 +15,7 @@ class Profile:
     train_requests: int  # requests in the bootstrap log the stage models learn from
     epochs: int  # prerank, rank, rerank
     retrieval_epochs: int
-    rank_examples: int = 600_000  # cap on (request, item) examples for ranking (2x for pre-ranking)
+    rank_examples: int = 400_000  # cap on (request, item) examples for ranking (2x for pre-ranking)
     emb_dim: int = 32
     rank_hidden: tuple[int, ...] = (256, 128, 64)  # ranking is the heavy stage
     rank_attention_hidden: int = 64
