@@ -18,7 +18,8 @@ class Profile:
     rank_examples: int = 400_000  # cap on (request, item) examples for ranking (2x for pre-ranking)
     emb_dim: int = 32
     rank_hidden: tuple[int, ...] = (256, 128, 64)  # ranking is the heavy stage
-    rank_attention_hidden: int = 64
+    rank_attention_hidden: int = 32
+    rank_attention_window: int = 20  # most recent clicks the ranker attends over
 
 
 PROFILES = {

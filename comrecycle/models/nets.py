@@ -163,12 +163,13 @@ class Rank(CandidateScorer):
     history (with recency embeddings), real-time request features, and a deep MLP."""
 
     def __init__(self, n_users: int, item_category: torch.Tensor, dim: int, top_k: int,
-                 hidden: tuple[int, ...] = (256, 128, 64), att_hidden: int = 64, history_len: int = 50):
+                 hidden: tuple[int, ...] = (256, 128, 64), att_hidden: int = 32, window: int = 20):
         super().__init__()
         self.top_k = top_k
         self.item_emb = ItemEncoder(item_category, dim)
         self.item_bias = nn.Embedding(item_category.numel() + 2, 1)
-        self.recency = nn.Embedding(history_len, dim)
+        self.window = window  # target attention over the most recent `window` clicks
+        self.recency = nn.Embedding(window, dim)
         self.user = UserTower(n_users, self.item_emb, dim, dim, use_request=True)
         self.att = nn.Sequential(nn.Linear(4 * dim, att_hidden), nn.ReLU(), nn.Linear(att_hidden, 1))
         layers, d_in = [], 4 * dim + 5
@@ -179,13 +180,14 @@ class Rank(CandidateScorer):
 
     def score(self, user_idx, user_features, history_idx, request_features, cand_idx):
         B, L = cand_idx.shape
-        H = history_idx.shape[1]
+        recent = history_idx[:, :self.window]
+        H = recent.shape[1]
         q = self.item_emb(cand_idx)  # [B,L,E]
-        k = self.item_emb(history_idx) + self.recency.weight[:H].unsqueeze(0)  # [B,H,E]
+        k = self.item_emb(recent) + self.recency.weight[:H].unsqueeze(0)  # [B,H,E]
         qe = q.unsqueeze(2).expand(B, L, H, q.shape[-1])
         ke = k.unsqueeze(1).expand(B, L, H, k.shape[-1])
         a = self.att(torch.cat([qe, ke, qe * ke, qe - ke], dim=-1)).squeeze(-1)  # [B,L,H]
-        hmask = (history_idx > 0).unsqueeze(1)
+        hmask = (recent > 0).unsqueeze(1)
         a = torch.where(hmask, a, torch.full_like(a, -1e4))
         w = torch.softmax(a, dim=-1) * hmask.float()
         pooled = torch.einsum("blh,bhe->ble", w, k)

@@ -81,6 +81,14 @@ def _ctx(a: LogArrays, rows: np.ndarray, drop_user: float, rng: np.random.Genera
             torch.from_numpy(a.history_idx[rows]), torch.from_numpy(a.request_features[rows]))
 
 
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, bar) -> None:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+
+
 def _auc(y: np.ndarray, s: np.ndarray) -> float:
     order = np.argsort(s, kind="stable")
     ranks = np.empty(len(s))
@@ -114,7 +122,8 @@ class StageTrainer:
         if name == "prerank":
             return PreRank(nu, cat, p.emb_dim, p.sizes.prerank)
         if name == "rank":
-            return Rank(nu, cat, p.emb_dim, p.sizes.rank, p.rank_hidden, p.rank_attention_hidden, HISTORY_LEN)
+            return Rank(nu, cat, p.emb_dim, p.sizes.rank, p.rank_hidden, p.rank_attention_hidden,
+                        p.rank_attention_window)
         return ReRank(nu, cat, p.emb_dim, p.sizes.rerank)
 
     def fit_all(self, train: LogArrays, valid: LogArrays) -> dict[str, nn.Module]:
@@ -143,11 +152,7 @@ class StageTrainer:
                     cand = torch.from_numpy(np.concatenate([items[sel], neg]))
                     logits = u @ model.item_emb(cand).T + model.item_bias(cand).T
                     loss = nn.functional.cross_entropy(logits, torch.arange(len(sel)))
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                    _step(opt, loss, bar)
         model.eval()
         vr, vp = np.nonzero(valid.clicked)
         vr, vp = vr[:4000], vp[:4000]
@@ -200,11 +205,7 @@ class StageTrainer:
                     sel = perm[b:b + batch]
                     s = self._score_pointwise(model, train, rows[sel], items[sel], rng, 0.1)
                     loss = nn.functional.binary_cross_entropy_with_logits(s, torch.from_numpy(labels[sel]))
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                    _step(opt, loss, bar)
         model.eval()
         vrows, vitems, vlabels = self._pointwise_examples(valid, rng, limit=40_000)
         with torch.no_grad():
@@ -236,11 +237,7 @@ class StageTrainer:
                 perm = rng.permutation(rows)
                 for b in range(0, len(perm) - batch + 1, batch):
                     loss, _, _ = loss_and_scores(train, perm[b:b + batch], 0.1)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                    _step(opt, loss, bar)
         model.eval()
         vrows = np.nonzero(valid.viewed.any(axis=1))[0][:8000]
         with torch.no_grad():

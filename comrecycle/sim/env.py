@@ -241,7 +241,11 @@ class SessionSimulator:
                 batch = self.next_batch(limit=n_requests - done)
                 pages = serve(batch)
                 outcome = self.feedback(batch, pages)
-                log.add(batch, outcome)
+                # a recycling server reports what it did (strategy, propensity, cost, q_j)
+                # and learns what was exposed
+                log.add(batch, outcome, **getattr(serve, "last", {}))
+                if hasattr(serve, "on_feedback"):
+                    serve.on_feedback(batch, outcome)
                 if on_step is not None:
                     on_step(batch, outcome)
                 done += len(batch)

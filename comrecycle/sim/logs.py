@@ -26,16 +26,27 @@ SIM_SCHEMA = pa.schema(list(LOG_SCHEMA) + [
 ])
 
 
+def q_columns(k: int) -> list[str]:
+    return [f"q_{j}" for j in range(k)]
+
+
 class LogBuilder:
     """Collects (batch, outcome) pairs; `table()` returns them sorted by ts."""
 
     def __init__(self):
         self._cols: dict[str, list] = {n: [] for n in SIM_SCHEMA.names}
+        self._q: list[np.ndarray] = []
 
     def add(self, batch, outcome, strategy: np.ndarray | int = 0,
-            propensity: np.ndarray | float = 1.0, cost: np.ndarray | float = 1.0) -> None:
+            propensity: np.ndarray | float = 1.0, cost: np.ndarray | float = 1.0,
+            q: np.ndarray | None = None) -> None:
+        """q: [B, K] ground-truth expected clicks of each strategy (NaN = not available)."""
         B = len(batch)
         c = self._cols
+        if q is not None:
+            self._q.append(np.asarray(q, np.float32))
+        elif self._q:
+            raise ValueError("q_j columns must be given for every batch or for none")
         c["request_id"].append(batch.request_id)
         c["user_id"].append(batch.user_id)
         c["session_id"].append(batch.session_id)
@@ -70,6 +81,10 @@ class LogBuilder:
             else:
                 arrays.append(pa.array(np.concatenate(vals) if vals else [], type=f.type))
         t = pa.Table.from_arrays(arrays, schema=SIM_SCHEMA)
+        if self._q:
+            q = np.concatenate(self._q)
+            for j, name in enumerate(q_columns(q.shape[1])):
+                t = t.append_column(pa.field(name, pa.float32()), pa.array(q[:, j], pa.float32()))
         return t.sort_by([("ts", "ascending"), ("request_id", "ascending")])
 
 

@@ -24,7 +24,7 @@ def build(stage):
     cat = torch.from_numpy(CATEGORY)
     return {"retrieval": lambda: Retrieval(N_USERS, torch.from_numpy(ITEM_IDS), cat, 8, SIZES.retrieval),
             "prerank": lambda: PreRank(N_USERS, cat, 8, SIZES.prerank),
-            "rank": lambda: Rank(N_USERS, cat, 8, SIZES.rank, (16, 8), 8, 50),
+            "rank": lambda: Rank(N_USERS, cat, 8, SIZES.rank, (16, 8), 8, 3),
             "rerank": lambda: ReRank(N_USERS, cat, 8, SIZES.rerank)}[stage]().eval()
 
 

@@ -1,0 +1,162 @@
+"""Recycling inside the simulator: the per-user stage cache a served system keeps, and a
+`serve` function that answers repeated requests by any strategy 0-3 (DESIGN.md §2) with
+the same ONNX stage models Triton serves (in-process onnxruntime).
+
+Cache semantics (as the router will implement them):
+  * after a request, each stage output that was computed is written back;
+  * the items the user viewed (exposed) are removed from every cached list of that user;
+  * strategy j > 0 reads the cached output of STAGES[j-1] and runs STAGES[j:] on it;
+  * a first page (initial request) starts from an empty cache and always uses strategy 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..runtime.cascade import InProcessCascade
+from ..specs import STAGES, STRATEGIES
+from .env import Outcome, RequestBatch
+from .world import World
+
+N_STRATEGIES = len(STRATEGIES)
+# strategy j reads the cache of this stage (None for the full cascade)
+CACHED_STAGE = {j: (STAGES[j - 1] if j > 0 else None) for j in STRATEGIES}
+
+
+@dataclass
+class StageCache:
+    """user index -> {stage: remaining item ids}. Simulator-side twin of the Redis cache."""
+
+    entries: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def clear(self, user: int) -> None:
+        self.entries.pop(int(user), None)
+
+    def write(self, user: int, outputs: dict[str, np.ndarray]) -> None:
+        e = self.entries.setdefault(int(user), {})
+        for s in STAGES[:-1]:  # the page itself is not a candidate list
+            key = f"{s}_items"
+            if key in outputs:
+                e[s] = np.asarray(outputs[key], np.int64)
+
+    def remove_exposed(self, user: int, viewed: np.ndarray) -> None:
+        e = self.entries.get(int(user))
+        if e is None or viewed.size == 0:
+            return
+        for s, items in e.items():
+            e[s] = items[~np.isin(items, viewed)]
+
+    def candidates(self, user: int, strategy: int) -> np.ndarray | None:
+        stage = CACHED_STAGE[strategy]
+        if stage is None:
+            return None
+        items = self.entries.get(int(user), {}).get(stage)
+        return items if items is not None and items.size > 0 else None
+
+
+# assign(batch, available[B, K+1] bool) -> (strategy [B], propensity [B])
+AssignFn = Callable[[RequestBatch, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def uniform_random_assignment(seed: int) -> AssignFn:
+    """Repeated requests: a strategy drawn uniformly among the available ones (propensity
+    1/#available); initial requests: strategy 0 with propensity 1."""
+    rng = np.random.default_rng([seed, 424242])
+
+    def assign(batch: RequestBatch, available: np.ndarray):
+        B = len(batch)
+        strategy = np.zeros(B, np.int8)
+        propensity = np.ones(B, np.float32)
+        for i in range(B):
+            if not batch.is_repeat[i]:
+                continue
+            opts = np.flatnonzero(available[i])
+            strategy[i] = rng.choice(opts)
+            propensity[i] = 1.0 / opts.size
+        return strategy, propensity
+
+    return assign
+
+
+def fixed_assignment(strategy: int) -> AssignFn:
+    """Every repeated request by `strategy` when its cache allows, else strategy 0."""
+
+    def assign(batch: RequestBatch, available: np.ndarray):
+        s = np.where(batch.is_repeat & available[:, strategy], strategy, 0).astype(np.int8)
+        return s, np.ones(len(batch), np.float32)
+
+    return assign
+
+
+class RecyclingServer:
+    """A simulator `serve` function with a per-user stage cache.
+
+    counterfactuals=True also runs every available strategy for every repeated request and
+    records q_j = the exact expected clicks of strategy j's page (NaN where unavailable);
+    only the assigned strategy's page is served and written back to the cache.
+    """
+
+    def __init__(self, world: World, cascade: InProcessCascade, assign: AssignFn,
+                 strategy_cost: dict[int, float] | None = None, counterfactuals: bool = False):
+        self.world, self.cascade, self.assign = world, cascade, assign
+        self.cost = strategy_cost or {j: 1.0 if j == 0 else float("nan") for j in STRATEGIES}
+        self.counterfactuals = counterfactuals
+        self.cache = StageCache()
+        self.last: dict[str, np.ndarray] = {}
+
+    def availability(self, batch: RequestBatch) -> np.ndarray:
+        avail = np.zeros((len(batch), N_STRATEGIES), bool)
+        avail[:, 0] = True
+        for i in range(len(batch)):
+            if batch.is_repeat[i]:
+                for j in range(1, N_STRATEGIES):
+                    avail[i, j] = self.cache.candidates(batch.user_index[i], j) is not None
+        return avail
+
+    def _run(self, batch: RequestBatch, idx: np.ndarray, j: int) -> list[dict]:
+        ctxs = [batch.context(i) for i in idx]
+        cands = None if j == 0 else [self.cache.candidates(batch.user_index[i], j) for i in idx]
+        return self.cascade.run(ctxs, strategy=j, candidates=cands)
+
+    def __call__(self, batch: RequestBatch) -> list[np.ndarray]:
+        B = len(batch)
+        for i in range(B):
+            if not batch.is_repeat[i]:
+                self.cache.clear(batch.user_index[i])
+        avail = self.availability(batch)
+        strategy, propensity = self.assign(batch, avail)
+        if not avail[np.arange(B), strategy].all():
+            raise ValueError("assignment chose a strategy whose cache is unavailable")
+        q = np.full((B, N_STRATEGIES), np.nan, np.float32)
+        served: list[dict | None] = [None] * B
+        for j in range(N_STRATEGIES):
+            if self.counterfactuals:
+                idx = np.flatnonzero(avail[:, j] & (batch.is_repeat | (j == 0)))
+            else:
+                idx = np.flatnonzero(strategy == j)
+            if idx.size == 0:
+                continue
+            outs = self._run(batch, idx, j)
+            pages = np.full((idx.size, 20), -1, np.int64)
+            for r, o in enumerate(outs):
+                if isinstance(o, Exception):
+                    raise o
+                p = self.world.item_index(o["rerank_items"][:20])
+                pages[r, :p.size] = p
+                if strategy[idx[r]] == j:
+                    served[idx[r]] = o
+            lens = (pages != -1).sum(axis=1)
+            q[idx, j] = self.world.expected_clicks(batch.interest[idx], pages, lens)
+        for i in range(B):
+            self.cache.write(batch.user_index[i], served[i])
+        self.last = {"strategy": strategy, "propensity": propensity, "q": q,
+                     "cost": np.array([self.cost[int(s)] for s in strategy], np.float32)}
+        return [o["rerank_items"] for o in served]
+
+    def on_feedback(self, batch: RequestBatch, outcome: Outcome) -> None:
+        """Exposure: remove the viewed items from the user's cached lists."""
+        for i in range(len(batch)):
+            viewed = outcome.page_items[i][:int(outcome.n_viewed[i])]
+            self.cache.remove_exposed(batch.user_index[i], viewed)
