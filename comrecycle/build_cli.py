@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="default")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="model set directory (default artifacts/models/PROFILE)")
-    ap.add_argument("--variant", choices=VARIANTS, default="cpu")
+    ap.add_argument("--variant", choices=VARIANTS, default="cpu",
+                    help="cpu: embedded server, Python-backend stages on CPU; gpu: the same on KIND_GPU "
+                         "with the CUDA execution provider; container: native onnxruntime backend")
+    ap.add_argument("--device", choices=("cpu", "gpu"),
+                    help="shorthand: --device gpu is --variant gpu")
     ap.add_argument("--repository", help="model repository to install into (default by variant)")
     ap.add_argument("--no-install", action="store_true", help="build the model set only")
     ap.add_argument("--force", action="store_true", help="rebuild even if the model set exists")
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.device == "gpu" and a.variant == "cpu":
+        a.variant = "gpu"
     if a.configs_only:
         for p in regenerate_committed_configs():
             print(p.relative_to(REPO_ROOT))
