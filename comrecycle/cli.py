@@ -38,26 +38,24 @@ def cmd_simulate(a) -> int:
     from .sim import LoggingPolicy, SessionSimulator
     from .sim.logs import write_log
 
-    if a.logging == "random":
-        raise CliError("--logging random needs the recycling simulator and the estimator (issue 3); "
-                       "only --logging full is available in this version")
     if a.requests < 1:
         raise CliError(f"--requests must be >= 1, got {a.requests}")
+    if a.logging == "random" and a.policy != "cascade":
+        raise CliError("--logging random recycles the cascade's cached stage outputs: use --policy cascade")
     if a.policy == "cascade":
-        from .runtime.cascade import InProcessCascade
-
         model_dir = Path(a.models or default_model_dir(a.profile))
         if not (model_dir / "manifest.json").exists():
             raise CliError(f"no model set in {model_dir}: run `python build_models.py --profile {a.profile}` "
                            f"first, pass --models DIR, or use --policy legacy")
-        manifest = json.loads((model_dir / "manifest.json").read_text())
-        world = world_for(manifest)
-        serve = InProcessCascade.load(model_dir).serve_pages
+        from .sim.recycling import simulate_log
+
+        table = simulate_log(model_dir, a.requests, seed=a.seed, logging=a.logging,
+                             concurrency=a.concurrency, progress=not a.quiet)
     else:
         world = world_for(get_profile(a.profile), seed=a.world_seed)
-        serve = LoggingPolicy(world, a.seed)
-    sim = SessionSimulator(world, seed=a.seed, concurrency=min(a.concurrency, world.n_users // 2))
-    table = sim.run(a.requests, serve, progress=not a.quiet, desc=f"simulate ({a.policy})").table()
+        sim = SessionSimulator(world, seed=a.seed, concurrency=min(a.concurrency, world.n_users // 2))
+        table = sim.run(a.requests, LoggingPolicy(world, a.seed), progress=not a.quiet,
+                        desc="simulate (legacy)").table()
     path = write_log(table, a.out)
     er = table["expected_reward"].to_numpy()
     print(f"wrote {table.num_rows} requests to {path} (repeated {table['is_repeat'].to_numpy().mean():.1%}, "
@@ -106,12 +104,15 @@ def _check_repository(repo: Path) -> dict:
 
 
 def cmd_serve(a) -> int:
+    from .repository import loadable_models
     from .serving.server import main as server_main
 
     repo = Path(a.repository)
     _check_repository(repo)
     args = ["--model-repository", str(repo), "--http-port", str(a.http_port), "--grpc-port", str(a.grpc_port),
-            "--metrics-port", str(a.metrics_port)]
+            "--metrics-port", str(a.metrics_port), "--model-control", "explicit"]
+    for m in loadable_models(repo):
+        args += ["--load-model", m]
     return server_main(args)
 
 
@@ -133,7 +134,7 @@ def cmd_perf(a) -> int:
 
 def cmd_demo(a) -> int:
     from client.replay import replay, world_from_repository
-    from .serving.server import TritonServer
+    from .repository import repository_server
 
     repo = Path(a.repository)
     model_dir = Path(a.models or default_model_dir(a.profile))
@@ -144,7 +145,7 @@ def cmd_demo(a) -> int:
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"[demo] starting tritonserver on {repo} ...", flush=True)
-    with TritonServer(repo) as srv:
+    with repository_server(repo) as srv:
         print(f"[demo] ready in {srv.startup_seconds:.1f}s: HTTP {srv.http_url}, gRPC {srv.grpc_url}, "
               f"metrics {srv.metrics_endpoint}", flush=True)
         rep = replay(srv.grpc_url, "grpc", world, a.requests, concurrency=a.concurrency, seed=a.seed + 1)
@@ -176,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--requests", type=int, default=10_000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--logging", choices=("full", "random"), default="full",
-                   help="full: strategy 0 for every request; random: randomised recycling (issue 3)")
+                   help="full: strategy 0 for every request; random: repeated requests get a uniformly "
+                        "random available recycling strategy (propensity logged) and the ground truth "
+                        "q_0..q_3 of every strategy is computed")
     s.add_argument("--policy", choices=("cascade", "legacy"), default="cascade",
                    help="who serves the pages: the built cascade (in-process onnxruntime) or the "
                         "legacy logging policy used to bootstrap training")

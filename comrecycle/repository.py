@@ -24,8 +24,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .specs import (CONTEXT, EXCLUDE_ITEMS, STAGES, CascadeSizes, EnsembleSpec, StageSpec, TensorSpec,
-                    ensemble_specs, items_out, scores_out, stage_specs)
+from .specs import (CONTEXT, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, EXCLUDE_ITEMS, STAGES, CascadeSizes,
+                    EnsembleSpec, StageSpec, TensorSpec, ensemble_specs, items_out, scores_out, stage_specs)
 
 VARIANTS = ("cpu", "gpu", "container")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,8 @@ DEFAULT_REPOSITORY = {"cpu": REPO_ROOT / "model_repository",
                       "gpu": REPO_ROOT / "deploy" / "gpu" / "model_repository",
                       "container": REPO_ROOT / "deploy" / "container" / "model_repository"}
 STAGE_MODEL_PY = REPO_ROOT / "python_backends" / "stage" / "model.py"
+ESTIMATOR_MODEL_PY = REPO_ROOT / "python_backends" / "estimator" / "model.py"
+ESTIMATOR_MAX_BATCH = 64
 # Largest batch per stage call. Ranking's target attention is [batch, 300, 50, 4*emb] floats.
 STAGE_MAX_BATCH = {"retrieval": 32, "prerank": 32, "rank": 16, "rerank": 32}
 STAGE_INSTANCES = {"retrieval": 1, "prerank": 1, "rank": 2, "rerank": 1}
@@ -79,6 +81,28 @@ def stage_config(spec: StageSpec, variant: str = "cpu") -> mc.ModelConfig:
     return cfg
 
 
+def estimator_config(variant: str = "cpu") -> mc.ModelConfig:
+    """The effect-loss estimator: one onnxruntime call per dynamically formed batch."""
+    native = variant == "container"
+    cfg = mc.ModelConfig(name="estimator", max_batch_size=ESTIMATOR_MAX_BATCH)
+    if native:
+        cfg.platform = "onnxruntime_onnx"
+        cfg.default_model_filename = "model.onnx"
+    else:
+        cfg.backend = "python"
+    cfg.input.extend(_input(t, ragged=not native) for t in ESTIMATOR_INPUTS)
+    cfg.output.extend(_output(t) for t in ESTIMATOR_OUTPUTS)
+    kind = mc.ModelInstanceGroup.KIND_CPU if variant == "cpu" else mc.ModelInstanceGroup.KIND_GPU
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=kind))
+    cfg.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
+    if not native:
+        params = {"onnx_file": "model.onnx", "device": "gpu" if variant == "gpu" else "cpu",
+                  "ort_intra_op_threads": "1"}
+        for k, v in sorted(params.items()):
+            cfg.parameters[k].string_value = v
+    return cfg
+
+
 def ensemble_config(ens: EnsembleSpec, stages: dict[str, StageSpec]) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=ens.name, platform="ensemble",
                          max_batch_size=min(STAGE_MAX_BATCH[s] for s in ens.stages))
@@ -106,6 +130,7 @@ def all_configs(sizes: CascadeSizes, variant: str = "cpu") -> dict[str, mc.Model
     cfgs = {s: stage_config(stages[s], variant) for s in STAGES}
     for name, ens in ensemble_specs().items():
         cfgs[name] = ensemble_config(ens, stages)
+    cfgs["estimator"] = estimator_config(variant)
     return cfgs
 
 
@@ -126,7 +151,7 @@ def write_configs(repo: str | Path, sizes: CascadeSizes, variant: str = "cpu") -
         written.append(d / "config.pbtxt")
         if cfg.backend == "python":
             dst = d / str(MODEL_VERSION) / "model.py"
-            shutil.copyfile(STAGE_MODEL_PY, dst)
+            shutil.copyfile(ESTIMATOR_MODEL_PY if name == "estimator" else STAGE_MODEL_PY, dst)
             written.append(dst)
         elif cfg.platform == "ensemble":
             keep = d / str(MODEL_VERSION) / ".gitkeep"
@@ -201,3 +226,53 @@ def check_repository_configs(repo: str | Path) -> list[str]:
             if o.name not in available:
                 problems.append(f"{name}: output {o.name!r} produced by no step")
     return problems
+
+
+def install_estimator(repo: str | Path, estimator_dir: str | Path, version: int | None = None) -> Path:
+    """Install a trained estimator (comrecycle train-estimator) as a new version of the served
+    `estimator` model (version = highest existing + 1 unless given). Returns the version dir."""
+    repo, estimator_dir = Path(repo), Path(estimator_dir)
+    root = repo / "estimator"
+    if not (root / "config.pbtxt").exists():
+        raise FileNotFoundError(f"{root}/config.pbtxt missing: generate the repository first (build_models.py)")
+    existing = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / "model.onnx").exists()]
+    version = version or (max(existing) + 1 if existing else 1)
+    dst = root / str(version)
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(estimator_dir / "estimator.onnx", dst / "model.onnx")
+    if (root / str(MODEL_VERSION) / "model.py").exists() and version != MODEL_VERSION:
+        shutil.copyfile(root / str(MODEL_VERSION) / "model.py", dst / "model.py")
+    elif not (dst / "model.py").exists():
+        shutil.copyfile(ESTIMATOR_MODEL_PY, dst / "model.py")
+    manifest = json.loads((estimator_dir / "manifest.json").read_text())
+    (dst / "manifest.json").write_text(json.dumps({"model": "estimator", "version": version,
+                                                   "source": str(estimator_dir.resolve()), **manifest}, indent=2))
+    return dst
+
+
+def loadable_models(repo: str | Path) -> list[str]:
+    """Models of a repository that can load: a version dir with its model.onnx (ensembles:
+    when all their steps can). The servers start with explicit model control on this list,
+    so a repository whose estimator is not trained yet still serves the cascade."""
+    repo = Path(repo)
+    cfgs = {}
+    for p in sorted(repo.glob("*/config.pbtxt")):
+        cfg = mc.ModelConfig()
+        text_format.Parse(p.read_text(), cfg)
+        cfgs[cfg.name] = cfg
+    ok = {n for n, c in cfgs.items() if c.platform != "ensemble"
+          and any((v / "model.onnx").exists() for v in (repo / n).iterdir() if v.is_dir() and v.name.isdigit())}
+    for n, c in cfgs.items():
+        if c.platform == "ensemble" and all(s.model_name in ok for s in c.ensemble_scheduling.step):
+            ok.add(n)
+    return sorted(ok)
+
+
+def repository_server(repo: str | Path, **kwargs):
+    """A TritonServer on `repo` with explicit model control, loading the loadable models."""
+    from .serving.server import TritonServer
+
+    models = loadable_models(repo)
+    if not models:
+        raise FileNotFoundError(f"{repo}: no model can load (no model.onnx installed): run build_models.py")
+    return TritonServer(repo, model_control="explicit", load_models=models, **kwargs)

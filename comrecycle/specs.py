@@ -156,3 +156,12 @@ def ensemble_specs() -> dict[str, EnsembleSpec]:
 # Which served model a strategy calls, and which tensor carries the cached candidates.
 STRATEGY_MODEL = {0: "cascade", 1: "cascade_from_prerank", 2: "cascade_from_rank", 3: "rerank"}
 STRATEGY_CANDIDATES = {0: None, 1: "retrieval_items", 2: "prerank_items", 3: "candidates"}
+
+
+# ---- the effect-loss estimator (served model `estimator`) --------------------------------------
+N_RECYCLE = len(STRATEGIES) - 1  # K
+ESTIMATOR_INPUTS = (USER_FEATURES, HISTORY, REQUEST_FEATURES)
+ESTIMATOR_OUTPUTS = (
+    TensorSpec("q", "float32", (N_RECYCLE + 1,), "predicted effect (expected clicks) of strategies 0..K"),
+    TensorSpec("delta_q", "float32", (N_RECYCLE,), "predicted effect loss of strategies 1..K: q_0 - q_j"),
+)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from comrecycle.serving.floor import FLOOR_INPUT, FLOOR_MODEL, write_floor_repository
+from comrecycle.repository import loadable_models
 from comrecycle.serving.server import TritonServer
 
 from .perf_analyzer_run import format_rows, run_perf, write_input_data, write_rows_csv
@@ -52,7 +53,9 @@ def run(repo: Path, out: Path, concurrency: list[int], protocols: list[str], mea
     rows = []
     with tempfile.TemporaryDirectory() as floor_repo:
         write_floor_repository(floor_repo)
-        with TritonServer(repo, extra_args=("--model-repository", floor_repo)) as srv:
+        models = loadable_models(repo) + [FLOOR_MODEL]
+        with TritonServer(repo, model_control="explicit", load_models=models,
+                          extra_args=("--model-repository", floor_repo)) as srv:
             print(f"server ready in {srv.startup_seconds:.1f}s", flush=True)
             for proto in protocols:
                 url = srv.grpc_url if proto == "grpc" else srv.http_url

@@ -71,9 +71,9 @@ def tiny_repository(tiny_model_set, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def triton(tiny_repository):
-    from comrecycle.serving.server import TritonServer
+    from comrecycle.repository import repository_server
 
-    with TritonServer(tiny_repository, startup_timeout=180) as srv:
+    with repository_server(tiny_repository, startup_timeout=180) as srv:
         yield srv
 
 

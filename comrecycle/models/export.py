@@ -71,17 +71,23 @@ def export_stage(module: torch.nn.Module, spec: StageSpec, user_vocab: Vocab, it
 
 def graft_vocabularies(model: onnx.ModelProto, spec: StageSpec, user_vocab: Vocab,
                        item_vocab: Vocab) -> onnx.ModelProto:
+    vocabs = {"user_id": user_vocab, "history": item_vocab, "exclude_items": item_vocab,
+              "candidates": item_vocab}
+    return graft(model, spec.inputs, vocabs)
+
+
+def graft(model: onnx.ModelProto, inputs, vocabs: dict[str, Vocab]) -> onnx.ModelProto:
+    """Make the graph take raw ids: for every graph input `X__idx` whose `X` has a vocabulary,
+    insert LabelEncoder(X) -> X__idx; then set the graph inputs to exactly `inputs`
+    (TensorSpecs, in order; unused ones too)."""
     g = model.graph
-    existing = {i.name: i for i in g.input}
+    existing = {i.name for i in g.input}
     nodes = []
-    for raw in ("user_id", "history", "exclude_items", "candidates"):
-        idx = raw + IDX
-        if idx not in existing:
-            continue
-        vocab = user_vocab if raw == "user_id" else item_vocab
-        nodes.append(vocab.label_encoder(raw, idx, name=f"vocab_{raw}"))
+    for raw, vocab in vocabs.items():
+        if raw + IDX in existing:
+            nodes.append(vocab.label_encoder(raw, raw + IDX, name=f"vocab_{raw}"))
     new_inputs = []
-    for t in spec.inputs:  # exactly the spec's inputs, in its order (unused ones too)
+    for t in inputs:
         shape = ["batch"] + [f"len_{t.name}" if d == -1 else d for d in t.dims]
         new_inputs.append(helper.make_tensor_value_info(t.name, _ONNX_DTYPE[t.dtype], shape))
     del g.input[:]

@@ -23,8 +23,13 @@ MAX_PAGES = 60
 # log-normal gap: P(<10 s) = 0.46, P(<120 s) = 0.75  ->  mu, sigma solved in closed form
 GAP_MU, GAP_SIGMA = 2.6246, 3.2070
 GAP_MIN, GAP_MAX = 0.3, 3600.0
-CLICK_DRIFT = 0.6  # interest += CLICK_DRIFT * sum(clicked item vectors)
-TIME_DRIFT = 0.25  # interest += TIME_DRIFT * sqrt(min(gap, 600) / 60) * noise
+CLICK_DRIFT = 0.45  # interest += CLICK_DRIFT * sum(clicked item vectors)
+TIME_DRIFT = 0.15  # interest += TIME_DRIFT * sqrt(min(gap, 600) / 60) * noise
+# Activity elsewhere in the app during a gap: Poisson(gap / EXTERNAL_CLICK_SECS) clicks (<= 5)
+# on items that match the current interest. They enter the click history (observable by a
+# fresh computation, invisible to a cached list) and move the interest like feed clicks.
+EXTERNAL_CLICK_SECS = 300.0
+EXTERNAL_POOL = 512
 SESSION_MOOD = 0.35  # a session starts from the long-term interest plus this much noise
 
 
@@ -221,9 +226,21 @@ class SessionSimulator:
             self.page[s] += 1
             noise = _unit(rng.standard_normal(LATENT_DIM))
             self.interest[s] = _unit(self.interest[s] + TIME_DRIFT * np.sqrt(min(gap, 600.0) / 60.0) * noise)
+            self._external_activity(s, u, gap)
         return Outcome(expected_clicks=expected.astype(np.float32), n_viewed=n_view.astype(np.int16),
                        clicks=clicked.sum(axis=1).astype(np.int32), page_items=page_items,
                        clicked_items=clicked_items)
+
+    def _external_activity(self, s: int, u: int, gap: float) -> None:
+        n = min(int(self.rng.poisson(gap / EXTERNAL_CLICK_SECS)), 5)
+        if n == 0:
+            return
+        w = self.world
+        pool = self.rng.integers(0, w.n_items, EXTERNAL_POOL)
+        z = w.logits(self.interest[s][None], pool[None])[0] + self.rng.gumbel(size=EXTERNAL_POOL)
+        ext = pool[np.argsort(-z)[:n]]
+        self.history[u] = np.concatenate([ext, self.history[u]])[:HISTORY_LEN]
+        self.interest[s] = _unit(self.interest[s] + CLICK_DRIFT * w.item_vec[ext].sum(axis=0))
 
     def run(self, n_requests: int, serve: ServeFn, progress: bool = True,
             desc: str = "simulate", on_step: Callable[[RequestBatch, Outcome], None] | None = None

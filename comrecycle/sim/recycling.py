@@ -99,10 +99,14 @@ class RecyclingServer:
     """
 
     def __init__(self, world: World, cascade: InProcessCascade, assign: AssignFn,
-                 strategy_cost: dict[int, float] | None = None, counterfactuals: bool = False):
+                 strategy_cost: dict[int, float] | None = None, counterfactuals: bool | tuple[int, ...] = False):
+        """counterfactuals: True (every strategy), False (the served one), or the strategies
+        whose q_j to compute besides the served one."""
         self.world, self.cascade, self.assign = world, cascade, assign
         self.cost = strategy_cost or {j: 1.0 if j == 0 else float("nan") for j in STRATEGIES}
-        self.counterfactuals = counterfactuals
+        if counterfactuals is True:
+            counterfactuals = tuple(STRATEGIES)
+        self.counterfactuals = tuple(counterfactuals or ())
         self.cache = StageCache()
         self.last: dict[str, np.ndarray] = {}
 
@@ -132,8 +136,8 @@ class RecyclingServer:
         q = np.full((B, N_STRATEGIES), np.nan, np.float32)
         served: list[dict | None] = [None] * B
         for j in range(N_STRATEGIES):
-            if self.counterfactuals:
-                idx = np.flatnonzero(avail[:, j] & (batch.is_repeat | (j == 0)))
+            if j in self.counterfactuals:
+                idx = np.flatnonzero((avail[:, j] & (batch.is_repeat | (j == 0))) | (strategy == j))
             else:
                 idx = np.flatnonzero(strategy == j)
             if idx.size == 0:
@@ -160,3 +164,36 @@ class RecyclingServer:
         for i in range(len(batch)):
             viewed = outcome.page_items[i][:int(outcome.n_viewed[i])]
             self.cache.remove_exposed(batch.user_index[i], viewed)
+
+
+def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "random",
+                 concurrency: int = 256, progress: bool = True, strategy: int | None = None):
+    """A request log served by the model set in `model_dir` with the recycling cache.
+
+    logging="random": repeated requests get a uniformly random available strategy (propensity
+    logged) and every strategy's q_j is computed; "full": strategy 0 everywhere (q_0 only);
+    strategy=j: every repeated request recycled by j when its cache allows (q_0 and q_j).
+    """
+    import json
+    from pathlib import Path
+
+    from ..build import world_for
+    from .env import SessionSimulator
+
+    model_dir = Path(model_dir)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    costs = json.loads((model_dir / "cost_profile.json").read_text())["strategy_cost"]
+    world = world_for(manifest)
+    cascade = InProcessCascade.load(model_dir)
+    if strategy is not None:
+        assign, cf = fixed_assignment(strategy), (0, strategy)
+    elif logging == "random":
+        assign, cf = uniform_random_assignment(seed), True
+    elif logging == "full":
+        assign, cf = fixed_assignment(0), (0,)
+    else:
+        raise ValueError(f"logging must be 'random' or 'full', got {logging!r}")
+    server = RecyclingServer(world, cascade, assign, {int(k): float(v) for k, v in costs.items()},
+                             counterfactuals=cf)
+    sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2))
+    return sim.run(n_requests, server, progress=progress, desc=f"simulate ({logging})").table()

@@ -53,7 +53,7 @@ def test_simulate_with_the_cascade(tmp_path, tiny_model_set):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["simulate", "--out", "x.parquet", "--logging", "random"], "needs the recycling simulator"),
+    (["simulate", "--out", "x.parquet", "--logging", "random", "--policy", "legacy"], "use --policy cascade"),
     (["simulate", "--out", "x.parquet", "--models", "/nonexistent"], "no model set in /nonexistent"),
     (["simulate", "--out", "x.parquet", "--requests", "0", "--policy", "legacy"], "--requests must be >= 1"),
     (["profile-costs", "--models", "/nonexistent"], "no model set"),

@@ -1,0 +1,226 @@
+"""`EffectLossEstimator`: sklearn-like fit / predict around EffectLossNet.
+
+Trained on randomised logs, on the observed reward of the assigned arm only (the other arms
+are unobserved in real logs; q_j columns are never used for training): Poisson likelihood of
+the clicks under Q_t, weighted by 1/propensity. Item ids go through a vocabulary built from
+the training logs' histories (unseen ids -> OOV bucket); categorical codes are hashed, so any
+int64 works in training and in serving. Seeded; early stopping on a validation split of
+sessions; progress bar.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from ..models.export import IDX, OPSET, graft
+from ..models.train import _list_matrix
+from ..models.vocab import Vocab
+from ..sim.logs import LOG_SCHEMA
+from ..specs import ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, HISTORY_MAX, N_RECYCLE
+from .model import EffectLossNet
+
+TRAIN_COLUMNS = ("session_id", "page", "is_repeat", "gender", "age", "country", "secs_since_prev",
+                 "prev_exposures", "prev_clicks", "history", "strategy", "propensity", "reward")
+
+
+class LogError(ValueError):
+    """A training log that cannot be used, with what was expected and what arrived."""
+
+
+def validate_training_log(table: pa.Table, where: str = "log") -> None:
+    missing = [c for c in TRAIN_COLUMNS if c not in table.column_names]
+    if missing:
+        raise LogError(f"{where}: missing columns {missing}; expected the DESIGN.md §7 schema")
+    wrong = [f"{c}: expected {LOG_SCHEMA.field(c).type}, got {table.schema.field(c).type}"
+             for c in TRAIN_COLUMNS if table.schema.field(c).type != LOG_SCHEMA.field(c).type]
+    if wrong:
+        raise LogError(f"{where}: wrong column types: " + "; ".join(wrong))
+    p = table["propensity"].to_numpy()
+    bad = ~((p > 0) & (p <= 1))
+    if bad.any():
+        raise LogError(f"{where}: propensities must be in (0, 1]; got {int(bad.sum())} outside, e.g. "
+                       f"{float(p[bad][0])}")
+    y = table["reward"].to_numpy()
+    if not np.isfinite(y).all():
+        raise LogError(f"{where}: reward has {int((~np.isfinite(y)).sum())} NaN/inf values")
+    rep = table["is_repeat"].to_numpy()
+    s = table["strategy"].to_numpy()
+    if not rep.any() or (s[rep] == 0).all() or len(np.unique(s[rep])) < 2:
+        raise LogError(f"{where}: no randomised rows: repeated requests must carry several strategies "
+                       f"(got strategies {sorted(set(s[rep].tolist()))} on {int(rep.sum())} repeated "
+                       f"requests); write one with `comrecycle simulate --logging random`")
+    if (s < 0).any() or (s > N_RECYCLE).any():
+        raise LogError(f"{where}: strategy must be in 0..{N_RECYCLE}, got {sorted(set(s.tolist()))}")
+
+
+def features_from_log(table: pa.Table) -> dict[str, np.ndarray]:
+    """Served-tensor arrays (raw ids, batch first) from log rows."""
+    col = lambda n: table[n].to_numpy()  # noqa: E731
+    return {
+        "user_features": np.stack([col("gender"), col("age"), col("country")], 1).astype(np.int64),
+        "history": _list_matrix(table["history"], HISTORY_MAX),
+        "request_features": np.stack([col("secs_since_prev"), col("page").astype(np.float32),
+                                      col("prev_exposures").astype(np.float32),
+                                      col("prev_clicks").astype(np.float32)], 1).astype(np.float32),
+    }
+
+
+@dataclass
+class EffectLossEstimator:
+    emb: int = 16
+    hidden: int = 32
+    n_experts: int = 4
+    lr: float = 3e-3
+    batch_size: int = 512
+    max_epochs: int = 30
+    patience: int = 3
+    valid_fraction: float = 0.1
+    ipw: bool = True
+    seed: int = 0
+    progress: bool = True
+    history_: dict = field(default_factory=dict, init=False)
+
+    # ---- training --------------------------------------------------------------------------
+    def fit(self, table: pa.Table) -> "EffectLossEstimator":
+        validate_training_log(table)
+        rep = table.filter(pa.compute.equal(table["is_repeat"], True))
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        feats = features_from_log(rep)
+        hist = feats["history"]
+        self.vocab_ = Vocab(hist[hist >= 0])
+        self.net_ = EffectLossNet(len(self.vocab_), self.emb, self.hidden, self.n_experts)
+        X = self._tensors(feats)
+        t = torch.from_numpy(rep["strategy"].to_numpy().astype(np.int64))
+        y = torch.from_numpy(rep["reward"].to_numpy().astype(np.float32))
+        w = 1.0 / rep["propensity"].to_numpy().astype(np.float32) if self.ipw else np.ones(len(y), np.float32)
+        w = torch.from_numpy(w / w.mean())
+        sessions = rep["session_id"].to_numpy()
+        uniq = np.unique(sessions)
+        valid_sessions = rng.choice(uniq, max(1, int(len(uniq) * self.valid_fraction)), replace=False)
+        is_valid = np.isin(sessions, valid_sessions)
+        tr, va = np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
+        opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr)
+        best, best_state, bad_epochs = np.inf, None, 0
+        t0 = time.time()
+        steps = max(1, len(tr) // self.batch_size)
+        bar = tqdm(total=self.max_epochs * steps, desc="train estimator", unit="step",
+                   disable=not self.progress, mininterval=1.0)
+        epochs_run = 0
+        for epoch in range(self.max_epochs):
+            self.net_.train()
+            perm = rng.permutation(tr)
+            for b in range(steps):
+                sel = torch.from_numpy(perm[b * self.batch_size:(b + 1) * self.batch_size])
+                loss = self._loss([x[sel] for x in X], t[sel], y[sel], w[sel])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                bar.update(1)
+            epochs_run = epoch + 1
+            vl = self._valid_loss(X, t, y, w, va)
+            bar.set_postfix(valid=f"{vl:.4f}", refresh=False)
+            if vl < best - 1e-5:
+                best, bad_epochs = vl, 0
+                best_state = {k: v.clone() for k, v in self.net_.state_dict().items()}
+            else:
+                bad_epochs += 1
+                if bad_epochs >= self.patience:
+                    break
+        bar.close()
+        if best_state is not None:
+            self.net_.load_state_dict(best_state)
+        self.net_.eval()
+        self.history_ = {"epochs": epochs_run, "best_valid_loss": float(best), "train_rows": int(len(tr)),
+                         "valid_rows": int(len(va)), "seconds": round(time.time() - t0, 1),
+                         "vocab_items": len(self.vocab_)}
+        return self
+
+    def _tensors(self, feats: dict[str, np.ndarray]) -> list[torch.Tensor]:
+        return [torch.from_numpy(feats["user_features"]), torch.from_numpy(self.vocab_.index(feats["history"])),
+                torch.from_numpy(feats["request_features"])]
+
+    def _loss(self, X, t, y, w) -> torch.Tensor:
+        logits = self.net_.logits(*X)
+        lt = logits.gather(1, t[:, None]).squeeze(1)
+        return (w * (torch.exp(lt) - y * lt)).mean()  # Poisson NLL, log link
+
+    def _valid_loss(self, X, t, y, w, idx) -> float:
+        self.net_.eval()
+        with torch.no_grad():
+            tot = 0.0
+            for b in range(0, len(idx), 8192):
+                sel = torch.from_numpy(idx[b:b + 8192])
+                tot += float(self._loss([x[sel] for x in X], t[sel], y[sel], w[sel])) * len(sel)
+        return tot / max(1, len(idx))
+
+    # ---- prediction ------------------------------------------------------------------------
+    def predict(self, features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Raw served arrays -> (Q [n, K+1], ΔQ [n, K])."""
+        X = self._tensors(features)
+        qs, dqs = [], []
+        with torch.no_grad():
+            for b in range(0, X[0].shape[0], 8192):
+                q, dq = self.net_(*[x[b:b + 8192] for x in X])
+                qs.append(q.numpy())
+                dqs.append(dq.numpy())
+        return np.concatenate(qs), np.concatenate(dqs)
+
+    def predict_log(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        return self.predict(features_from_log(table))
+
+    # ---- export ----------------------------------------------------------------------------
+    def export_onnx(self, path: str | Path) -> Path:
+        import warnings
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ex = (torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 5, dtype=torch.long), torch.zeros(2, 4))
+        tmp = path.with_suffix(".raw.onnx")
+        names = ["user_features", "history" + IDX, "request_features"]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            torch.onnx.export(self.net_, ex, str(tmp), input_names=names,
+                              output_names=[o.name for o in ESTIMATOR_OUTPUTS],
+                              dynamic_axes={"user_features": {0: "batch"}, "history" + IDX: {0: "batch", 1: "len"},
+                                            "request_features": {0: "batch"}, "q": {0: "batch"},
+                                            "delta_q": {0: "batch"}},
+                              opset_version=OPSET, dynamo=False)
+        model = graft(onnx.load(str(tmp)), ESTIMATOR_INPUTS, {"history": self.vocab_})
+        tmp.unlink()
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(path))
+        return path
+
+    def save(self, out_dir: str | Path, extra: dict | None = None) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.export_onnx(out / "estimator.onnx")
+        torch.save(self.net_.state_dict(), out / "estimator.pt")
+        np.save(out / "item_vocab.npy", self.vocab_.ids)
+        params = {k: getattr(self, k) for k in ("emb", "hidden", "n_experts", "lr", "batch_size", "max_epochs",
+                                                 "patience", "valid_fraction", "ipw", "seed")}
+        (out / "manifest.json").write_text(json.dumps({"params": params, "fit": self.history_, **(extra or {})},
+                                                      indent=2))
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "EffectLossEstimator":
+        out = Path(out_dir)
+        m = json.loads((out / "manifest.json").read_text())
+        est = cls(**m["params"])
+        est.vocab_ = Vocab(np.load(out / "item_vocab.npy"))
+        est.net_ = EffectLossNet(len(est.vocab_), est.emb, est.hidden, est.n_experts)
+        est.net_.load_state_dict(torch.load(out / "estimator.pt"))
+        est.net_.eval()
+        est.history_ = m.get("fit", {})
+        return est

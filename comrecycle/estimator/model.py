@@ -1,0 +1,80 @@
+"""The effect-loss estimator (DESIGN.md §2): GRU over the click history + embeddings of the
+user and request features -> MMoE with K+1 task towers.
+
+    l_ctrl = tower_0(x),  l_j^uplift = tower_j(x),  l_j^treat = l_j^uplift + l_ctrl
+    Q_0 = exp(l_ctrl),    Q_j = exp(l_j^treat)        (log link: rewards are click counts)
+    ΔQ_j = Q_0 - Q_j      (the predicted effect loss of recycling with strategy j)
+
+Raw inputs, as served (batch first):
+    user_features [B,3] int64 codes (any int64 >= 0: hashed into buckets)
+    history [B,L] int64 item ids, most recent first, PAD_ID-padded, L <= 50 (vocabulary + OOV)
+    request_features [B,4] float32: secs_since_prev (-1 initial), page, prev_exposures, prev_clicks
+Outputs: q [B,K+1] float32, delta_q [B,K] float32.
+The module itself takes vocabulary indices for the history (see export.graft).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..specs import HISTORY_MAX
+
+K = 3  # recycling strategies 1..K
+CODE_BUCKETS = 101  # categorical codes are hashed: code mod CODE_BUCKETS
+SECS_BUCKETS = 16  # floor(log2(1 + secs)), initial requests get their own bucket
+COUNT_BUCKETS = 21
+
+
+class EffectLossNet(nn.Module):
+    def __init__(self, n_items: int, emb: int = 16, hidden: int = 32, n_experts: int = 4,
+                 expert_dim: int = 32, k: int = K):
+        super().__init__()
+        self.k = k
+        self.item_emb = nn.Embedding(n_items + 2, emb, padding_idx=0)
+        self.gru = nn.GRU(emb, hidden, batch_first=True)
+        self.codes = nn.ModuleList([nn.Embedding(CODE_BUCKETS, 8) for _ in range(3)])
+        self.secs = nn.Embedding(SECS_BUCKETS + 1, 8)
+        self.page = nn.Embedding(COUNT_BUCKETS, 4)
+        self.expo = nn.Embedding(COUNT_BUCKETS, 8)
+        self.clicks = nn.Embedding(COUNT_BUCKETS, 8)
+        d_in = hidden + 3 * 8 + 8 + 4 + 8 + 8 + 3
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(d_in, 64), nn.ReLU(), nn.Linear(64, expert_dim),
+                                                    nn.ReLU()) for _ in range(n_experts)])
+        self.gates = nn.ModuleList([nn.Linear(d_in, n_experts) for _ in range(k + 1)])
+        self.towers = nn.ModuleList([nn.Sequential(nn.Linear(expert_dim, 16), nn.ReLU(), nn.Linear(16, 1))
+                                     for _ in range(k + 1)])
+
+    def features(self, user_features: torch.Tensor, history_idx: torch.Tensor, request_features: torch.Tensor):
+        """-> [B, d_in]. history_idx [B,L] right-padded with 0 (most recent first)."""
+        B = history_idx.shape[0]
+        # fixed length HISTORY_MAX, then chronological order (oldest first, padding first) so
+        # the GRU's last state follows the most recent click
+        h = torch.cat([history_idx, torch.zeros(B, HISTORY_MAX, dtype=history_idx.dtype)], dim=1)
+        h = torch.flip(h[:, :HISTORY_MAX], dims=[1])
+        _, state = self.gru(self.item_emb(h))
+        hist = state[0]
+        codes = [emb(torch.remainder(user_features[:, i], CODE_BUCKETS)) for i, emb in enumerate(self.codes)]
+        rf = request_features
+        secs = rf[:, 0]
+        secs_b = torch.where(secs < 0, torch.full_like(secs, SECS_BUCKETS),
+                             torch.floor(torch.log2(1.0 + secs.clamp(min=0.0))).clamp(0, SECS_BUCKETS - 1))
+        counts = rf[:, 1:4].clamp(0, COUNT_BUCKETS - 1).long()
+        dense = torch.stack([torch.log1p(secs.clamp(min=0.0)) / 5.0, rf[:, 2] / 20.0, rf[:, 3] / 5.0], dim=1)
+        return torch.cat([hist, *codes, self.secs(secs_b.long()), self.page(counts[:, 0]),
+                          self.expo(counts[:, 1]), self.clicks(counts[:, 2]), dense], dim=1)
+
+    def logits(self, user_features, history_idx, request_features) -> torch.Tensor:
+        """[B, K+1]: column 0 = l_ctrl, column j = l_j^treat = l_ctrl + l_j^uplift."""
+        x = self.features(user_features, history_idx, request_features)
+        ex = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, D]
+        towers = []
+        for gate, tower in zip(self.gates, self.towers):
+            w = torch.softmax(gate(x), dim=-1).unsqueeze(-1)  # [B, E, 1]
+            towers.append(tower((w * ex).sum(1)))
+        l_ctrl = towers[0]
+        l_treat = [l_ctrl + t for t in towers[1:]]
+        return torch.cat([l_ctrl] + l_treat, dim=1)
+
+    def forward(self, user_features, history_idx, request_features):
+        q = torch.exp(self.logits(user_features, history_idx, request_features))
+        return q, q[:, :1] - q[:, 1:]
