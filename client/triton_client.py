@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from comrecycle.specs import CONTEXT, EXCLUDE_ITEMS, STAGES, ensemble_specs, items_out, scores_out
+from comrecycle.specs import (CONTEXT, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, EXCLUDE_ITEMS, STAGES, ensemble_specs,
+                              items_out, scores_out)
 
 PROTOCOLS = ("grpc", "http")
 
@@ -27,6 +28,8 @@ class ServingError(RuntimeError):
 
 def model_inputs(model: str) -> list[str]:
     """Input tensor names of a served model (ensemble or stage)."""
+    if model == "estimator":
+        return [t.name for t in ESTIMATOR_INPUTS]
     ctx = [t.name for t in CONTEXT]
     ens = ensemble_specs()
     if model in ens:
@@ -40,6 +43,8 @@ def model_inputs(model: str) -> list[str]:
 
 
 def model_outputs(model: str) -> list[str]:
+    if model == "estimator":
+        return [t.name for t in ESTIMATOR_OUTPUTS]
     ens = ensemble_specs()
     stages = ens[model].stages if model in ens else (model,)
     return [n for s in stages for n in (items_out(s).name, scores_out(s).name)]

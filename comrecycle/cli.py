@@ -2,6 +2,7 @@
 
   comrecycle simulate       write a simulated request log (DESIGN.md §7 Parquet schema)
   comrecycle build-models   train the four stages, export ONNX, install the model repository
+  comrecycle train-estimator  fit + evaluate the effect-loss estimator on a randomised log
   comrecycle profile-costs  re-measure per-stage cost and the strategy cost profile c_j
   comrecycle serve          run the embedded tritonserver on a model repository
   comrecycle replay         replay simulated sessions against a running server
@@ -60,6 +61,33 @@ def cmd_simulate(a) -> int:
     er = table["expected_reward"].to_numpy()
     print(f"wrote {table.num_rows} requests to {path} (repeated {table['is_repeat'].to_numpy().mean():.1%}, "
           f"expected clicks/request {er.mean():.4f})")
+    return 0
+
+
+# ---- estimator -------------------------------------------------------------------------------------
+def cmd_train_estimator(a) -> int:
+    from .estimator.estimator import LogError
+    from .estimator.train_cli import train_and_evaluate
+
+    try:
+        res = train_and_evaluate(a.logs, a.out, eval_logs=a.eval_logs, holdout=a.holdout, seed=a.seed,
+                                 max_epochs=a.max_epochs, progress=not a.quiet, baselines=not a.no_baselines)
+    except LogError as e:
+        raise CliError(str(e)) from None
+    for name, m in res["metrics"].items():
+        parts = []
+        for j, tm in sorted(m["per_treatment"].items(), key=lambda kv: int(kv[0])):
+            s = f"j={j}: qini {tm['qini']:.4f} auuc {tm['auuc']:.4f}"
+            if "spearman" in tm:
+                s += f" spearman {tm['spearman']:.3f}"
+            parts.append(s)
+        print(f"{name:24s} " + " | ".join(parts))
+    print(f"wrote {a.out}/estimator.onnx, manifest.json, report.md, uplift_curves.png, metrics.json")
+    if a.install:
+        from .repository import install_estimator
+
+        dst = install_estimator(a.install, a.out)
+        print(f"installed as {dst}")
     return 0
 
 
@@ -189,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrency", type=int, default=256, help="concurrent simulated sessions")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("train-estimator", help="train the effect-loss estimator on a randomised log, "
+                                               "evaluate it, write ONNX + manifest + report")
+    s.add_argument("--logs", required=True, help="randomised log (comrecycle simulate --logging random)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--eval-logs", help="held-out randomised log (default: hold out --holdout of the sessions)")
+    s.add_argument("--holdout", type=float, default=0.2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-epochs", type=int, default=30)
+    s.add_argument("--no-baselines", action="store_true", help="skip the T-learner and constant baselines")
+    s.add_argument("--install", metavar="REPO", help="install as a new version of `estimator` in REPO")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_train_estimator)
 
     s = sub.add_parser("build-models", help="train, export and install the stage models "
                                             "(same as python build_models.py; options after --)",

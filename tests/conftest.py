@@ -61,11 +61,30 @@ def tiny_cascade(tiny_model_set):
 
 
 @pytest.fixture(scope="session")
-def tiny_repository(tiny_model_set, tmp_path_factory) -> Path:
-    from comrecycle.repository import install_model_set
+def tiny_random_log(tiny_model_set):
+    """A randomised recycling log served by the tiny cascade (q_0..q_3 included)."""
+    from comrecycle.sim.recycling import simulate_log
+
+    return simulate_log(tiny_model_set, 1500, seed=5, logging="random", concurrency=64, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_estimator(tiny_random_log, tmp_path_factory) -> Path:
+    """A small effect-loss estimator trained on tiny_random_log (directory with ONNX + manifest)."""
+    from comrecycle.estimator.estimator import EffectLossEstimator
+
+    out = tmp_path_factory.mktemp("estimator")
+    EffectLossEstimator(max_epochs=3, progress=False).fit(tiny_random_log).save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tiny_model_set, tiny_estimator, tmp_path_factory) -> Path:
+    from comrecycle.repository import install_estimator, install_model_set
 
     repo = tmp_path_factory.mktemp("model_repository")
     install_model_set(repo, tiny_model_set, "cpu")
+    install_estimator(repo, tiny_estimator)
     return repo
 
 
@@ -90,3 +109,17 @@ def sample_contexts(tiny_world):
         out += [b.context(i) for i in range(len(b))]
         sim.feedback(b, pol(b))
     return out[:64]
+
+
+@pytest.fixture(scope="session")
+def default_model_set() -> Path:
+    """The default profile (the published scale), built once and cached like the tiny one.
+    Calibration figures are defined on the models that are really served."""
+    from comrecycle.build import build_model_set
+
+    out = ROOT / "artifacts" / "test-models" / f"default-{_code_key()}"
+    if not (out / "cost_profile.json").exists():
+        if out.exists():
+            shutil.rmtree(out)
+        build_model_set("default", out, seed=0, progress=False)
+    return out

@@ -278,7 +278,7 @@ def treatment_curves(delta_q_hat, t, y, propensity=None) -> dict[int, dict[str, 
 def _spearman_kendall(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     from scipy import stats
 
-    if a.size < 3 or np.all(a == a[0]) or np.all(b == b[0]):
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan, math.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -305,9 +305,8 @@ def _truth_metrics(pred: np.ndarray, true: np.ndarray, n_bins: int) -> dict:
     mp = np.bincount(idx, pred, bins) / cnt
     mt = np.bincount(idx, true, bins) / cnt
     res["calibration_deciles"] = [[float(a), float(b)] for a, b in zip(mp, mt)]
-    vp = float(np.var(pred))
-    if vp > 0:
-        slope = float(np.mean((pred - pred.mean()) * (true - true.mean())) / vp)
+    if np.ptp(pred) > 1e-12 * max(1.0, float(np.abs(pred).max())):  # else constant: slope undefined
+        slope = float(np.mean((pred - pred.mean()) * (true - true.mean())) / np.var(pred))
         res["calibration_slope"] = slope
         res["calibration_intercept"] = float(true.mean() - slope * pred.mean())
     res["mae"] = float(np.mean(np.abs(pred - true)))
@@ -410,10 +409,10 @@ def plot_uplift_curves(results_by_model: dict, path_png, kind: str = "qini", tit
             ax.plot(frac[idx], v[idx] / rows, color=color, lw=1.6, label=name)
             ends.append((color, name, float(v[-1] / rows)))
         if len({round(e, 12) for _, _, e in ends}) == 1:
-            ax.plot([0, 1], [0, ends[0][2]], color="0.45", ls="--", lw=1.2, label="random")
+            ax.plot([0, 1], [0, ends[0][2]], color="0.3", ls="--", lw=1.2, label="random", zorder=3)
         else:  # models evaluated on different rows: one random line each
             for color, name, e in ends:
-                ax.plot([0, 1], [0, e], color=color, ls="--", lw=1.0, label=f"random ({name})")
+                ax.plot([0, 1], [0, e], color=color, ls="--", lw=1.0, label=f"random ({name})", zorder=3)
         ax.axhline(0.0, color="0.8", lw=0.8, zorder=0)
         ax.set_title(f"{_treatment_label(j)} vs full (j=0)")
         ax.set_xlabel("fraction of requests targeted (by -ΔQ̂, least loss first)")
@@ -429,24 +428,23 @@ def plot_uplift_curves(results_by_model: dict, path_png, kind: str = "qini", tit
     return path
 
 
+# (key, title, definition, reference rows: [(key, label)] that depend on the data only)
 _REPORT_METRICS = [
     ("auuc", "AUUC",
-     "area under the uplift curve (rows ranked by -ΔQ̂_j, uplift(k) = (ȳ_t - ȳ_c in the top k) · k) "
-     "over the fraction targeted, divided by n; the `random` row is a random ranking's AUUC = τ̂_j / 2. "
-     "Higher is better."),
+     "Area under the uplift curve (rows ranked by -ΔQ̂_j, uplift(k) = (ȳ_t - ȳ_c in the top k) · k) "
+     "over the fraction targeted, divided by n. Higher is better; `random` = a random ranking "
+     "(τ̂_j / 2), `oracle` = ranking by the true -ΔQ_j (needs ground truth).",
+     [("auuc_random", "random"), ("auuc_oracle", "oracle (true ΔQ)")]),
     ("qini", "Qini coefficient",
-     "area between the Qini curve (Y_t(k) - Y_c(k) · N_t(k)/N_c(k)) and the random line, divided by n; "
-     "0 = random, higher is better."),
-    ("auuc_oracle", "AUUC of the oracle",
-     "AUUC when ranking by the true -ΔQ_j on the same rows (a reference ceiling; needs ground truth)."),
+     "Area between the Qini curve (Y_t(k) - Y_c(k) · N_t(k)/N_c(k)) and the random line, divided by n; "
+     "0 = random, higher is better.",
+     [("qini_oracle", "oracle (true ΔQ)")]),
     ("spearman", "Spearman rank correlation",
-     "of ΔQ̂_j with the true ΔQ_j = q_0 - q_j over rows where the truth exists (1 = perfect ranking)."),
-    ("kendall", "Kendall's tau", "as Spearman, with Kendall's tau-b."),
+     "Of ΔQ̂_j with the true ΔQ_j = q_0 - q_j over the rows where the truth exists (1 = perfect ranking).", []),
+    ("kendall", "Kendall's tau", "As Spearman, with Kendall's tau-b.", []),
     ("calibration_slope", "Calibration slope",
-     "OLS slope of true ΔQ_j on ΔQ̂_j (1 = calibrated scale; n/a when ΔQ̂_j is constant)."),
-    ("mae", "Mean absolute error", "mean |ΔQ̂_j - ΔQ_j| in clicks per request (lower is better)."),
-    ("uplift_mean", "Average uplift τ̂_j",
-     "estimated E[y|t=j] - E[y|t=0] (IPW-weighted when propensities are given); equals -(average loss)."),
+     "OLS slope of the true ΔQ_j on ΔQ̂_j (1 = calibrated scale; n/a when ΔQ̂_j is constant).", []),
+    ("mae", "Mean absolute error", "Mean |ΔQ̂_j - ΔQ_j| in clicks per request (lower is better).", []),
 ]
 
 
@@ -460,7 +458,8 @@ def _fmt(v) -> str:
 
 def report_markdown(metrics_by_model: dict, extra: dict | None = None) -> str:
     """A short Markdown report: one table per metric (rows = models, columns = treatments),
-    each introduced by a sentence defining it.
+    each introduced by a sentence defining it. Data-only reference rows (random, oracle, rows,
+    average uplift) are shown once when every model was evaluated on the same data.
 
     metrics_by_model: {model name: evaluate_uplift(...) output}; extra: {label: value} shown
     as a bullet list of run details (log, seeds, ...).
@@ -470,33 +469,39 @@ def report_markdown(metrics_by_model: dict, extra: dict | None = None) -> str:
     models = list(metrics_by_model)
     per = {m: {int(j): r for j, r in metrics_by_model[m]["per_treatment"].items()} for m in models}
     treatments = sorted({j for m in models for j in per[m]})
-    head = "| model | " + " | ".join(_treatment_label(j) for j in treatments) + " |"
+    head = "| | " + " | ".join(_treatment_label(j) for j in treatments) + " |"
     sep = "|---|" + "---|" * len(treatments)
+
+    def cell(m, j, key):
+        return _fmt(per[m].get(j, {}).get(key))
+
+    def row(label, m, key):
+        return f"| {label} | " + " | ".join(cell(m, j, key) for j in treatments) + " |"
+
+    def reference_rows(key, label):
+        if not any(key in per[m].get(j, {}) for m in models for j in treatments):
+            return []
+        vals = {tuple(cell(m, j, key) for j in treatments) for m in models}
+        if len(vals) == 1:
+            return [row(label, models[0], key)]
+        return [row(f"{label} ({m})", m, key) for m in models]
+
     lines = ["# Effect-loss estimator: uplift evaluation", "",
              f"Sign convention: {SIGN_CONVENTION}. Uplift metrics use the randomised rows with "
              "t in {0, j}; curves and areas are in clicks per request (divided by n).", ""]
     if extra:
         lines += ["## Run", ""] + [f"- {k}: {v}" for k, v in extra.items()] + [""]
-
-    def cell(m, j, key):
-        return _fmt(per[m].get(j, {}).get(key))
-
-    lines += ["## Rows (treated / control)", "", head, sep]
-    lines += [f"| {m} | " + " | ".join(f"{cell(m, j, 'n_treated')} / {cell(m, j, 'n_control')}"
-                                       for j in treatments) + " |" for m in models]
-    lines.append("")
-    for key, title, definition in _REPORT_METRICS:
+    lines += ["## Data", "",
+              "Rows with t = j and t = 0, and the estimated average uplift τ̂_j = E[y|t=j] - E[y|t=0] "
+              "(IPW-weighted when propensities are given; = -average loss).", "", head, sep]
+    lines += reference_rows("n_treated", "rows t=j") + reference_rows("n_control", "rows t=0")
+    lines += reference_rows("uplift_mean", "τ̂_j") + [""]
+    for key, title, definition, refs in _REPORT_METRICS:
         if not any(key in per[m].get(j, {}) for m in models for j in treatments):
             continue
         lines += [f"## {title}", "", definition, "", head, sep]
-        lines += [f"| {m} | " + " | ".join(cell(m, j, key) for j in treatments) + " |" for m in models]
-        if key == "auuc":
-            rand = {m: tuple(round(per[m].get(j, {}).get("auuc_random", math.nan), 12) for j in treatments)
-                    for m in models}
-            if len(set(rand.values())) == 1:
-                lines.append("| random | " + " | ".join(cell(models[0], j, "auuc_random") for j in treatments) + " |")
-            else:
-                lines += [f"| random ({m}) | " + " | ".join(cell(m, j, "auuc_random") for j in treatments) + " |"
-                          for m in models]
+        lines += [row(m, m, key) for m in models]
+        for rkey, label in refs:
+            lines += reference_rows(rkey, label)
         lines.append("")
     return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""`comrecycle train-estimator`: end to end on a small randomised log, and clear errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "comrecycle.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def log_path(tiny_random_log, tmp_path_factory):
+    p = tmp_path_factory.mktemp("logs") / "random.parquet"
+    pq.write_table(tiny_random_log, p)
+    return p
+
+
+def test_train_estimator_writes_model_manifest_and_report(log_path, tmp_path):
+    out = tmp_path / "est"
+    r = cli("train-estimator", "--logs", str(log_path), "--out", str(out), "--max-epochs", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    for f in ("estimator.onnx", "manifest.json", "report.md", "uplift_curves.png", "metrics.json"):
+        assert (out / f).exists() and (out / f).stat().st_size > 0, f
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert set(m) == {"estimator (GRU+MMoE)", "T-learner (GBT)", "constant"}
+    for name in m:
+        assert set(m[name]["per_treatment"]) == {"1", "2", "3"}
+    report = (out / "report.md").read_text()
+    assert "T-learner" in report and "uplift_curves.png" in report
+
+
+def _write(table, tmp_path, name="bad.parquet"):
+    p = tmp_path / name
+    pq.write_table(table, p)
+    return p
+
+
+def _set(table, name, values):
+    i = table.column_names.index(name)
+    return table.set_column(i, table.schema.field(name), pa.array(values, table.schema.field(name).type))
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda t: t.drop(["propensity"]), "missing columns ['propensity']"),
+    (lambda t: t.set_column(t.column_names.index("reward"), "reward",
+                            pa.array(t["reward"].to_numpy().astype(np.float64))), "reward: expected float, got double"),
+    (lambda t: _set(t, "strategy", np.zeros(t.num_rows, np.int8)), "no randomised rows"),
+    (lambda t: _set(t, "propensity", np.where(np.arange(t.num_rows) == 5, 1.5, t["propensity"].to_numpy())),
+     "propensities must be in (0, 1]"),
+    (lambda t: _set(t, "propensity", np.where(np.arange(t.num_rows) == 5, 0.0, t["propensity"].to_numpy())),
+     "propensities must be in (0, 1]"),
+])
+def test_bad_logs_get_clear_errors(tiny_random_log, tmp_path, mutate, message):
+    p = _write(mutate(tiny_random_log), tmp_path)
+    r = cli("train-estimator", "--logs", str(p), "--out", str(tmp_path / "o"), "--quiet")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_and_non_parquet_files(tmp_path):
+    r = cli("train-estimator", "--logs", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("not parquet")
+    r = cli("train-estimator", "--logs", str(junk), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "cannot read as Parquet" in r.stderr
