@@ -23,12 +23,12 @@ MAX_PAGES = 60
 # log-normal gap: P(<10 s) = 0.46, P(<120 s) = 0.75  ->  mu, sigma solved in closed form
 GAP_MU, GAP_SIGMA = 2.6246, 3.2070
 GAP_MIN, GAP_MAX = 0.3, 3600.0
-CLICK_DRIFT = 0.45  # interest += CLICK_DRIFT * sum(clicked item vectors)
-TIME_DRIFT = 0.15  # interest += TIME_DRIFT * sqrt(min(gap, 600) / 60) * noise
+CLICK_DRIFT = 0.35  # interest += CLICK_DRIFT * sum(clicked item vectors)
+TIME_DRIFT = 0.08  # interest += TIME_DRIFT * sqrt(min(gap, 600) / 60) * noise
 # Activity elsewhere in the app during a gap: Poisson(gap / EXTERNAL_CLICK_SECS) clicks (<= 5)
 # on items that match the current interest. They enter the click history (observable by a
 # fresh computation, invisible to a cached list) and move the interest like feed clicks.
-EXTERNAL_CLICK_SECS = 300.0
+EXTERNAL_CLICK_SECS = 450.0
 EXTERNAL_POOL = 512
 SESSION_MOOD = 0.35  # a session starts from the long-term interest plus this much noise
 

@@ -6,7 +6,8 @@ Cache semantics (as the router will implement them):
   * after a request, each stage output that was computed is written back;
   * the items the user viewed (exposed) are removed from every cached list of that user;
   * strategy j > 0 reads the cached output of STAGES[j-1] and runs STAGES[j:] on it;
-  * a first page (initial request) starts from an empty cache and always uses strategy 0.
+  * a first page (initial request) starts from an empty cache and always uses strategy 0;
+  * an entry older than the TTL is treated as absent (the request filter's "expired").
 """
 from __future__ import annotations
 
@@ -23,23 +24,30 @@ from .world import World
 N_STRATEGIES = len(STRATEGIES)
 # strategy j reads the cache of this stage (None for the full cascade)
 CACHED_STAGE = {j: (STAGES[j - 1] if j > 0 else None) for j in STRATEGIES}
+CACHE_TTL_S = 900.0  # a stage output older than this is not recycled
 
 
 @dataclass
 class StageCache:
-    """user index -> {stage: remaining item ids}. Simulator-side twin of the Redis cache."""
+    """user index -> {stage: remaining item ids}, with the time each stage was computed.
+    Simulator-side twin of the Redis cache."""
 
+    ttl_s: float = CACHE_TTL_S
     entries: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    written: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def clear(self, user: int) -> None:
         self.entries.pop(int(user), None)
+        self.written.pop(int(user), None)
 
-    def write(self, user: int, outputs: dict[str, np.ndarray]) -> None:
+    def write(self, user: int, outputs: dict[str, np.ndarray], ts: float = 0.0) -> None:
         e = self.entries.setdefault(int(user), {})
+        w = self.written.setdefault(int(user), {})
         for s in STAGES[:-1]:  # the page itself is not a candidate list
             key = f"{s}_items"
             if key in outputs:
                 e[s] = np.asarray(outputs[key], np.int64)
+                w[s] = float(ts)
 
     def remove_exposed(self, user: int, viewed: np.ndarray) -> None:
         e = self.entries.get(int(user))
@@ -48,12 +56,17 @@ class StageCache:
         for s, items in e.items():
             e[s] = items[~np.isin(items, viewed)]
 
-    def candidates(self, user: int, strategy: int) -> np.ndarray | None:
+    def candidates(self, user: int, strategy: int, now: float | None = None) -> np.ndarray | None:
+        """The cached list strategy j reads, or None (absent, emptied by exposure, expired)."""
         stage = CACHED_STAGE[strategy]
         if stage is None:
             return None
         items = self.entries.get(int(user), {}).get(stage)
-        return items if items is not None and items.size > 0 else None
+        if items is None or items.size == 0:
+            return None
+        if now is not None and now - self.written[int(user)][stage] > self.ttl_s:
+            return None
+        return items
 
 
 # assign(batch, available[B, K+1] bool) -> (strategy [B], propensity [B])
@@ -116,12 +129,12 @@ class RecyclingServer:
         for i in range(len(batch)):
             if batch.is_repeat[i]:
                 for j in range(1, N_STRATEGIES):
-                    avail[i, j] = self.cache.candidates(batch.user_index[i], j) is not None
+                    avail[i, j] = self.cache.candidates(batch.user_index[i], j, batch.ts[i]) is not None
         return avail
 
     def _run(self, batch: RequestBatch, idx: np.ndarray, j: int) -> list[dict]:
         ctxs = [batch.context(i) for i in idx]
-        cands = None if j == 0 else [self.cache.candidates(batch.user_index[i], j) for i in idx]
+        cands = None if j == 0 else [self.cache.candidates(batch.user_index[i], j, batch.ts[i]) for i in idx]
         return self.cascade.run(ctxs, strategy=j, candidates=cands)
 
     def __call__(self, batch: RequestBatch) -> list[np.ndarray]:
@@ -154,7 +167,7 @@ class RecyclingServer:
             lens = (pages != -1).sum(axis=1)
             q[idx, j] = self.world.expected_clicks(batch.interest[idx], pages, lens)
         for i in range(B):
-            self.cache.write(batch.user_index[i], served[i])
+            self.cache.write(batch.user_index[i], served[i], batch.ts[i])
         self.last = {"strategy": strategy, "propensity": propensity, "q": q,
                      "cost": np.array([self.cost[int(s)] for s in strategy], np.float32)}
         return [o["rerank_items"] for o in served]

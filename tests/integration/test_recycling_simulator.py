@@ -60,11 +60,11 @@ def test_the_loss_is_heterogeneous(all_strategy3):
     assert top.sum() >= 0.4 * d.sum(), top.sum() / d.sum()
 
 
-def test_loss_grows_with_clicks_and_with_waiting(all_strategy3):
+def test_loss_grows_with_waiting_and_with_cache_age(all_strategy3):
     t = all_strategy3
     rep = t["is_repeat"].to_numpy() & (t["strategy"].to_numpy() == 3)
     d = (t["q_0"].to_numpy() - t["q_3"].to_numpy())[rep]
-    clicks = t["prev_clicks"].to_numpy()[rep]
     gap = t["secs_since_prev"].to_numpy()[rep]
-    assert d[clicks >= 1].mean() > d[clicks == 0].mean()
+    page = t["page"].to_numpy()[rep]
     assert d[gap > 120].mean() > d[gap < 10].mean()
+    assert d[page >= 3].mean() > d[page == 1].mean()
