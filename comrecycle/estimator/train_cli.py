@@ -83,7 +83,7 @@ def train_and_evaluate(logs: str | Path, out: str | Path, eval_logs: str | Path 
                "train repeated requests": est.history_["train_rows"] + est.history_["valid_rows"],
                "held-out repeated requests": rep.num_rows, "training time (s)": round(fit_s, 1),
                "epochs": est.history_["epochs"], "seed": seed}
-    (out / "report.md").write_text("# Effect-loss estimator: evaluation\n\n" + report_markdown(metrics, details)
+    (out / "report.md").write_text(report_markdown(metrics, details)
                                    + f"\n\n![Qini curves]({png.name})\n")
     (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "details": details}, indent=2, default=float))
     est.save(out, extra={"training_log": str(logs), "fit_seconds": round(fit_s, 1), "details": details})

@@ -8,7 +8,7 @@ import pytest
 from comrecycle.sim.logs import read_log
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["simulate", "build-models", "profile-costs", "serve", "replay", "perf", "demo"]
+COMMANDS = ["simulate", "train-estimator", "build-models", "profile-costs", "serve", "replay", "perf", "demo"]
 
 
 def cli(*args, timeout=300):
