@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-logs", help="held-out randomised log (default: hold out --holdout of the sessions)")
     s.add_argument("--holdout", type=float, default=0.2)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-epochs", type=int, default=30)
+    s.add_argument("--max-epochs", type=int, default=15)
     s.add_argument("--no-baselines", action="store_true", help="skip the T-learner and constant baselines")
     s.add_argument("--install", metavar="REPO", help="install as a new version of `estimator` in REPO")
     s.add_argument("--quiet", action="store_true")

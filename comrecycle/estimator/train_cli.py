@@ -46,7 +46,7 @@ def split_sessions(table: pa.Table, holdout: float, seed: int) -> tuple[pa.Table
 
 
 def train_and_evaluate(logs: str | Path, out: str | Path, eval_logs: str | Path | None = None,
-                       holdout: float = 0.2, seed: int = 0, max_epochs: int = 30,
+                       holdout: float = 0.2, seed: int = 0, max_epochs: int = 15,
                        progress: bool = True, baselines: bool = True) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
