@@ -48,10 +48,17 @@ def cmd_simulate(a) -> int:
         if not (model_dir / "manifest.json").exists():
             raise CliError(f"no model set in {model_dir}: run `python build_models.py --profile {a.profile}` "
                            f"first, pass --models DIR, or use --policy legacy")
-        from .sim.recycling import simulate_log
+        from .sim.recycling import simulate_log, simulate_log_sharded
 
-        table = simulate_log(model_dir, a.requests, seed=a.seed, logging=a.logging,
-                             concurrency=a.concurrency, progress=not a.quiet)
+        if a.workers < 1:
+            raise CliError(f"--workers must be >= 1, got {a.workers}")
+        if a.workers > 1:
+            print(f"simulating {a.requests} requests in {a.workers} processes ...", flush=True)
+            table = simulate_log_sharded(model_dir, a.requests, seed=a.seed, logging=a.logging,
+                                         concurrency=a.concurrency, workers=a.workers)
+        else:
+            table = simulate_log(model_dir, a.requests, seed=a.seed, logging=a.logging,
+                                 concurrency=a.concurrency, progress=not a.quiet)
     else:
         world = world_for(get_profile(a.profile), seed=a.world_seed)
         sim = SessionSimulator(world, seed=a.seed, concurrency=min(a.concurrency, world.n_users // 2))
@@ -215,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", help="model set directory (default artifacts/models/PROFILE)")
     s.add_argument("--world-seed", type=int, default=0, help="world seed for --policy legacy")
     s.add_argument("--concurrency", type=int, default=256, help="concurrent simulated sessions")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes for --policy cascade (independent session streams, one per core)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
 

@@ -210,3 +210,32 @@ def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "rand
                              counterfactuals=cf)
     sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2))
     return sim.run(n_requests, server, progress=progress, desc=f"simulate ({logging})").table()
+
+
+def _shard(args):
+    model_dir, n, seed, logging, concurrency = args
+    return simulate_log(model_dir, n, seed=seed, logging=logging, concurrency=concurrency, progress=False)
+
+
+def simulate_log_sharded(model_dir, n_requests: int, seed: int = 0, logging: str = "random",
+                         concurrency: int = 256, workers: int = 2):
+    """simulate_log split over `workers` processes (independent session streams with seeds
+    seed*1000 + shard); request and session ids are made unique with the shard in bits 40+."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    sizes = [n_requests // workers + (1 if s < n_requests % workers else 0) for s in range(workers)]
+    jobs = [(str(model_dir), n, seed * 1000 + s, logging, concurrency) for s, n in enumerate(sizes) if n > 0]
+    with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as pool:
+        tables = list(pool.map(_shard, jobs))
+    out = []
+    for s, t in enumerate(tables):
+        for col in ("request_id", "session_id"):
+            t = t.set_column(t.column_names.index(col), col, pc.add(t[col], pa.scalar(s << 40, pa.int64())))
+        out.append(t)
+    return pa.concat_tables(out).sort_by([("ts", "ascending"), ("request_id", "ascending")])

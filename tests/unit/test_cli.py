@@ -52,6 +52,19 @@ def test_simulate_with_the_cascade(tmp_path, tiny_model_set):
     assert read_log(out).num_rows == 100
 
 
+def test_simulate_random_in_two_processes(tmp_path, tiny_model_set):
+    out = tmp_path / "logs.parquet"
+    r = cli("simulate", "--out", str(out), "--requests", "201", "--models", str(tiny_model_set),
+            "--logging", "random", "--workers", "2", "--concurrency", "32", "--quiet")
+    assert r.returncode == 0, r.stderr
+    t = read_log(out)
+    assert t.num_rows == 201
+    assert len(set(t["request_id"].to_pylist())) == 201
+    assert {f"q_{j}" for j in range(4)} <= set(t.column_names)
+    ts = t["ts"].to_numpy()
+    assert (ts[1:] >= ts[:-1]).all()
+
+
 @pytest.mark.parametrize("args,message", [
     (["simulate", "--out", "x.parquet", "--logging", "random", "--policy", "legacy"], "use --policy cascade"),
     (["simulate", "--out", "x.parquet", "--models", "/nonexistent"], "no model set in /nonexistent"),
