@@ -187,8 +187,7 @@ class EffectLossEstimator:
         tmp = path.with_suffix(".raw.onnx")
         names = ["user_features", "history" + IDX, "request_features"]
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore")  # exporter deprecation + GRU tracer notes
             torch.onnx.export(self.net_, ex, str(tmp), input_names=names,
                               output_names=[o.name for o in ESTIMATOR_OUTPUTS],
                               dynamic_axes={"user_features": {0: "batch"}, "history" + IDX: {0: "batch", 1: "len"},
@@ -220,7 +219,7 @@ class EffectLossEstimator:
         est = cls(**m["params"])
         est.vocab_ = Vocab(np.load(out / "item_vocab.npy"))
         est.net_ = EffectLossNet(len(est.vocab_), est.emb, est.hidden, est.n_experts)
-        est.net_.load_state_dict(torch.load(out / "estimator.pt"))
+        est.net_.load_state_dict(torch.load(out / "estimator.pt", weights_only=True))  # tensors only, no pickle code
         est.net_.eval()
         est.history_ = m.get("fit", {})
         return est
