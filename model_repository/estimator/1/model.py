@@ -10,7 +10,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from comrecycle.runtime.estimator import EstimatorRuntime
-from comrecycle.runtime.validation import InputError
+from comrecycle.serving.triton_bridge import execute_batch
 
 
 class TritonPythonModel:
@@ -26,20 +26,4 @@ class TritonPythonModel:
         self.runtime = EstimatorRuntime(path, device=device, threads=threads)
 
     def execute(self, requests):
-        inputs = []
-        for request in requests:
-            tensors = {}
-            for name in self.runtime.input_names:
-                t = pb_utils.get_input_tensor_by_name(request, name)
-                if t is not None:
-                    tensors[name] = t.as_numpy()
-            inputs.append(tensors)
-        responses = []
-        for result in self.runtime.run(inputs):
-            if isinstance(result, InputError):
-                err = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=err))
-            else:
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(k, v) for k, v in result.items()]))
-        return responses
+        return execute_batch(pb_utils, requests, self.runtime.input_names, self.runtime.run)

@@ -6,8 +6,8 @@ Copied into model_repository/<stage>/1/ by build_models.py.
 """
 import triton_python_backend_utils as pb_utils
 
-from comrecycle.runtime.validation import InputError
 from comrecycle.serving.stage_model import StageModel
+from comrecycle.serving.triton_bridge import execute_batch
 
 
 class TritonPythonModel:
@@ -15,20 +15,4 @@ class TritonPythonModel:
         self.model = StageModel.from_triton_args(args)
 
     def execute(self, requests):
-        inputs = []
-        for request in requests:
-            tensors = {}
-            for name in self.model.input_names:
-                t = pb_utils.get_input_tensor_by_name(request, name)
-                if t is not None:
-                    tensors[name] = t.as_numpy()
-            inputs.append(tensors)
-        responses = []
-        for result in self.model.execute(inputs):
-            if isinstance(result, InputError):
-                err = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=err))
-            else:
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(k, v) for k, v in result.items()]))
-        return responses
+        return execute_batch(pb_utils, requests, self.model.input_names, self.model.execute)
