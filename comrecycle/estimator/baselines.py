@@ -17,6 +17,8 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from .evaluation import strategy_ids
+
 
 def _check_fit_inputs(X, t, y, sample_weight, n_treatments: int):
     X = np.asarray(X)
@@ -29,14 +31,7 @@ def _check_fit_inputs(X, t, y, sample_weight, n_treatments: int):
     t = np.asarray(t)
     if t.shape != (n,):
         raise ValueError(f"t: expected shape [n] with n={n} (rows of X), got {tuple(t.shape)}")
-    if not np.issubdtype(t.dtype, np.integer):
-        if not np.issubdtype(t.dtype, np.floating) or not np.isfinite(t).all() or (t != np.round(t)).any():
-            raise ValueError(f"t: expected integer strategy ids, got dtype {t.dtype}")
-    t = t.astype(np.int64)
-    out = (t < 0) | (t > n_treatments)
-    if out.any():
-        raise ValueError(f"t: expected strategy ids in 0..{n_treatments} (n_treatments={n_treatments}), "
-                         f"got {np.unique(t[out]).tolist()[:10]} in {int(out.sum())} row(s)")
+    t = strategy_ids(t, n_treatments, f"n_treatments={n_treatments}")
     y = np.asarray(y)
     if y.shape != (n,):
         raise ValueError(f"y: expected shape [n] with n={n} (rows of X), got {tuple(y.shape)}")

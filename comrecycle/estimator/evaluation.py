@@ -211,6 +211,19 @@ def qini_coefficient(tau_hat, treated, y, propensity=None) -> float:
 
 # --------------------------------------------------------------------------- per-treatment evaluation
 
+def strategy_ids(t: np.ndarray, k: int, k_note: str) -> np.ndarray:
+    """Integer strategy ids in 0..k as int64, or a ValueError naming what arrived."""
+    if not np.issubdtype(t.dtype, np.integer):
+        if not np.issubdtype(t.dtype, np.floating) or not np.isfinite(t).all() or (t != np.round(t)).any():
+            raise ValueError(f"t: expected integer strategy ids, got dtype {t.dtype}")
+    t = t.astype(np.int64)
+    out = (t < 0) | (t > k)
+    if out.any():
+        raise ValueError(f"t: expected strategy ids in 0..{k} ({k_note}), "
+                         f"got {np.unique(t[out]).tolist()[:10]} in {int(out.sum())} row(s)")
+    return t
+
+
 def _prepare_arms(delta_q_hat, t, y, propensity, q_true):
     d = np.asarray(delta_q_hat)
     if d.ndim != 2 or d.shape[1] < 1 or d.shape[0] < 1:
@@ -228,15 +241,7 @@ def _prepare_arms(delta_q_hat, t, y, propensity, q_true):
     tt = np.asarray(t)
     if tt.ndim != 1 or tt.shape[0] != n:
         raise ValueError(f"t: expected shape [n] with n={n} (rows of delta_q_hat), got {tuple(tt.shape)}")
-    if not np.issubdtype(tt.dtype, np.integer):
-        if (not np.issubdtype(tt.dtype, np.floating) or not np.isfinite(tt).all()
-                or (tt != np.round(tt)).any()):
-            raise ValueError(f"t: expected integer strategy ids, got dtype {tt.dtype}")
-    tt = tt.astype(np.int64)
-    out = (tt < 0) | (tt > k)
-    if out.any():
-        raise ValueError(f"t: expected strategy ids in 0..{k} (K={k} from delta_q_hat.shape[1]), "
-                         f"got {np.unique(tt[out]).tolist()[:10]} in {int(out.sum())} row(s)")
+    tt = strategy_ids(tt, k, f"K={k} from delta_q_hat.shape[1]")
     yy = _vector("y", y, n, what=" (rows of delta_q_hat)")
     p = _propensity(propensity, n, what=" (rows of delta_q_hat)")
     q = None
