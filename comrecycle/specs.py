@@ -160,7 +160,16 @@ STRATEGY_CANDIDATES = {0: None, 1: "retrieval_items", 2: "prerank_items", 3: "ca
 
 # ---- the effect-loss estimator (served model `estimator`) --------------------------------------
 N_RECYCLE = len(STRATEGIES) - 1  # K
-ESTIMATOR_INPUTS = (USER_FEATURES, HISTORY, REQUEST_FEATURES)
+# The state of the user's cache, as the request filter sees it: for each cached list that
+# strategy j = 1..K reads (STAGES[j-1]), three numbers. Recycling loses quality mostly as a
+# cached list ages and is depleted by exposure, which no §7 request feature shows.
+CACHE_STATE_FIELDS = ("age_s", "pages", "items")
+CACHE_STATE = TensorSpec("cache_state", "float32", (N_RECYCLE * len(CACHE_STATE_FIELDS),),
+                         "per cached list read by strategies 1..K, in that order: seconds since it "
+                         "was computed, pages served from it (1 = the page it was computed for), "
+                         "items left after removing the viewed ones; -1, -1, -1 where absent or expired",
+                         finite=True)
+ESTIMATOR_INPUTS = (USER_FEATURES, HISTORY, REQUEST_FEATURES, CACHE_STATE)
 ESTIMATOR_OUTPUTS = (
     TensorSpec("q", "float32", (N_RECYCLE + 1,), "predicted effect (expected clicks) of strategies 0..K"),
     TensorSpec("delta_q", "float32", (N_RECYCLE,), "predicted effect loss of strategies 1..K: q_0 - q_j"),

@@ -24,7 +24,7 @@ from ..models.export import IDX, OPSET, graft
 from ..models.train import _list_matrix
 from ..models.vocab import Vocab
 from ..sim.logs import LOG_SCHEMA
-from ..specs import ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, HISTORY_MAX, N_RECYCLE
+from ..specs import CACHE_STATE, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, HISTORY_MAX, N_RECYCLE
 from .model import EffectLossNet
 
 TRAIN_COLUMNS = ("session_id", "page", "is_repeat", "gender", "age", "country", "secs_since_prev",
@@ -59,12 +59,35 @@ def validate_training_log(table: pa.Table, where: str = "log") -> None:
                        f"requests); write one with `comrecycle simulate --logging random`")
     if (s < 0).any() or (s > N_RECYCLE).any():
         raise LogError(f"{where}: strategy must be in 0..{N_RECYCLE}, got {sorted(set(s.tolist()))}")
+    if has_cache_state(table):
+        try:
+            cs = cache_state_from_log(table)
+        except LogError as e:
+            raise LogError(f"{where}: {e}") from None
+        if not np.isfinite(cs).all():
+            raise LogError(f"{where}: cache_state has {int((~np.isfinite(cs)).any(1).sum())} rows with NaN/inf")
+
+
+def has_cache_state(table: pa.Table) -> bool:
+    return "cache_state" in table.column_names
+
+
+def cache_state_from_log(table: pa.Table) -> np.ndarray:
+    """[n, 3K] float32; -1 (absent) everywhere when the log has no `cache_state` column."""
+    width = CACHE_STATE.dims[0]
+    if not has_cache_state(table):
+        return np.full((table.num_rows, width), -1.0, np.float32)
+    col = table["cache_state"].combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != width:
+        raise LogError(f"cache_state: expected fixed_size_list<float32>[{width}], got {col.type}")
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
 
 
 def features_from_log(table: pa.Table) -> dict[str, np.ndarray]:
     """Served-tensor arrays (raw ids, batch first) from log rows."""
     col = lambda n: table[n].to_numpy()  # noqa: E731
     return {
+        "cache_state": cache_state_from_log(table),
         "user_features": np.stack([col("gender"), col("age"), col("country")], 1).astype(np.int64),
         "history": _list_matrix(table["history"], HISTORY_MAX),
         "request_features": np.stack([col("secs_since_prev"), col("page").astype(np.float32),
@@ -97,7 +120,9 @@ class EffectLossEstimator:
         feats = features_from_log(rep)
         hist = feats["history"]
         self.vocab_ = Vocab(hist[hist >= 0])
-        self.net_ = EffectLossNet(len(self.vocab_), self.emb, self.hidden, self.n_experts)
+        self.use_cache_state_ = has_cache_state(rep)
+        self.net_ = EffectLossNet(len(self.vocab_), self.emb, self.hidden, self.n_experts,
+                                  use_cache_state=self.use_cache_state_)
         X = self._tensors(feats)
         t = torch.from_numpy(rep["strategy"].to_numpy().astype(np.int64))
         y = torch.from_numpy(rep["reward"].to_numpy().astype(np.float32))
@@ -146,7 +171,7 @@ class EffectLossEstimator:
 
     def _tensors(self, feats: dict[str, np.ndarray]) -> list[torch.Tensor]:
         return [torch.from_numpy(feats["user_features"]), torch.from_numpy(self.vocab_.index(feats["history"])),
-                torch.from_numpy(feats["request_features"])]
+                torch.from_numpy(feats["request_features"]), torch.from_numpy(feats["cache_state"])]
 
     def _loss(self, X, t, y, w) -> torch.Tensor:
         logits = self.net_.logits(*X)
@@ -183,15 +208,17 @@ class EffectLossEstimator:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        ex = (torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 5, dtype=torch.long), torch.zeros(2, 4))
+        ex = (torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 5, dtype=torch.long), torch.zeros(2, 4),
+              torch.full((2, CACHE_STATE.dims[0]), -1.0))
         tmp = path.with_suffix(".raw.onnx")
-        names = ["user_features", "history" + IDX, "request_features"]
+        names = ["user_features", "history" + IDX, "request_features", "cache_state"]
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # exporter deprecation + GRU tracer notes
             torch.onnx.export(self.net_, ex, str(tmp), input_names=names,
                               output_names=[o.name for o in ESTIMATOR_OUTPUTS],
                               dynamic_axes={"user_features": {0: "batch"}, "history" + IDX: {0: "batch", 1: "len"},
-                                            "request_features": {0: "batch"}, "q": {0: "batch"},
+                                            "request_features": {0: "batch"}, "cache_state": {0: "batch"},
+                                            "q": {0: "batch"},
                                             "delta_q": {0: "batch"}},
                               opset_version=OPSET, dynamo=False)
         model = graft(onnx.load(str(tmp)), ESTIMATOR_INPUTS, {"history": self.vocab_})
@@ -208,7 +235,8 @@ class EffectLossEstimator:
         np.save(out / "item_vocab.npy", self.vocab_.ids)
         params = {k: getattr(self, k) for k in ("emb", "hidden", "n_experts", "lr", "batch_size", "max_epochs",
                                                  "patience", "valid_fraction", "ipw", "seed")}
-        (out / "manifest.json").write_text(json.dumps({"params": params, "fit": self.history_, **(extra or {})},
+        (out / "manifest.json").write_text(json.dumps({"params": params, "fit": self.history_,
+                                                       "uses_cache_state": self.use_cache_state_, **(extra or {})},
                                                       indent=2))
         return out
 
@@ -218,7 +246,9 @@ class EffectLossEstimator:
         m = json.loads((out / "manifest.json").read_text())
         est = cls(**m["params"])
         est.vocab_ = Vocab(np.load(out / "item_vocab.npy"))
-        est.net_ = EffectLossNet(len(est.vocab_), est.emb, est.hidden, est.n_experts)
+        est.use_cache_state_ = bool(m.get("uses_cache_state", False))
+        est.net_ = EffectLossNet(len(est.vocab_), est.emb, est.hidden, est.n_experts,
+                                 use_cache_state=est.use_cache_state_)
         est.net_.load_state_dict(torch.load(out / "estimator.pt", weights_only=True))  # tensors only, no pickle code
         est.net_.eval()
         est.history_ = m.get("fit", {})

@@ -9,6 +9,9 @@ Raw inputs, as served (batch first):
     user_features [B,3] int64 codes (any int64 >= 0: hashed into buckets)
     history [B,L] int64 item ids, most recent first, PAD_ID-padded, L <= 50 (vocabulary + OOV)
     request_features [B,4] float32: secs_since_prev (-1 initial), page, prev_exposures, prev_clicks
+    cache_state [B,3K] float32: per cached list read by strategy j: age s, pages served, items left
+        (-1 = absent). Multiplied by a constant 0 when the training logs had no cache state, so
+        such a model ignores it.
 Outputs: q [B,K+1] float32, delta_q [B,K] float32.
 The module itself takes vocabulary indices for the history (see export.graft).
 """
@@ -27,9 +30,12 @@ COUNT_BUCKETS = 21
 
 class EffectLossNet(nn.Module):
     def __init__(self, n_items: int, emb: int = 16, hidden: int = 32, n_experts: int = 4,
-                 expert_dim: int = 32, k: int = K):
+                 expert_dim: int = 32, k: int = K, use_cache_state: bool = True):
         super().__init__()
         self.k = k
+        self.register_buffer("cache_mask", torch.tensor(1.0 if use_cache_state else 0.0))
+        # pages served from a cached list: 0 = absent, 1..COUNT_BUCKETS-1
+        self.cache_pages = nn.ModuleList([nn.Embedding(COUNT_BUCKETS, 4) for _ in range(k)])
         self.item_emb = nn.Embedding(n_items + 2, emb, padding_idx=0)
         self.gru = nn.GRU(emb, hidden, batch_first=True)
         self.codes = nn.ModuleList([nn.Embedding(CODE_BUCKETS, 8) for _ in range(3)])
@@ -37,14 +43,23 @@ class EffectLossNet(nn.Module):
         self.page = nn.Embedding(COUNT_BUCKETS, 4)
         self.expo = nn.Embedding(COUNT_BUCKETS, 8)
         self.clicks = nn.Embedding(COUNT_BUCKETS, 8)
-        d_in = hidden + 3 * 8 + 8 + 4 + 8 + 8 + 3
+        d_in = hidden + 3 * 8 + 8 + 4 + 8 + 8 + 3 + k * (4 + 4)
         self.experts = nn.ModuleList([nn.Sequential(nn.Linear(d_in, 64), nn.ReLU(), nn.Linear(64, expert_dim),
                                                     nn.ReLU()) for _ in range(n_experts)])
         self.gates = nn.ModuleList([nn.Linear(d_in, n_experts) for _ in range(k + 1)])
         self.towers = nn.ModuleList([nn.Sequential(nn.Linear(expert_dim, 16), nn.ReLU(), nn.Linear(16, 1))
                                      for _ in range(k + 1)])
 
-    def features(self, user_features: torch.Tensor, history_idx: torch.Tensor, request_features: torch.Tensor):
+    def cache_features(self, cache_state: torch.Tensor) -> list[torch.Tensor]:
+        cs = cache_state.reshape(-1, self.k, 3) * self.cache_mask
+        present = (cs[:, :, 0] >= 0).float()
+        age, pages, items = cs[:, :, 0].clamp(min=0.0), cs[:, :, 1].clamp(min=0.0), cs[:, :, 2].clamp(min=0.0)
+        dense = torch.stack([present, torch.log1p(age) / 5.0, pages / 5.0, torch.log1p(items) / 5.0], dim=2)
+        buckets = pages.clamp(0, COUNT_BUCKETS - 1).long()
+        return [dense.reshape(-1, self.k * 4)] + [emb(buckets[:, j]) for j, emb in enumerate(self.cache_pages)]
+
+    def features(self, user_features: torch.Tensor, history_idx: torch.Tensor, request_features: torch.Tensor,
+                 cache_state: torch.Tensor):
         """-> [B, d_in]. history_idx [B,L] right-padded with 0 (most recent first)."""
         B = history_idx.shape[0]
         # fixed length HISTORY_MAX, then chronological order (oldest first, padding first) so
@@ -61,11 +76,12 @@ class EffectLossNet(nn.Module):
         counts = rf[:, 1:4].clamp(0, COUNT_BUCKETS - 1).long()
         dense = torch.stack([torch.log1p(secs.clamp(min=0.0)) / 5.0, rf[:, 2] / 20.0, rf[:, 3] / 5.0], dim=1)
         return torch.cat([hist, *codes, self.secs(secs_b.long()), self.page(counts[:, 0]),
-                          self.expo(counts[:, 1]), self.clicks(counts[:, 2]), dense], dim=1)
+                          self.expo(counts[:, 1]), self.clicks(counts[:, 2]), dense,
+                          *self.cache_features(cache_state)], dim=1)
 
-    def logits(self, user_features, history_idx, request_features) -> torch.Tensor:
+    def logits(self, user_features, history_idx, request_features, cache_state) -> torch.Tensor:
         """[B, K+1]: column 0 = l_ctrl, column j = l_j^treat = l_ctrl + l_j^uplift."""
-        x = self.features(user_features, history_idx, request_features)
+        x = self.features(user_features, history_idx, request_features, cache_state)
         ex = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, D]
         towers = []
         for gate, tower in zip(self.gates, self.towers):
@@ -75,6 +91,6 @@ class EffectLossNet(nn.Module):
         l_treat = [l_ctrl + t for t in towers[1:]]
         return torch.cat([l_ctrl] + l_treat, dim=1)
 
-    def forward(self, user_features, history_idx, request_features):
-        q = torch.exp(self.logits(user_features, history_idx, request_features))
+    def forward(self, user_features, history_idx, request_features, cache_state):
+        q = torch.exp(self.logits(user_features, history_idx, request_features, cache_state))
         return q, q[:, :1] - q[:, 1:]

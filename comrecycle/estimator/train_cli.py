@@ -19,10 +19,12 @@ from .evaluation import evaluate_uplift, plot_uplift_curves, report_markdown, tr
 
 
 def tabular_features(table: pa.Table) -> np.ndarray:
-    """What a tree model can use directly: user codes, request features, history length."""
+    """What a tree model can use directly: user codes, request features, history length and
+    the cache state (the same information the estimator sees, minus the item ids)."""
     f = features_from_log(table)
     hist_len = (f["history"] >= 0).sum(1, keepdims=True).astype(np.float32)
-    return np.concatenate([f["user_features"].astype(np.float32), f["request_features"], hist_len], 1)
+    return np.concatenate([f["user_features"].astype(np.float32), f["request_features"], hist_len,
+                           f["cache_state"]], 1)
 
 
 def read_training_log(path: str | Path) -> pa.Table:

@@ -2,6 +2,9 @@
 
 Contract columns are fixed; the simulator adds `expected_reward` (the served page's exact
 expected clicks), `page_items`, `clicked_items` and `n_viewed` which model training uses.
+Optional columns: `q_0..q_K` (ground truth) and `cache_state` (fixed-size list of K*3 float32,
+specs.CACHE_STATE: the cache as the request filter saw it before serving), written by a
+recycling server; the router logs the same `cache_state`.
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ..specs import CACHE_STATE
 
 LOG_SCHEMA = pa.schema([
     ("request_id", pa.int64()), ("user_id", pa.int64()), ("session_id", pa.int64()),
@@ -26,6 +31,9 @@ SIM_SCHEMA = pa.schema(list(LOG_SCHEMA) + [
 ])
 
 
+CACHE_STATE_COLUMN = pa.field("cache_state", pa.list_(pa.float32(), CACHE_STATE.dims[0]))
+
+
 def q_columns(k: int) -> list[str]:
     return [f"q_{j}" for j in range(k)]
 
@@ -36,17 +44,20 @@ class LogBuilder:
     def __init__(self):
         self._cols: dict[str, list] = {n: [] for n in SIM_SCHEMA.names}
         self._q: list[np.ndarray] = []
+        self._cache_state: list[np.ndarray] = []
 
     def add(self, batch, outcome, strategy: np.ndarray | int = 0,
             propensity: np.ndarray | float = 1.0, cost: np.ndarray | float = 1.0,
-            q: np.ndarray | None = None) -> None:
-        """q: [B, K] ground-truth expected clicks of each strategy (NaN = not available)."""
+            q: np.ndarray | None = None, cache_state: np.ndarray | None = None) -> None:
+        """q: [B, K+1] ground-truth expected clicks of each strategy (NaN = not available);
+        cache_state: [B, K*3] (specs.CACHE_STATE)."""
         B = len(batch)
         c = self._cols
-        if q is not None:
-            self._q.append(np.asarray(q, np.float32))
-        elif self._q:
-            raise ValueError("q_j columns must be given for every batch or for none")
+        for name, val, store in (("q_j", q, self._q), ("cache_state", cache_state, self._cache_state)):
+            if val is not None:
+                store.append(np.asarray(val, np.float32))
+            elif store:
+                raise ValueError(f"{name} columns must be given for every batch or for none")
         c["request_id"].append(batch.request_id)
         c["user_id"].append(batch.user_id)
         c["session_id"].append(batch.session_id)
@@ -85,6 +96,10 @@ class LogBuilder:
             q = np.concatenate(self._q)
             for j, name in enumerate(q_columns(q.shape[1])):
                 t = t.append_column(pa.field(name, pa.float32()), pa.array(q[:, j], pa.float32()))
+        if self._cache_state:
+            cs = np.concatenate(self._cache_state)
+            t = t.append_column(CACHE_STATE_COLUMN, pa.FixedSizeListArray.from_arrays(
+                pa.array(cs.reshape(-1), pa.float32()), cs.shape[1]))
         return t.sort_by([("ts", "ascending"), ("request_id", "ascending")])
 
 

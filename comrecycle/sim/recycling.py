@@ -35,19 +35,38 @@ class StageCache:
     ttl_s: float = CACHE_TTL_S
     entries: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     written: dict[int, dict[str, float]] = field(default_factory=dict)
+    pages: dict[int, dict[str, int]] = field(default_factory=dict)  # pages served from each list
 
     def clear(self, user: int) -> None:
         self.entries.pop(int(user), None)
         self.written.pop(int(user), None)
+        self.pages.pop(int(user), None)
 
     def write(self, user: int, outputs: dict[str, np.ndarray], ts: float = 0.0) -> None:
+        """After a served request: the stages it computed replace their lists (1 page served
+        from them); the lists it did not recompute have served one more page."""
         e = self.entries.setdefault(int(user), {})
         w = self.written.setdefault(int(user), {})
+        n = self.pages.setdefault(int(user), {})
         for s in STAGES[:-1]:  # the page itself is not a candidate list
             key = f"{s}_items"
             if key in outputs:
                 e[s] = np.asarray(outputs[key], np.int64)
                 w[s] = float(ts)
+                n[s] = 1
+            elif s in e:
+                n[s] += 1
+
+    def state(self, user: int, now: float) -> np.ndarray:
+        """[K*3] float32, the estimator's `cache_state` (specs.CACHE_STATE): age in seconds,
+        pages served, items left of the list each strategy 1..K reads; -1s where unavailable."""
+        out = np.full((N_STRATEGIES - 1, 3), -1.0, np.float32)
+        for j in range(1, N_STRATEGIES):
+            if self.candidates(user, j, now) is not None:
+                stage = CACHED_STAGE[j]
+                out[j - 1] = (now - self.written[int(user)][stage], self.pages[int(user)][stage],
+                              self.entries[int(user)][stage].size)
+        return out.reshape(-1)
 
     def remove_exposed(self, user: int, viewed: np.ndarray) -> None:
         e = self.entries.get(int(user))
@@ -143,6 +162,7 @@ class RecyclingServer:
             if not batch.is_repeat[i]:
                 self.cache.clear(batch.user_index[i])
         avail = self.availability(batch)
+        cache_state = np.stack([self.cache.state(batch.user_index[i], batch.ts[i]) for i in range(B)])
         strategy, propensity = self.assign(batch, avail)
         if not avail[np.arange(B), strategy].all():
             raise ValueError("assignment chose a strategy whose cache is unavailable")
@@ -168,7 +188,7 @@ class RecyclingServer:
             q[idx, j] = self.world.expected_clicks(batch.interest[idx], pages, lens)
         for i in range(B):
             self.cache.write(batch.user_index[i], served[i], batch.ts[i])
-        self.last = {"strategy": strategy, "propensity": propensity, "q": q,
+        self.last = {"strategy": strategy, "propensity": propensity, "q": q, "cache_state": cache_state,
                      "cost": np.array([self.cost[int(s)] for s in strategy], np.float32)}
         return [o["rerank_items"] for o in served]
 

@@ -17,7 +17,7 @@ def _requests(table, n=24):
     for i in range(n):
         h = f["history"][i]
         out.append({"user_features": f["user_features"][i], "history": h[h >= 0],
-                    "request_features": f["request_features"][i]})
+                    "request_features": f["request_features"][i], "cache_state": f["cache_state"][i]})
     return out
 
 
@@ -52,10 +52,12 @@ def test_estimator_bad_inputs_and_cold_start(triton, tiny_random_log):
     good = _requests(tiny_random_log, 3)
     bad_nan = dict(good[0], request_features=np.array([np.nan, 1, 2, 0], np.float32))
     bad_neg = dict(good[1], history=np.array([4, -9], np.int64))
+    bad_cache = dict(good[1], cache_state=np.zeros(4, np.float32))
     cold = dict(good[2], history=np.array([2**50, 3], np.int64), user_features=np.array([9, 99, 12345], np.int64))
-    got = asyncio.run(_infer_all(triton.grpc_url, "grpc", [good[0], bad_nan, bad_neg, cold]))
+    got = asyncio.run(_infer_all(triton.grpc_url, "grpc", [good[0], bad_nan, bad_neg, cold, bad_cache]))
     assert "model 'estimator', input 'request_features': expected finite values, got nan" in str(got[1])
     assert "model 'estimator', input 'history': ids and codes must be >= 0, got -9" in str(got[2])
+    assert "cache_state" in str(got[4]) and "9" in str(got[4]) and "4" in str(got[4]), got[4]
     assert not isinstance(got[0], Exception) and not isinstance(got[3], Exception)
     assert np.isfinite(got[3]["q"]).all() and (got[3]["q"] > 0).all()
 

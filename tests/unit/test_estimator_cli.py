@@ -73,3 +73,31 @@ def test_missing_and_non_parquet_files(tmp_path):
     junk.write_text("not parquet")
     r = cli("train-estimator", "--logs", str(junk), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "cannot read as Parquet" in r.stderr
+
+
+def test_bad_cache_state_column_is_a_clear_error(tiny_random_log, tmp_path):
+    t = tiny_random_log.drop(["cache_state"]).append_column(
+        "cache_state", pa.array([[1.0, 2.0]] * tiny_random_log.num_rows, pa.list_(pa.float32())))
+    r = cli("train-estimator", "--logs", str(_write(t, tmp_path)), "--out", str(tmp_path / "o"), "--quiet")
+    assert r.returncode == 2 and "cache_state: expected fixed_size_list<float32>[9]" in r.stderr, r.stderr
+
+
+def _with_cache_state(feats, value):
+    return dict(feats, cache_state=np.full_like(feats["cache_state"], value))
+
+
+def test_cache_state_is_used_only_when_the_logs_carry_it(tiny_random_log):
+    from comrecycle.estimator.estimator import EffectLossEstimator, features_from_log
+
+    f = features_from_log(tiny_random_log.slice(0, 64))
+    assert (f["cache_state"] >= -1).all() and (f["cache_state"][:, 1::3].max() >= 1)
+    with_cs = EffectLossEstimator(max_epochs=1, progress=False).fit(tiny_random_log)
+    assert with_cs.use_cache_state_
+    q_a, _ = with_cs.predict(_with_cache_state(f, -1.0))
+    q_b, _ = with_cs.predict(_with_cache_state(f, 3.0))
+    assert np.abs(q_a - q_b).max() > 1e-4
+    without = EffectLossEstimator(max_epochs=1, progress=False).fit(tiny_random_log.drop(["cache_state"]))
+    assert not without.use_cache_state_
+    q_a, _ = without.predict(_with_cache_state(f, -1.0))
+    q_b, _ = without.predict(_with_cache_state(f, 3.0))
+    np.testing.assert_array_equal(q_a, q_b)

@@ -1,0 +1,1 @@
+"""The recycling policy: the Lagrangian-dual solver, off-policy evaluation, baselines."""

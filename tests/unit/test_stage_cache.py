@@ -1,0 +1,43 @@
+"""The simulator's per-user stage cache: what the request filter (and the estimator's
+`cache_state` input) sees. Pure; no models."""
+import numpy as np
+
+from comrecycle.sim.recycling import StageCache
+from comrecycle.specs import CACHE_STATE
+
+
+def _full(n_ret=10, n_pre=6, n_rank=4):
+    return {"retrieval_items": np.arange(100, 100 + n_ret), "prerank_items": np.arange(100, 100 + n_pre),
+            "rank_items": np.arange(100, 100 + n_rank), "rerank_items": np.arange(100, 102)}
+
+
+def test_state_after_full_computation_and_exposure():
+    c = StageCache(ttl_s=900)
+    assert (c.state(7, 0.0) == -1).all() and c.state(7, 0.0).shape == CACHE_STATE.dims
+    c.write(7, _full(), ts=10.0)
+    np.testing.assert_array_equal(c.state(7, 15.0).reshape(3, 3), [[5, 1, 10], [5, 1, 6], [5, 1, 4]])
+    c.remove_exposed(7, np.array([100, 101, 999]))
+    np.testing.assert_array_equal(c.state(7, 15.0).reshape(3, 3)[:, 2], [8, 4, 2])
+
+
+def test_pages_count_from_the_computation_and_reset_when_recomputed():
+    c = StageCache(ttl_s=900)
+    c.write(1, _full(), ts=0.0)
+    c.write(1, {"rerank_items": np.arange(2)}, ts=5.0)  # strategy 3: nothing cached recomputed
+    np.testing.assert_array_equal(c.state(1, 6.0).reshape(3, 3)[:, :2], [[6, 2], [6, 2], [6, 2]])
+    c.write(1, {"rank_items": np.arange(3), "rerank_items": np.arange(2)}, ts=8.0)  # strategy 2
+    np.testing.assert_array_equal(c.state(1, 9.0).reshape(3, 3)[:, :2], [[9, 3], [9, 3], [1, 1]])
+
+
+def test_expired_emptied_and_cleared_lists_are_absent():
+    c = StageCache(ttl_s=100)
+    c.write(3, _full(n_rank=2), ts=0.0)
+    c.remove_exposed(3, np.array([100, 101]))  # the rank list is used up
+    s = c.state(3, 50.0).reshape(3, 3)
+    assert (s[2] == -1).all() and (s[:2, 1] == 1).all()
+    assert (c.state(3, 101.0) == -1).all()  # older than the TTL
+    c.clear(3)
+    assert (c.state(3, 1.0) == -1).all()
+    # another user's entry is untouched
+    c.write(4, _full(), ts=0.0)
+    assert (c.state(3, 1.0) == -1).all() and (c.state(4, 1.0) >= 0).all()
