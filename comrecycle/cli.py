@@ -3,6 +3,9 @@
   comrecycle simulate       write a simulated request log (DESIGN.md §7 Parquet schema)
   comrecycle build-models   train the four stages, export ONNX, install the model repository
   comrecycle train-estimator  fit + evaluate the effect-loss estimator on a randomised log
+  comrecycle solve          λ for a loss budget (estimator + log) -> params JSON
+  comrecycle decide         one strategy per logged request with those params
+  comrecycle evaluate       off-policy compute saved / effect loss (IPW, SNIPW, DR, exact)
   comrecycle profile-costs  re-measure per-stage cost and the strategy cost profile c_j
   comrecycle serve          run the embedded tritonserver on a model repository
   comrecycle replay         replay simulated sessions against a running server
@@ -240,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_train_estimator)
 
+    from .policy.commands import add_parsers as add_policy_parsers
+    add_policy_parsers(sub, str(default_model_dir("default") / "cost_profile.json"))
+
     s = sub.add_parser("build-models", help="train, export and install the stage models "
                                             "(same as python build_models.py; options after --)",
                        add_help=True)
@@ -301,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"comrecycle {a.command}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # includes SolverError, LogError, EvaluationError
         print(f"comrecycle {a.command}: error: {e}", file=sys.stderr)
         return 2
     log.debug("%s took %.1fs", a.command, time.time() - t0)

@@ -64,3 +64,28 @@ def cost_profile(cascade: InProcessCascade, contexts: list[dict], batch_size: in
                                        .intra_op_num_threads)},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def measure_estimator_seconds(onnx_path, features: dict[str, np.ndarray], batch_size: int = 8,
+                              repeats: int = 7) -> float:
+    """Median seconds per request of the estimator at `batch_size` requests per onnxruntime
+    call (the same reference as the stages), on real rows (`features` from a log)."""
+    from .estimator import EstimatorRuntime
+
+    rt = EstimatorRuntime(onnx_path)
+    n = min(batch_size, len(features["user_features"]))
+    if n == 0:
+        raise ValueError("need at least one request to time the estimator")
+    reqs = []
+    for i in range(n):
+        h = features["history"][i]
+        reqs.append({"user_features": features["user_features"][i:i + 1], "history": h[h >= 0][None],
+                     "request_features": features["request_features"][i:i + 1],
+                     "cache_state": features["cache_state"][i:i + 1]})
+    rt.run(reqs)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rt.run(reqs)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) / n

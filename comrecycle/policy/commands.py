@@ -1,0 +1,209 @@
+"""`comrecycle solve | decide | evaluate` (DESIGN.md §7)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..specs import N_RECYCLE
+
+
+class CommandError(ValueError):
+    pass
+
+
+def _read_log(path) -> pa.Table:
+    from ..sim.logs import read_log
+
+    try:
+        return read_log(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise CommandError(f"{path}: cannot read as Parquet ({e})") from None
+
+
+def _load_estimator(est_dir):
+    from ..estimator.estimator import EffectLossEstimator
+
+    d = Path(est_dir)
+    for f in ("manifest.json", "estimator.pt", "estimator.onnx", "item_vocab.npy"):
+        if not (d / f).exists():
+            raise CommandError(f"estimator directory {d}: missing {f}; expected the output of "
+                               f"`comrecycle train-estimator --out {d}`")
+    return EffectLossEstimator.load(d)
+
+
+def resolve_costs(log: pa.Table, cost_profile: str | None, from_logs: bool) -> tuple[np.ndarray, str, dict | None]:
+    """c_j from the measured cost profile, or the mean `cost` per strategy in the log."""
+    if from_logs:
+        s = log["strategy"].to_numpy()
+        c = log["cost"].to_numpy().astype(np.float64)
+        missing = [j for j in range(N_RECYCLE + 1) if not (s == j).any()]
+        if missing:
+            raise CommandError(f"--costs-from-logs: the log has no request served by strategy {missing}")
+        costs = np.array([c[s == j].mean() for j in range(N_RECYCLE + 1)])
+        if not np.isfinite(costs).all() or (costs < 0).any():
+            raise CommandError(f"--costs-from-logs: mean cost per strategy must be finite and >= 0, got {costs}")
+        return costs / costs[0], "mean `cost` per strategy in the log (normalised to c_0 = 1)", None
+    p = Path(cost_profile)
+    if not p.exists():
+        raise CommandError(f"cost profile {p} does not exist; run `comrecycle profile-costs` "
+                           f"or pass --costs-from-logs")
+    prof = json.loads(p.read_text())
+    try:
+        sc = prof["strategy_cost"]
+        costs = np.array([float(sc[str(j)]) for j in range(N_RECYCLE + 1)])
+    except (KeyError, ValueError) as e:
+        raise CommandError(f"{p}: expected strategy_cost for strategies 0..{N_RECYCLE} ({e})") from None
+    return costs, f"measured cost profile {p}", prof
+
+
+def cmd_solve(a) -> int:
+    from ..estimator.estimator import features_from_log
+    from ..runtime.costs import measure_estimator_seconds
+    from .decide import estimator_version, predict, solve_params
+
+    log = _read_log(a.logs)
+    est = _load_estimator(a.estimator)
+    costs, source, prof = resolve_costs(log, a.cost_profile, a.costs_from_logs)
+    est_cost = 0.0
+    if prof is not None and not a.no_estimator_cost:
+        secs = measure_estimator_seconds(Path(a.estimator) / "estimator.onnx",
+                                         features_from_log(log.slice(0, 64)), batch_size=prof.get("batch_size", 8))
+        est_cost = secs / sum(prof["seconds_per_request"].values())
+    q_hat, dq = predict(log, est)
+    params = solve_params(log, q_hat, dq, costs, a.budget, omega=a.omega, choice=a.choice, estimator_cost=est_cost)
+    params.update({"costs_source": source, "estimator": estimator_version(a.estimator),
+                   "solved_on": {"log": str(a.logs), "requests": log.num_rows}})
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(params, indent=2) + "\n")
+    pr = params["predicted"]
+    print(f"λ = {params['lambda']:.6g} for budget b = {a.budget:.4%} ({params['form']}); c = "
+          + ", ".join(f"{c:.3f}" for c in costs) + f"; estimator cost {est_cost:.4f} per repeated request")
+    print(f"on {log.num_rows:,} logged requests (predicted): effect loss {pr['effect_loss_pct']:.3f}%, "
+          f"compute saved {pr['compute_saved_pct']:.2f}%, mix " +
+          ", ".join(f"{j}: {v:.1%}" for j, v in pr["strategy_mix"].items()))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_decide(a) -> int:
+    from .decide import available_from_log, decide, load_params, predict
+
+    log = _read_log(a.logs)
+    est = _load_estimator(a.estimator)
+    params = load_params(a.params)
+    _, dq = predict(log, est)
+    avail = available_from_log(log)
+    s = decide(dq, avail, params, seed=a.seed)
+    s[~log["is_repeat"].to_numpy()] = 0
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"request_id": log["request_id"], "strategy": pa.array(s, pa.int8())}), out)
+    mix = np.bincount(s, minlength=N_RECYCLE + 1) / max(1, len(s))
+    print(f"{len(s):,} decisions (" + ", ".join(f"{j}: {m:.1%}" for j, m in enumerate(mix)) + f") -> {out}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .ope import align_decisions, evaluate, report_markdown
+
+    log = _read_log(a.logs)
+    if not Path(a.decisions).exists():
+        raise CommandError(f"decisions file {a.decisions} does not exist; write one with `comrecycle decide`")
+    decisions = pq.read_table(a.decisions)
+    pi = align_decisions(log, decisions)
+    params = None
+    if a.params:
+        from .decide import load_params
+        params = load_params(a.params)
+    if params is not None:
+        costs, est_cost = np.asarray(params["costs"]), float(params.get("estimator_cost", 0.0))
+    else:
+        costs, _, _ = resolve_costs(log, a.cost_profile, a.costs_from_logs)
+        est_cost = 0.0
+    q_hat = None
+    if a.estimator:
+        from .decide import predict
+        q_hat, _ = predict(log, _load_estimator(a.estimator))
+    res = evaluate(log, pi, costs, q_hat=q_hat, estimator_cost=est_cost, n_boot=a.bootstrap, seed=a.seed)
+    text = report_markdown(res)
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+        Path(a.out).with_suffix(".md").write_text(text)
+    return 0
+
+
+def cmd_frontier(a) -> int:
+    from .decide import predict
+    from .frontier import frontier, write_frontier
+
+    log = _read_log(a.logs)
+    q_hat = dq = None
+    est_cost = 0.0
+    if a.params:
+        from .decide import load_params
+        p = load_params(a.params)
+        costs, est_cost = np.asarray(p["costs"]), float(p.get("estimator_cost", 0.0))
+    else:
+        costs, _, _ = resolve_costs(log, a.cost_profile, a.costs_from_logs)
+    if a.estimator:
+        q_hat, dq = predict(log, _load_estimator(a.estimator))
+    budgets = [float(b) / 100.0 for b in a.budgets.split(",")]
+    res = frontier(log, costs, q_hat, dq, estimator_cost=est_cost, budgets=budgets, seed=a.seed)
+    res["log"] = str(a.logs)
+    files = write_frontier(res, a.out)
+    print(files["md"].read_text())
+    print("wrote " + ", ".join(str(f) for f in files.values()))
+    return 0
+
+
+def add_parsers(sub, default_cost_profile: str) -> None:
+    s = sub.add_parser("solve", help="λ for a loss budget on a log with the estimator -> params JSON")
+    s.add_argument("--logs", required=True, help="request log (Parquet, DESIGN.md §7)")
+    s.add_argument("--estimator", required=True, help="estimator directory (comrecycle train-estimator --out)")
+    s.add_argument("--budget", type=float, default=0.01, help="allowed relative effect loss b (0.01 = 1%%)")
+    s.add_argument("--omega", type=float, default=0.0, help="ω > 0: the regularised (soft) form")
+    s.add_argument("--choice", choices=("argmax", "sample"), default="argmax", help="ω > 0: how x_i picks")
+    s.add_argument("--cost-profile", default=default_cost_profile, help="measured cost profile JSON")
+    s.add_argument("--costs-from-logs", action="store_true", help="c_j = mean `cost` per strategy in the log")
+    s.add_argument("--no-estimator-cost", action="store_true", help="do not time the estimator")
+    s.add_argument("--out", required=True, help="params JSON to write")
+    s.set_defaults(func=cmd_solve)
+
+    s = sub.add_parser("decide", help="one strategy per logged request (0 for initial ones)")
+    s.add_argument("--logs", required=True)
+    s.add_argument("--estimator", required=True)
+    s.add_argument("--params", required=True, help="params JSON from comrecycle solve")
+    s.add_argument("--seed", type=int, default=0, help="for choice = sample")
+    s.add_argument("--out", required=True, help="decisions Parquet (request_id, strategy)")
+    s.set_defaults(func=cmd_decide)
+
+    s = sub.add_parser("evaluate", help="off-policy estimate of compute saved and effect loss of decisions")
+    s.add_argument("--logs", required=True, help="randomised log (propensities; q_j make it exact)")
+    s.add_argument("--decisions", required=True)
+    s.add_argument("--params", help="params JSON (its c_j and estimator cost); else --cost-profile")
+    s.add_argument("--estimator", help="estimator directory: adds the doubly-robust estimate")
+    s.add_argument("--cost-profile", default=default_cost_profile)
+    s.add_argument("--costs-from-logs", action="store_true")
+    s.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over sessions")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="JSON report (and .md next to it)")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("frontier", help="compute saved vs effect loss of every policy (table + PNG)")
+    s.add_argument("--logs", required=True, help="randomised log with q_0..q_3 (comrecycle simulate --logging random)")
+    s.add_argument("--estimator", help="estimator directory (adds the ComRecycle curve)")
+    s.add_argument("--params", help="params JSON: its c_j and estimator cost (else --cost-profile)")
+    s.add_argument("--cost-profile", default=default_cost_profile)
+    s.add_argument("--costs-from-logs", action="store_true")
+    s.add_argument("--budgets", default="0.25,0.5,1,2,5", help="loss budgets in %% (comma separated)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output directory (frontier.md/.csv/.png/.json)")
+    s.set_defaults(func=cmd_frontier)

@@ -1,0 +1,120 @@
+"""From an estimator and a log to policy parameters (solve) and per-request decisions (decide).
+
+The params file (JSON, written by `comrecycle solve`, read by `decide` and by the router):
+    lambda, omega, choice ('argmax' | 'sample'), costs [K+1] (c_j), estimator_cost (compute
+    units per repeated request), budget (relative effect loss b), form, estimator (version
+    info), solved_on (log, requests), predicted (loss %, compute saved % on the solving log).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..specs import CACHE_STATE_FIELDS, N_RECYCLE
+from .solver import SolverError, project_simplex, solve_loss_budget, solve_soft
+
+PARAMS_KEYS = ("lambda", "omega", "choice", "costs", "budget")
+
+
+def available_from_log(log: pa.Table) -> np.ndarray:
+    """[n, K+1] bool: strategy 0 always; j > 0 on repeated requests whose cached list was
+    present (cache_state >= 0, or q_j not NaN in simulator logs); all of them when the log
+    says nothing about the cache."""
+    n = log.num_rows
+    rep = log["is_repeat"].to_numpy()
+    avail = np.zeros((n, N_RECYCLE + 1), bool)
+    avail[:, 0] = True
+    avail[:, 1:] = rep[:, None]
+    if "cache_state" in log.column_names:
+        from ..estimator.estimator import cache_state_from_log
+
+        cs = cache_state_from_log(log).reshape(n, N_RECYCLE, len(CACHE_STATE_FIELDS))
+        avail[:, 1:] &= cs[:, :, 0] >= 0
+    q_cols = [f"q_{j}" for j in range(1, N_RECYCLE + 1)]
+    if all(c in log.column_names for c in q_cols):
+        q = np.stack([log[c].to_numpy() for c in q_cols], 1)
+        avail[:, 1:] &= np.isfinite(q)
+    return avail
+
+
+def predict(log: pa.Table, estimator) -> tuple[np.ndarray, np.ndarray]:
+    """(Q̂ [n, K+1], ΔQ̂ [n, K+1] with column 0 = 0) for every request of the log."""
+    q, dq = estimator.predict_log(log)
+    return q.astype(np.float64), np.concatenate([np.zeros((len(dq), 1)), dq], 1).astype(np.float64)
+
+
+def total_effect(log: pa.Table, q_hat: np.ndarray) -> np.ndarray:
+    """Per-request Q_i0 for the budget: predicted for repeated requests, the observed reward
+    for initial ones (the estimator is trained on repeated requests only)."""
+    rep = log["is_repeat"].to_numpy()
+    return np.where(rep, q_hat[:, 0], log["reward"].to_numpy().astype(np.float64))
+
+
+def estimator_version(est_dir: str | Path) -> dict:
+    est_dir = Path(est_dir)
+    m = json.loads((est_dir / "manifest.json").read_text())
+    digest = hashlib.sha256((est_dir / "estimator.onnx").read_bytes()).hexdigest()[:16]
+    return {"path": str(est_dir), "onnx_sha256_16": digest, "trained_on": m.get("training_log"),
+            "uses_cache_state": m.get("uses_cache_state", False)}
+
+
+def decide(dq: np.ndarray, available: np.ndarray, params: dict, seed: int = 0) -> np.ndarray:
+    """[n] int8: argmax_j -(c_j + λ ΔQ_ij) over available j (ω = 0, ties to the lower id), or
+    from x_i = Π_simplex(-(c + λ ΔQ_i)/ω) by argmax / a seeded draw (ω > 0)."""
+    c = np.asarray(params["costs"], np.float64)
+    lam, omega = float(params["lambda"]), float(params.get("omega", 0.0))
+    score = c[None, :] + lam * np.where(available, dq, 0.0)
+    if omega <= 0:
+        return np.argmin(np.where(available, score, np.inf), axis=1).astype(np.int8)
+    x = project_simplex(-score / omega, available)
+    if params.get("choice", "argmax") == "argmax":
+        return np.argmax(x, axis=1).astype(np.int8)
+    rng = np.random.default_rng(seed)
+    cum = np.cumsum(x, axis=1)
+    return np.minimum((cum < rng.random((len(x), 1)) * cum[:, -1:]).sum(axis=1), x.shape[1] - 1).astype(np.int8)
+
+
+def solve_params(log: pa.Table, q_hat: np.ndarray, dq: np.ndarray, costs: np.ndarray, budget: float,
+                 omega: float = 0.0, choice: str = "argmax", estimator_cost: float = 0.0) -> dict:
+    """λ for the loss budget b on this log's requests (repeated ones decide; B = b·Σ Q_i0)."""
+    avail = available_from_log(log)
+    rep = log["is_repeat"].to_numpy()
+    q0 = total_effect(log, q_hat)
+    # the budget is over all requests; only repeated ones can spend it
+    b_rep = budget * q0.sum() / max(q0[rep].sum(), 1e-12)
+    if omega > 0:
+        sol = solve_soft(costs, dq[rep], q0[rep], b_rep, omega, avail[rep], choice=choice)
+    else:
+        sol = solve_loss_budget(costs, dq[rep], q0[rep], b_rep, avail[rep])
+    spent = sol.cost + (~rep).sum() * costs[0] + estimator_cost * rep.sum()
+    return {"lambda": float(sol.lam), "omega": float(omega), "choice": choice,
+            "costs": [float(x) for x in costs], "estimator_cost": float(estimator_cost),
+            "budget": float(budget), "form": "loss budget, " + ("ω → 0" if omega <= 0 else f"ω = {omega}"),
+            "predicted": {"effect_loss_pct": 100.0 * sol.loss / q0.sum(),
+                          "compute_saved_pct": 100.0 * (1.0 - spent / (costs[0] * len(rep))),
+                          "strategy_mix": {str(j): float(np.mean(sol.strategy == j))
+                                           for j in range(len(costs))}}}
+
+
+def load_params(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise SolverError(f"params file {path} does not exist; write one with `comrecycle solve`")
+    try:
+        p = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SolverError(f"{path}: not JSON ({e})") from None
+    missing = [k for k in PARAMS_KEYS if k not in p]
+    if missing:
+        raise SolverError(f"{path}: missing keys {missing}; expected {list(PARAMS_KEYS)}")
+    c = np.asarray(p["costs"], np.float64)
+    if c.shape != (N_RECYCLE + 1,) or not np.isfinite(c).all() or (c < 0).any():
+        raise SolverError(f"{path}: costs must be {N_RECYCLE + 1} finite values >= 0, got {p['costs']}")
+    lam = float(p["lambda"])
+    if not np.isfinite(lam) or lam < 0:
+        raise SolverError(f"{path}: lambda must be finite and >= 0, got {p['lambda']}")
+    return p
