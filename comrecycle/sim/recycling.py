@@ -88,8 +88,8 @@ class StageCache:
         return items
 
 
-# assign(batch, available[B, K+1] bool) -> (strategy [B], propensity [B])
-AssignFn = Callable[[RequestBatch, np.ndarray], tuple[np.ndarray, np.ndarray]]
+# assign(batch, available[B, K+1] bool, cache_state[B, 3K]) -> (strategy [B], propensity [B])
+AssignFn = Callable[[RequestBatch, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def uniform_random_assignment(seed: int) -> AssignFn:
@@ -97,7 +97,7 @@ def uniform_random_assignment(seed: int) -> AssignFn:
     1/#available); initial requests: strategy 0 with propensity 1."""
     rng = np.random.default_rng([seed, 424242])
 
-    def assign(batch: RequestBatch, available: np.ndarray):
+    def assign(batch: RequestBatch, available: np.ndarray, cache_state: np.ndarray | None = None):
         B = len(batch)
         strategy = np.zeros(B, np.int8)
         propensity = np.ones(B, np.float32)
@@ -115,7 +115,7 @@ def uniform_random_assignment(seed: int) -> AssignFn:
 def fixed_assignment(strategy: int) -> AssignFn:
     """Every repeated request by `strategy` when its cache allows, else strategy 0."""
 
-    def assign(batch: RequestBatch, available: np.ndarray):
+    def assign(batch: RequestBatch, available: np.ndarray, cache_state: np.ndarray | None = None):
         s = np.where(batch.is_repeat & available[:, strategy], strategy, 0).astype(np.int8)
         return s, np.ones(len(batch), np.float32)
 
@@ -163,7 +163,7 @@ class RecyclingServer:
                 self.cache.clear(batch.user_index[i])
         avail = self.availability(batch)
         cache_state = np.stack([self.cache.state(batch.user_index[i], batch.ts[i]) for i in range(B)])
-        strategy, propensity = self.assign(batch, avail)
+        strategy, propensity = self.assign(batch, avail, cache_state)
         if not avail[np.arange(B), strategy].all():
             raise ValueError("assignment chose a strategy whose cache is unavailable")
         q = np.full((B, N_STRATEGIES), np.nan, np.float32)

@@ -1,0 +1,140 @@
+"""Closed-loop evaluation: the policy deployed in the simulator, deciding per request from the
+estimator's predictions on the live cache state, with its own recycling changing the caches
+it later reads (what a log evaluation cannot show).
+
+Realised loss is measured per request against the full cascade on the same state:
+    loss % = Σ_i (q_i0 − q_i,served) / Σ_i q_i0          (q from the simulator, exact)
+    compute saved % = 1 − (Σ_i c_served + estimator cost × repeated requests) / (n · c_0)
+
+`LambdaController` is the near-line λ: it watches the predicted loss of recent decisions and
+moves λ multiplicatively so that predicted loss / predicted effect stays at the budget when
+the traffic shifts (a different repeat share, user mix, cache ages).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..specs import N_RECYCLE
+from .decide import decide
+
+
+@dataclass
+class LambdaController:
+    """λ_{t+1} = λ_t · exp(gain · (L_t / (b · Q_t) − 1)), clipped to [lam_min, lam_max], where
+    L_t and Q_t are exponentially weighted sums (half-life `half_life` requests) of the
+    predicted loss of the chosen strategies and of the predicted effect of full computation
+    (initial requests count in Q with their predicted Q_0: they are part of the traffic the
+    budget is relative to)."""
+
+    lam: float
+    budget: float
+    gain: float = 0.5
+    half_life: float = 2000.0
+    lam_min: float = 1e-3
+    lam_max: float = 1e6
+    loss_ewma: float = 0.0
+    effect_ewma: float = 0.0
+    trace: list = field(default_factory=list)
+
+    def update(self, pred_loss: np.ndarray, pred_effect: np.ndarray) -> float:
+        n = len(pred_effect)
+        if n == 0:
+            return self.lam
+        decay = 0.5 ** (n / self.half_life)
+        self.loss_ewma = decay * self.loss_ewma + float(np.sum(pred_loss))
+        self.effect_ewma = decay * self.effect_ewma + float(np.sum(pred_effect))
+        ratio = self.loss_ewma / max(self.budget * self.effect_ewma, 1e-12)
+        self.lam = float(np.clip(self.lam * np.exp(self.gain * np.clip(ratio - 1.0, -1.0, 1.0)),
+                                 self.lam_min, self.lam_max))
+        self.trace.append((self.lam, ratio * self.budget))
+        return self.lam
+
+
+class PolicyAssignment:
+    """An `assign(batch, available, cache_state)` for RecyclingServer: the estimator's ΔQ̂ on
+    the live cache state, then the params' decision rule (λ from the params or a controller)."""
+
+    def __init__(self, estimator, params: dict, controller: LambdaController | None = None):
+        self.estimator, self.params, self.controller = estimator, dict(params), controller
+        self.pred_loss: list[float] = []
+        self.pred_effect: list[float] = []
+
+    def __call__(self, batch, available: np.ndarray, cache_state: np.ndarray):
+        feats = {"user_features": batch.user_features.astype(np.int64),
+                 "history": np.asarray(batch.history, np.int64),
+                 "request_features": batch.request_features, "cache_state": cache_state.astype(np.float32)}
+        q, dq = self.estimator.predict(feats)
+        dq = np.concatenate([np.zeros((len(dq), 1)), dq], 1)
+        if self.controller is not None:
+            self.params["lambda"] = self.controller.lam
+        rep = np.asarray(batch.is_repeat)
+        s = decide(dq, available, self.params)
+        s[~rep] = 0
+        chosen_loss = dq[np.arange(len(s)), s]
+        self.pred_loss.append(float(chosen_loss.sum()))
+        self.pred_effect.append(float(q[:, 0].sum()))
+        if self.controller is not None:
+            self.controller.update(chosen_loss, q[:, 0])
+        return s.astype(np.int8), np.ones(len(s), np.float32)
+
+
+def closed_loop_metrics(table, costs, estimator_cost: float = 0.0) -> dict:
+    """Realised loss and compute saved of a closed-loop log (q_0 and the served q_j present)."""
+    n = table.num_rows
+    s = table["strategy"].to_numpy().astype(np.int64)
+    rep = table["is_repeat"].to_numpy()
+    q = np.stack([table[f"q_{j}"].to_numpy().astype(np.float64) for j in range(N_RECYCLE + 1)], 1)
+    served = q[np.arange(n), s]
+    if not np.isfinite(served).all() or not np.isfinite(q[:, 0]).all():
+        raise ValueError("closed-loop log lacks q_0 or the served strategy's q")
+    costs = np.asarray(costs, np.float64)
+    loss = float(np.sum(q[:, 0] - served) / np.sum(q[:, 0]))
+    # a session bootstrap of the loss (requests of a session are correlated)
+    _, sess = np.unique(table["session_id"].to_numpy(), return_inverse=True)
+    rng = np.random.default_rng(7)
+    boots = []
+    for _ in range(200):
+        w = rng.poisson(1.0, sess.max() + 1)[sess]
+        boots.append(np.sum(w * (q[:, 0] - served)) / np.sum(w * q[:, 0]))
+    spent = costs[s].sum() + estimator_cost * rep.sum()
+    return {"requests": n, "repeated": int(rep.sum()),
+            "effect_loss_pct": 100 * loss, "loss_ci95": [100 * float(np.percentile(boots, 2.5)),
+                                                         100 * float(np.percentile(boots, 97.5))],
+            "compute_saved_pct": 100 * (1 - spent / (costs[0] * n)),
+            "compute_saved_without_estimator_pct": 100 * (1 - costs[s].sum() / (costs[0] * n)),
+            "strategy_mix": {str(j): float(np.mean(s[rep] == j)) for j in range(N_RECYCLE + 1)},
+            "expected_clicks_per_request": float(np.mean(served))}
+
+
+def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=None, params: dict | None = None,
+                    controller: LambdaController | None = None, strategy: int | None = None,
+                    concurrency: int = 256, progress: bool = True, sim_options: dict | None = None):
+    """Run the policy (or a fixed `strategy` for every repeated request) in the simulator.
+    Returns (log table with q_0 and the served q_j, the PolicyAssignment or None).
+    sim_options: SessionSimulator keyword overrides (e.g. continue_prob) for shifted traffic."""
+    import json
+    from pathlib import Path
+
+    from ..build import world_for
+    from ..runtime.cascade import InProcessCascade
+    from ..sim.env import SessionSimulator
+    from ..sim.recycling import RecyclingServer, fixed_assignment
+
+    model_dir = Path(model_dir)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    costs = json.loads((model_dir / "cost_profile.json").read_text())["strategy_cost"]
+    world = world_for(manifest)
+    cascade = InProcessCascade.load(model_dir)
+    if strategy is not None:
+        assign, policy = fixed_assignment(strategy), None
+    else:
+        from ..estimator.estimator import EffectLossEstimator
+
+        policy = assign = PolicyAssignment(EffectLossEstimator.load(estimator_dir), params, controller)
+    server = RecyclingServer(world, cascade, assign, {int(k): float(v) for k, v in costs.items()},
+                             counterfactuals=(0,))
+    sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2), **(sim_options or {}))
+    name = "full" if strategy == 0 else f"strategy {strategy}" if strategy is not None else "policy"
+    return sim.run(n_requests, server, progress=progress, desc=f"closed loop ({name})").table(), policy
