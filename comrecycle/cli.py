@@ -55,13 +55,23 @@ def cmd_simulate(a) -> int:
 
         if a.workers < 1:
             raise CliError(f"--workers must be >= 1, got {a.workers}")
+        weights = None
+        if a.arm_weights:
+            if a.logging != "random":
+                raise CliError("--arm-weights applies to --logging random")
+            try:
+                weights = [float(x) for x in a.arm_weights.split(",")]
+            except ValueError:
+                raise CliError(f"--arm-weights: expected 4 comma-separated numbers, got {a.arm_weights!r}") from None
+            if len(weights) != 4 or min(weights) <= 0:
+                raise CliError(f"--arm-weights: expected 4 positive numbers (strategies 0..3), got {a.arm_weights!r}")
         if a.workers > 1:
             print(f"simulating {a.requests} requests in {a.workers} processes ...", flush=True)
             table = simulate_log_sharded(model_dir, a.requests, seed=a.seed, logging=a.logging,
-                                         concurrency=a.concurrency, workers=a.workers)
+                                         concurrency=a.concurrency, workers=a.workers, arm_weights=weights)
         else:
             table = simulate_log(model_dir, a.requests, seed=a.seed, logging=a.logging,
-                                 concurrency=a.concurrency, progress=not a.quiet)
+                                 concurrency=a.concurrency, progress=not a.quiet, arm_weights=weights)
     else:
         world = world_for(get_profile(a.profile), seed=a.world_seed)
         sim = SessionSimulator(world, seed=a.seed, concurrency=min(a.concurrency, world.n_users // 2))
@@ -218,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: strategy 0 for every request; random: repeated requests get a uniformly "
                         "random available recycling strategy (propensity logged) and the ground truth "
                         "q_0..q_3 of every strategy is computed")
+    s.add_argument("--arm-weights", metavar="W0,W1,W2,W3",
+                   help="--logging random with these relative probabilities of strategies 0..3 instead of "
+                        "uniform (propensities logged), e.g. 0.15,0.1,0.1,0.65 to explore old caches")
     s.add_argument("--policy", choices=("cascade", "legacy"), default="cascade",
                    help="who serves the pages: the built cascade (in-process onnxruntime) or the "
                         "legacy logging policy used to bootstrap training")

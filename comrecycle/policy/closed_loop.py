@@ -80,6 +80,38 @@ class PolicyAssignment:
         return s.astype(np.int8), np.ones(len(s), np.float32)
 
 
+class OracleAssignment:
+    """The oracle in the closed loop: the true ΔQ of every available strategy (each one run
+    on the live state, exact expected clicks), then the same decision rule and controller.
+    Costs 4 cascades per repeated request, so it is for evaluation only."""
+
+    def __init__(self, params: dict, controller: LambdaController | None = None):
+        self.params, self.controller = dict(params), controller
+        self.server = None  # set by simulate_policy (the RecyclingServer that calls us)
+        self.pred_loss: list[float] = []
+        self.pred_effect: list[float] = []
+
+    def __call__(self, batch, available: np.ndarray, cache_state: np.ndarray):
+        B = len(batch)
+        q = np.full((B, N_RECYCLE + 1), np.nan)
+        for j in range(N_RECYCLE + 1):
+            idx = np.flatnonzero(available[:, j] & (batch.is_repeat | (j == 0)))
+            if idx.size:
+                q[idx, j] = self.server.expected_clicks(batch, idx, j)
+        rep = np.asarray(batch.is_repeat)
+        dq = np.where(available, q[:, :1] - q, 0.0)
+        if self.controller is not None:
+            self.params["lambda"] = self.controller.lam
+        s = decide(dq, available, self.params)
+        s[~rep] = 0
+        chosen = dq[np.arange(B), s]
+        self.pred_loss.append(float(chosen.sum()))
+        self.pred_effect.append(float(q[:, 0].sum()))
+        if self.controller is not None:
+            self.controller.update(chosen, q[:, 0])
+        return s.astype(np.int8), np.ones(B, np.float32)
+
+
 def closed_loop_metrics(table, costs, estimator_cost: float = 0.0) -> dict:
     """Realised loss and compute saved of a closed-loop log (q_0 and the served q_j present)."""
     n = table.num_rows
@@ -110,7 +142,8 @@ def closed_loop_metrics(table, costs, estimator_cost: float = 0.0) -> dict:
 
 def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=None, params: dict | None = None,
                     controller: LambdaController | None = None, strategy: int | None = None,
-                    concurrency: int = 256, progress: bool = True, sim_options: dict | None = None):
+                    concurrency: int = 256, progress: bool = True, sim_options: dict | None = None,
+                    oracle: bool = False):
     """Run the policy (or a fixed `strategy` for every repeated request) in the simulator.
     Returns (log table with q_0 and the served q_j, the PolicyAssignment or None).
     sim_options: SessionSimulator keyword overrides (e.g. continue_prob) for shifted traffic."""
@@ -129,12 +162,17 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
     cascade = InProcessCascade.load(model_dir)
     if strategy is not None:
         assign, policy = fixed_assignment(strategy), None
+    elif oracle:
+        policy = assign = OracleAssignment(params, controller)
     else:
         from ..estimator.estimator import EffectLossEstimator
 
         policy = assign = PolicyAssignment(EffectLossEstimator.load(estimator_dir), params, controller)
     server = RecyclingServer(world, cascade, assign, {int(k): float(v) for k, v in costs.items()},
                              counterfactuals=(0,))
+    if oracle:
+        policy.server = server
     sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2), **(sim_options or {}))
-    name = "full" if strategy == 0 else f"strategy {strategy}" if strategy is not None else "policy"
+    name = ("full" if strategy == 0 else f"strategy {strategy}" if strategy is not None
+            else "oracle" if oracle else "policy")
     return sim.run(n_requests, server, progress=progress, desc=f"closed loop ({name})").table(), policy

@@ -164,6 +164,49 @@ def cmd_frontier(a) -> int:
     return 0
 
 
+def cmd_closed_loop(a) -> int:
+    import torch
+
+    from .closed_loop import LambdaController, closed_loop_metrics, simulate_policy
+    from .decide import load_params
+
+    torch.set_num_threads(1)  # several closed-loop runs share the cores
+    models = Path(a.models)
+    if not (models / "manifest.json").exists():
+        raise CommandError(f"{models}: not a model set (no manifest.json); build one with build_models.py")
+    sim_options = {"continue_prob": a.continue_prob} if a.continue_prob is not None else None
+    params = load_params(a.params) if a.params else None
+    if a.strategy is None and (params is None or not (a.estimator or a.oracle)):
+        raise CommandError("the policy needs --estimator and --params (or --oracle with --params, "
+                           "or --strategy J for a fixed rule)")
+    controller = None
+    if a.controller:
+        controller = LambdaController(lam=max(float(params["lambda"]), 0.01), budget=float(params["budget"]))
+    costs = (np.asarray(params["costs"]) if params else
+             np.array([float(v) for v in json.loads((models / "cost_profile.json").read_text())["strategy_cost"].values()]))
+    est_cost = float(params.get("estimator_cost", 0.0)) if params and a.strategy is None and not a.oracle else 0.0
+    table, policy = simulate_policy(models, a.requests, seed=a.seed, estimator_dir=a.estimator, params=params,
+                                    controller=controller, strategy=a.strategy, progress=not a.quiet,
+                                    sim_options=sim_options, oracle=a.oracle)
+    res = closed_loop_metrics(table, costs, est_cost)
+    res.update({"policy": f"strategy {a.strategy}" if a.strategy is not None else
+                ("oracle" if a.oracle else "comrecycle") + (" + λ controller" if controller else ", fixed λ"),
+                "budget_pct": 100 * float(params["budget"]) if params else None, "seed": a.seed,
+                "continue_prob": a.continue_prob, "lambda_start": float(params["lambda"]) if params else None})
+    if policy is not None:
+        res["predicted_loss_pct"] = 100 * float(np.sum(policy.pred_loss) / np.sum(policy.pred_effect))
+    if controller is not None:
+        res["lambda_end"] = controller.lam
+        res["lambda_trace"] = controller.trace[:: max(1, len(controller.trace) // 50)]
+    print(json.dumps({k: v for k, v in res.items() if k != "lambda_trace"}, indent=2))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    if a.log_out:
+        pq.write_table(table, a.log_out)
+    return 0
+
+
 def add_parsers(sub, default_cost_profile: str) -> None:
     s = sub.add_parser("solve", help="λ for a loss budget on a log with the estimator -> params JSON")
     s.add_argument("--logs", required=True, help="request log (Parquet, DESIGN.md §7)")
@@ -207,3 +250,19 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output directory (frontier.md/.csv/.png/.json)")
     s.set_defaults(func=cmd_frontier)
+
+    s = sub.add_parser("closed-loop", help="run the policy (or a fixed strategy) inside the simulator: "
+                                           "realised loss and compute saved on live cache states")
+    s.add_argument("--models", required=True, help="model set directory (artifacts/models/default)")
+    s.add_argument("--estimator", help="estimator directory")
+    s.add_argument("--params", help="params JSON from comrecycle solve (λ, c_j, budget)")
+    s.add_argument("--strategy", type=int, choices=range(N_RECYCLE + 1), help="a fixed rule instead of the policy")
+    s.add_argument("--controller", action="store_true", help="near-line λ: keep the predicted loss at the budget")
+    s.add_argument("--oracle", action="store_true", help="decide with the true ΔQ (runs every strategy per request)")
+    s.add_argument("--requests", type=int, default=20_000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--continue-prob", type=float, help="shifted traffic: probability a session continues")
+    s.add_argument("--out", help="metrics JSON")
+    s.add_argument("--log-out", help="also write the closed-loop log (Parquet)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_closed_loop)

@@ -92,10 +92,18 @@ class StageCache:
 AssignFn = Callable[[RequestBatch, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def uniform_random_assignment(seed: int) -> AssignFn:
-    """Repeated requests: a strategy drawn uniformly among the available ones (propensity
-    1/#available); initial requests: strategy 0 with propensity 1."""
+def uniform_random_assignment(seed: int, weights=None) -> AssignFn:
+    """Repeated requests: a strategy drawn among the available ones, uniformly (propensity
+    1/#available) or with probability proportional to `weights` [K+1] (propensity
+    w_j / Σ_available w); initial requests: strategy 0 with propensity 1.
+
+    Non-uniform weights that favour strategy 3 explore deep caches: the rank list is rewritten
+    by strategies 0-2, so under uniform logging it is rarely more than two pages old, while a
+    policy that recycles reads it much older."""
     rng = np.random.default_rng([seed, 424242])
+    w = None if weights is None else np.asarray(weights, np.float64)
+    if w is not None and (w.shape != (N_STRATEGIES,) or not np.isfinite(w).all() or (w <= 0).any()):
+        raise ValueError(f"arm weights: expected {N_STRATEGIES} positive numbers, got {weights}")
 
     def assign(batch: RequestBatch, available: np.ndarray, cache_state: np.ndarray | None = None):
         B = len(batch)
@@ -105,8 +113,13 @@ def uniform_random_assignment(seed: int) -> AssignFn:
             if not batch.is_repeat[i]:
                 continue
             opts = np.flatnonzero(available[i])
-            strategy[i] = rng.choice(opts)
-            propensity[i] = 1.0 / opts.size
+            if w is None:
+                strategy[i] = rng.choice(opts)
+                propensity[i] = 1.0 / opts.size
+            else:
+                p = w[opts] / w[opts].sum()
+                k = rng.choice(opts.size, p=p)
+                strategy[i], propensity[i] = opts[k], p[k]
         return strategy, propensity
 
     return assign
@@ -150,6 +163,17 @@ class RecyclingServer:
                 for j in range(1, N_STRATEGIES):
                     avail[i, j] = self.cache.candidates(batch.user_index[i], j, batch.ts[i]) is not None
         return avail
+
+    def expected_clicks(self, batch: RequestBatch, idx: np.ndarray, j: int) -> np.ndarray:
+        """[len(idx)] exact expected clicks of strategy j's page for requests idx."""
+        outs = self._run(batch, idx, j)
+        pages = np.full((idx.size, 20), -1, np.int64)
+        for r, o in enumerate(outs):
+            if isinstance(o, Exception):
+                raise o
+            p = self.world.item_index(o["rerank_items"][:20])
+            pages[r, :p.size] = p
+        return self.world.expected_clicks(batch.interest[idx], pages, (pages != -1).sum(axis=1))
 
     def _run(self, batch: RequestBatch, idx: np.ndarray, j: int) -> list[dict]:
         ctxs = [batch.context(i) for i in idx]
@@ -200,7 +224,8 @@ class RecyclingServer:
 
 
 def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "random",
-                 concurrency: int = 256, progress: bool = True, strategy: int | None = None):
+                 concurrency: int = 256, progress: bool = True, strategy: int | None = None,
+                 arm_weights=None):
     """A request log served by the model set in `model_dir` with the recycling cache.
 
     logging="random": repeated requests get a uniformly random available strategy (propensity
@@ -221,7 +246,7 @@ def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "rand
     if strategy is not None:
         assign, cf = fixed_assignment(strategy), (0, strategy)
     elif logging == "random":
-        assign, cf = uniform_random_assignment(seed), True
+        assign, cf = uniform_random_assignment(seed, arm_weights), True
     elif logging == "full":
         assign, cf = fixed_assignment(0), (0,)
     else:
@@ -233,12 +258,13 @@ def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "rand
 
 
 def _shard(args):
-    model_dir, n, seed, logging, concurrency = args
-    return simulate_log(model_dir, n, seed=seed, logging=logging, concurrency=concurrency, progress=False)
+    model_dir, n, seed, logging, concurrency, arm_weights = args
+    return simulate_log(model_dir, n, seed=seed, logging=logging, concurrency=concurrency, progress=False,
+                        arm_weights=arm_weights)
 
 
 def simulate_log_sharded(model_dir, n_requests: int, seed: int = 0, logging: str = "random",
-                         concurrency: int = 256, workers: int = 2):
+                         concurrency: int = 256, workers: int = 2, arm_weights=None):
     """simulate_log split over `workers` processes (independent session streams with seeds
     seed*1000 + shard); request and session ids are made unique with the shard in bits 40+."""
     from concurrent.futures import ProcessPoolExecutor
@@ -250,7 +276,8 @@ def simulate_log_sharded(model_dir, n_requests: int, seed: int = 0, logging: str
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     sizes = [n_requests // workers + (1 if s < n_requests % workers else 0) for s in range(workers)]
-    jobs = [(str(model_dir), n, seed * 1000 + s, logging, concurrency) for s, n in enumerate(sizes) if n > 0]
+    jobs = [(str(model_dir), n, seed * 1000 + s, logging, concurrency, arm_weights)
+            for s, n in enumerate(sizes) if n > 0]
     with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as pool:
         tables = list(pool.map(_shard, jobs))
     out = []
