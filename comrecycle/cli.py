@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train-estimator", help="train the effect-loss estimator on a randomised log, "
                                                "evaluate it, write ONNX + manifest + report")
-    s.add_argument("--logs", required=True, help="randomised log (comrecycle simulate --logging random)")
+    s.add_argument("--logs", required=True, nargs="+",
+                   help="randomised log(s) (comrecycle simulate --logging random); several are concatenated")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--eval-logs", help="held-out randomised log (default: hold out --holdout of the sessions)")
     s.add_argument("--holdout", type=float, default=0.2)

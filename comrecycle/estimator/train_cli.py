@@ -47,12 +47,33 @@ def split_sessions(table: pa.Table, holdout: float, seed: int) -> tuple[pa.Table
     return table.filter(pc.invert(mask)), table.filter(mask)
 
 
-def train_and_evaluate(logs: str | Path, out: str | Path, eval_logs: str | Path | None = None,
+def read_training_logs(paths) -> pa.Table:
+    """One or several randomised logs, concatenated; request and session ids of the i-th log
+    are offset by i << 48 so that sessions of different logs never merge."""
+    if isinstance(paths, (str, Path)):
+        return read_training_log(paths)
+    tables = [read_training_log(p) for p in paths]
+    if len(tables) == 1:
+        return tables[0]
+    common = [c for c in tables[0].column_names if all(c in t.column_names for t in tables)]
+    out = []
+    for i, t in enumerate(tables):
+        t = t.select(common)
+        for col in ("request_id", "session_id"):
+            t = t.set_column(t.column_names.index(col), col, pc.add(t[col], pa.scalar(i << 48, pa.int64())))
+        out.append(t)
+    try:
+        return pa.concat_tables(out)
+    except pa.ArrowInvalid as e:
+        raise LogError(f"logs {[str(p) for p in paths]} do not share column types ({e})") from None
+
+
+def train_and_evaluate(logs, out: str | Path, eval_logs: str | Path | None = None,
                        holdout: float = 0.2, seed: int = 0, max_epochs: int = 15,
                        progress: bool = True, baselines: bool = True) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = read_training_log(logs)
+    table = read_training_logs(logs)
     if eval_logs:
         train, held = table, read_training_log(eval_logs)
     else:
@@ -81,12 +102,13 @@ def train_and_evaluate(logs: str | Path, out: str | Path, eval_logs: str | Path 
     curves = {name: treatment_curves(d, t, y, p) for name, d in preds.items()}
     png = plot_uplift_curves(curves, out / "uplift_curves.png", kind="qini",
                              title="Qini curves on held-out randomised requests (score = -predicted loss)")
-    details = {"training log": str(logs), "held-out": str(eval_logs) if eval_logs else f"{holdout:.0%} of sessions",
+    logs_name = ", ".join(map(str, logs)) if isinstance(logs, (list, tuple)) else str(logs)
+    details = {"training log": logs_name, "held-out": str(eval_logs) if eval_logs else f"{holdout:.0%} of sessions",
                "train repeated requests": est.history_["train_rows"] + est.history_["valid_rows"],
                "held-out repeated requests": rep.num_rows, "training time (s)": round(fit_s, 1),
                "epochs": est.history_["epochs"], "seed": seed}
     (out / "report.md").write_text(report_markdown(metrics, details)
                                    + f"\n\n![Qini curves]({png.name})\n")
     (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "details": details}, indent=2, default=float))
-    est.save(out, extra={"training_log": str(logs), "fit_seconds": round(fit_s, 1), "details": details})
+    est.save(out, extra={"training_log": logs_name, "fit_seconds": round(fit_s, 1), "details": details})
     return {"metrics": metrics, "details": details, "out": str(out)}

@@ -41,3 +41,32 @@ def test_expired_emptied_and_cleared_lists_are_absent():
     # another user's entry is untouched
     c.write(4, _full(), ts=0.0)
     assert (c.state(3, 1.0) == -1).all() and (c.state(4, 1.0) >= 0).all()
+
+
+class _Batch:
+    def __init__(self, is_repeat):
+        self.is_repeat = np.asarray(is_repeat)
+
+    def __len__(self):
+        return self.is_repeat.size
+
+
+def test_weighted_random_logging_propensities_follow_the_available_arms():
+    import pytest
+
+    from comrecycle.sim.recycling import uniform_random_assignment
+
+    n = 40_000
+    avail = np.ones((n, 4), bool)
+    avail[n // 2:, 3] = False  # half the requests cannot use strategy 3
+    rep = np.ones(n, bool)
+    rep[:100] = False
+    s, p = uniform_random_assignment(0, [0.15, 0.1, 0.1, 0.65])(_Batch(rep), avail)
+    assert (s[:100] == 0).all() and (p[:100] == 1).all()
+    w = np.array([0.15, 0.1, 0.1, 0.65])
+    for half, weights in ((slice(100, n // 2), w / w.sum()), (slice(n // 2, n), np.r_[w[:3], 0] / w[:3].sum())):
+        freq = np.bincount(s[half], minlength=4) / s[half].size
+        np.testing.assert_allclose(freq, weights, atol=0.015)
+        np.testing.assert_allclose(p[half], weights[s[half]], rtol=1e-6)
+    with pytest.raises(ValueError, match="arm weights: expected 4 positive numbers"):
+        uniform_random_assignment(0, [1, 0, 1, 1])
