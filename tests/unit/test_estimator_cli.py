@@ -101,3 +101,14 @@ def test_cache_state_is_used_only_when_the_logs_carry_it(tiny_random_log):
     q_a, _ = without.predict(_with_cache_state(f, -1.0))
     q_b, _ = without.predict(_with_cache_state(f, 3.0))
     np.testing.assert_array_equal(q_a, q_b)
+
+
+def test_several_training_logs_are_concatenated_with_distinct_sessions(log_path, tiny_random_log):
+    from comrecycle.estimator.train_cli import read_training_logs
+
+    t = read_training_logs([log_path, log_path])
+    n = tiny_random_log.num_rows
+    assert t.num_rows == 2 * n
+    sessions = t["session_id"].to_numpy()
+    assert len(np.unique(sessions)) == 2 * len(np.unique(tiny_random_log["session_id"].to_numpy()))
+    assert len(np.unique(t["request_id"].to_numpy())) == 2 * n
