@@ -196,15 +196,19 @@ def write_frontier(res: dict, out: str | Path, title: str = "Compute saved vs ef
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     style = {"comrecycle": dict(color="C0", lw=2.5), "oracle": dict(color="k", ls="--", lw=1.8)}
+    right = max(6.0, max(r["budget_pct"] for r in res["table"]) * 1.2)
     for i, (name, c) in enumerate(res["curves"].items()):
         x, y = np.array(c["loss_pct"]), np.array(c["saved_pct"])
         o = np.argsort(x, kind="stable")
+        x, y = x[o], np.maximum.accumulate(y[o])
+        # allowing more loss never saves less: the envelope runs on to the right edge
+        x, y = np.append(x, max(right, x[-1])), np.append(y, y[-1])
         kw = style.get(name, dict(color=f"C{i + 1}", lw=1.2, alpha=0.85))
-        ax.plot(x[o], np.maximum.accumulate(y[o]), label=name, **kw)
+        ax.plot(x, y, label=name, **kw)  # linear: neighbouring points can be mixed
     for row in res["table"]:
         ax.axvline(row["budget_pct"], color="grey", lw=0.6, ls=":")
     ax.axvline(1.0, color="red", lw=1.2, ls="-", label="budget b = 1%")
-    ax.set_xlim(left=min(-0.5, ax.get_xlim()[0]), right=max(6.0, max(r["budget_pct"] for r in res["table"]) * 1.2))
+    ax.set_xlim(left=min(-0.5, ax.get_xlim()[0]), right=right)
     ax.set_xlabel("effect loss % (expected clicks vs always-full)")
     ax.set_ylabel("compute saved %")
     ax.set_title(title)
