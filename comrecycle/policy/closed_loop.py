@@ -147,19 +147,10 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
     """Run the policy (or a fixed `strategy` for every repeated request) in the simulator.
     Returns (log table with q_0 and the served q_j, the PolicyAssignment or None).
     sim_options: SessionSimulator keyword overrides (e.g. continue_prob) for shifted traffic."""
-    import json
-    from pathlib import Path
-
-    from ..build import world_for
-    from ..runtime.cascade import InProcessCascade
     from ..sim.env import SessionSimulator
-    from ..sim.recycling import RecyclingServer, fixed_assignment
+    from ..sim.recycling import RecyclingServer, fixed_assignment, load_model_set
 
-    model_dir = Path(model_dir)
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    costs = json.loads((model_dir / "cost_profile.json").read_text())["strategy_cost"]
-    world = world_for(manifest)
-    cascade = InProcessCascade.load(model_dir)
+    world, cascade, costs = load_model_set(model_dir)
     if strategy is not None:
         assign, policy = fixed_assignment(strategy), None
     elif oracle:
@@ -168,8 +159,7 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
         from ..estimator.estimator import EffectLossEstimator
 
         policy = assign = PolicyAssignment(EffectLossEstimator.load(estimator_dir), params, controller)
-    server = RecyclingServer(world, cascade, assign, {int(k): float(v) for k, v in costs.items()},
-                             counterfactuals=(0,))
+    server = RecyclingServer(world, cascade, assign, costs, counterfactuals=(0,))
     if oracle:
         policy.server = server
     sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2), **(sim_options or {}))

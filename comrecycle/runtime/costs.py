@@ -15,6 +15,18 @@ from ..specs import STAGES, STRATEGIES, STRATEGY_ENTRY_STAGE
 from .cascade import InProcessCascade, batched
 
 
+def _median_seconds(call, repeats: int, warmup: int) -> float:
+    """Median wall time of `call()` over `repeats` runs after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def measure_stage_costs(cascade: InProcessCascade, contexts: list[dict], batch_size: int = 8,
                         repeats: int = 5, warmup: int = 1) -> dict:
     """Median seconds per request of each stage at `batch_size` requests per onnxruntime call."""
@@ -32,15 +44,7 @@ def measure_stage_costs(cascade: InProcessCascade, contexts: list[dict], batch_s
             else:
                 ctx["candidates"] = out[f"{STAGES[si - 1]}_items"]
             reqs.append(batched(ctx))
-        rt = cascade.stages[stage]
-        for _ in range(warmup):
-            rt.run(reqs)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            rt.run(reqs)
-            times.append(time.perf_counter() - t0)
-        per_stage[stage] = float(np.median(times)) / batch_size
+        per_stage[stage] = _median_seconds(lambda: cascade.stages[stage].run(reqs), repeats, warmup) / batch_size
     return per_stage
 
 
@@ -82,10 +86,4 @@ def measure_estimator_seconds(onnx_path, features: dict[str, np.ndarray], batch_
         reqs.append({"user_features": features["user_features"][i:i + 1], "history": h[h >= 0][None],
                      "request_features": features["request_features"][i:i + 1],
                      "cache_state": features["cache_state"][i:i + 1]})
-    rt.run(reqs)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        rt.run(reqs)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) / n
+    return _median_seconds(lambda: rt.run(reqs), repeats, warmup=1) / n

@@ -166,7 +166,10 @@ class RecyclingServer:
 
     def expected_clicks(self, batch: RequestBatch, idx: np.ndarray, j: int) -> np.ndarray:
         """[len(idx)] exact expected clicks of strategy j's page for requests idx."""
-        outs = self._run(batch, idx, j)
+        return self._page_clicks(batch, idx, self._run(batch, idx, j))
+
+    def _page_clicks(self, batch: RequestBatch, idx: np.ndarray, outs: list) -> np.ndarray:
+        """Expected clicks of the pages in `outs` (one per request of idx); errors re-raised."""
         pages = np.full((idx.size, 20), -1, np.int64)
         for r, o in enumerate(outs):
             if isinstance(o, Exception):
@@ -200,16 +203,10 @@ class RecyclingServer:
             if idx.size == 0:
                 continue
             outs = self._run(batch, idx, j)
-            pages = np.full((idx.size, 20), -1, np.int64)
+            q[idx, j] = self._page_clicks(batch, idx, outs)
             for r, o in enumerate(outs):
-                if isinstance(o, Exception):
-                    raise o
-                p = self.world.item_index(o["rerank_items"][:20])
-                pages[r, :p.size] = p
                 if strategy[idx[r]] == j:
                     served[idx[r]] = o
-            lens = (pages != -1).sum(axis=1)
-            q[idx, j] = self.world.expected_clicks(batch.interest[idx], pages, lens)
         for i in range(B):
             self.cache.write(batch.user_index[i], served[i], batch.ts[i])
         self.last = {"strategy": strategy, "propensity": propensity, "q": q, "cache_state": cache_state,
@@ -223,6 +220,19 @@ class RecyclingServer:
             self.cache.remove_exposed(batch.user_index[i], viewed)
 
 
+def load_model_set(model_dir) -> tuple[World, InProcessCascade, dict[int, float]]:
+    """The world a model set was built for, its in-process cascade and its strategy costs c_j."""
+    import json
+    from pathlib import Path
+
+    from ..build import world_for
+
+    model_dir = Path(model_dir)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    costs = json.loads((model_dir / "cost_profile.json").read_text())["strategy_cost"]
+    return world_for(manifest), InProcessCascade.load(model_dir), {int(k): float(v) for k, v in costs.items()}
+
+
 def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "random",
                  concurrency: int = 256, progress: bool = True, strategy: int | None = None,
                  arm_weights=None):
@@ -232,17 +242,9 @@ def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "rand
     logged) and every strategy's q_j is computed; "full": strategy 0 everywhere (q_0 only);
     strategy=j: every repeated request recycled by j when its cache allows (q_0 and q_j).
     """
-    import json
-    from pathlib import Path
-
-    from ..build import world_for
     from .env import SessionSimulator
 
-    model_dir = Path(model_dir)
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    costs = json.loads((model_dir / "cost_profile.json").read_text())["strategy_cost"]
-    world = world_for(manifest)
-    cascade = InProcessCascade.load(model_dir)
+    world, cascade, costs = load_model_set(model_dir)
     if strategy is not None:
         assign, cf = fixed_assignment(strategy), (0, strategy)
     elif logging == "random":
@@ -251,8 +253,7 @@ def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "rand
         assign, cf = fixed_assignment(0), (0,)
     else:
         raise ValueError(f"logging must be 'random' or 'full', got {logging!r}")
-    server = RecyclingServer(world, cascade, assign, {int(k): float(v) for k, v in costs.items()},
-                             counterfactuals=cf)
+    server = RecyclingServer(world, cascade, assign, costs, counterfactuals=cf)
     sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2))
     return sim.run(n_requests, server, progress=progress, desc=f"simulate ({logging})").table()
 
