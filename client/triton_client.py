@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from comrecycle.specs import (CONTEXT, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, EXCLUDE_ITEMS, STAGES, ensemble_specs,
-                              items_out, scores_out)
+from comrecycle.specs import (CONTEXT, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, EXCLUDE_ITEMS, ROUTER, ROUTER_INPUTS,
+                              ROUTER_OUTPUTS, STAGES, ensemble_specs, items_out, scores_out)
 
 PROTOCOLS = ("grpc", "http")
 
@@ -30,6 +30,8 @@ def model_inputs(model: str) -> list[str]:
     """Input tensor names of a served model (ensemble or stage)."""
     if model == "estimator":
         return [t.name for t in ESTIMATOR_INPUTS]
+    if model == ROUTER:
+        return [t.name for t in ROUTER_INPUTS]
     ctx = [t.name for t in CONTEXT]
     ens = ensemble_specs()
     if model in ens:
@@ -45,6 +47,8 @@ def model_inputs(model: str) -> list[str]:
 def model_outputs(model: str) -> list[str]:
     if model == "estimator":
         return [t.name for t in ESTIMATOR_OUTPUTS]
+    if model == ROUTER:
+        return [t.name for t in ROUTER_OUTPUTS]
     ens = ensemble_specs()
     stages = ens[model].stages if model in ens else (model,)
     return [n for s in stages for n in (items_out(s).name, scores_out(s).name)]
@@ -86,7 +90,10 @@ class CascadeClient:
 
     def _inputs(self, model: str, tensors: dict[str, np.ndarray]):
         ins = []
+        optional = {t.name for t in ROUTER_INPUTS if t.optional} if model == ROUTER else set()
         for name in model_inputs(model):
+            if name not in tensors and name in optional:
+                continue
             if name not in tensors:
                 raise ValueError(f"model {model!r} needs input {name!r}; got {sorted(tensors)}")
             v = np.asarray(tensors[name])[None, ...]

@@ -36,6 +36,21 @@ class CliError(Exception):
 
 
 # ---- simulate ---------------------------------------------------------------------------------
+def parse_arm_weights(text: str) -> list[list[float]]:
+    """'W0,W1,W2,W3[;W0,W1,W2,W3...]' -> rows of 4 positive floats (CliError otherwise)."""
+    rows = []
+    for part in text.split(";"):
+        try:
+            row = [float(x) for x in part.split(",")]
+        except ValueError:
+            raise CliError(f"--arm-weights: expected rows of 4 comma-separated numbers separated by ';', "
+                           f"got {text!r}") from None
+        if len(row) != 4 or not all(x > 0 and x < float("inf") for x in row):
+            raise CliError(f"--arm-weights: expected 4 positive numbers (strategies 0..3) per row, got {part!r}")
+        rows.append(row)
+    return rows
+
+
 def cmd_simulate(a) -> int:
     from .build import world_for
     from .profiles import get_profile
@@ -59,19 +74,19 @@ def cmd_simulate(a) -> int:
         if a.arm_weights:
             if a.logging != "random":
                 raise CliError("--arm-weights applies to --logging random")
-            try:
-                weights = [float(x) for x in a.arm_weights.split(",")]
-            except ValueError:
-                raise CliError(f"--arm-weights: expected 4 comma-separated numbers, got {a.arm_weights!r}") from None
-            if len(weights) != 4 or min(weights) <= 0:
-                raise CliError(f"--arm-weights: expected 4 positive numbers (strategies 0..3), got {a.arm_weights!r}")
+            weights = parse_arm_weights(a.arm_weights)
+        if a.no_counterfactuals and a.logging != "random":
+            raise CliError("--no-counterfactuals applies to --logging random")
+        cf = not a.no_counterfactuals
         if a.workers > 1:
             print(f"simulating {a.requests} requests in {a.workers} processes ...", flush=True)
             table = simulate_log_sharded(model_dir, a.requests, seed=a.seed, logging=a.logging,
-                                         concurrency=a.concurrency, workers=a.workers, arm_weights=weights)
+                                         concurrency=a.concurrency, workers=a.workers, arm_weights=weights,
+                                         counterfactuals=cf)
         else:
             table = simulate_log(model_dir, a.requests, seed=a.seed, logging=a.logging,
-                                 concurrency=a.concurrency, progress=not a.quiet, arm_weights=weights)
+                                 concurrency=a.concurrency, progress=not a.quiet, arm_weights=weights,
+                                 counterfactuals=cf)
     else:
         world = world_for(get_profile(a.profile), seed=a.world_seed)
         sim = SessionSimulator(world, seed=a.seed, concurrency=min(a.concurrency, world.n_users // 2))
@@ -228,9 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: strategy 0 for every request; random: repeated requests get a uniformly "
                         "random available recycling strategy (propensity logged) and the ground truth "
                         "q_0..q_3 of every strategy is computed")
-    s.add_argument("--arm-weights", metavar="W0,W1,W2,W3",
+    s.add_argument("--arm-weights", metavar="W0,W1,W2,W3[;W0,W1,W2,W3...]",
                    help="--logging random with these relative probabilities of strategies 0..3 instead of "
-                        "uniform (propensities logged), e.g. 0.15,0.1,0.1,0.65 to explore old caches")
+                        "uniform (propensities logged), e.g. 0.15,0.1,0.1,0.65 to explore old caches; "
+                        "several ';'-separated rows make a mixture: each session uses one row (seeded), "
+                        "e.g. '1,1,1,1;0.04,0.03,0.03,0.9' keeps every strategy explored and also "
+                        "yields long runs of recycling (deep caches)")
+    s.add_argument("--no-counterfactuals", action="store_true",
+                   help="--logging random: compute q_j of the served strategy only (a training log; the "
+                        "estimator learns from observed clicks). Much faster; such a log cannot be used "
+                        "for exact evaluation")
     s.add_argument("--policy", choices=("cascade", "legacy"), default="cascade",
                    help="who serves the pages: the built cascade (in-process onnxruntime) or the "
                         "legacy logging policy used to bootstrap training")

@@ -24,8 +24,9 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .specs import (CONTEXT, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, EXCLUDE_ITEMS, STAGES, CascadeSizes,
-                    EnsembleSpec, StageSpec, TensorSpec, ensemble_specs, items_out, scores_out, stage_specs)
+from .specs import (CONTEXT, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, EXCLUDE_ITEMS, ROUTER, ROUTER_INPUTS,
+                    ROUTER_OUTPUTS, STAGES, CascadeSizes, EnsembleSpec, StageSpec, TensorSpec, ensemble_specs,
+                    items_out, scores_out, stage_specs)
 
 VARIANTS = ("cpu", "gpu", "container")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,18 +35,23 @@ DEFAULT_REPOSITORY = {"cpu": REPO_ROOT / "model_repository",
                       "container": REPO_ROOT / "deploy" / "container" / "model_repository"}
 STAGE_MODEL_PY = REPO_ROOT / "python_backends" / "stage" / "model.py"
 ESTIMATOR_MODEL_PY = REPO_ROOT / "python_backends" / "estimator" / "model.py"
+ROUTER_MODEL_PY = REPO_ROOT / "python_backends" / "recycle_router" / "model.py"
 ESTIMATOR_MAX_BATCH = 64
+ROUTER_MAX_BATCH = 16  # = the ensembles' max batch: one BLS call per strategy group
+ROUTER_QUEUE_DELAY_US = 500
+# old and new versions stay loaded together while a router/estimator update rolls out
+ROLLOUT_VERSIONS = 2
 # Largest batch per stage call. Ranking's target attention is [batch, 300, 50, 4*emb] floats.
 STAGE_MAX_BATCH = {"retrieval": 32, "prerank": 32, "rank": 16, "rerank": 32}
 STAGE_INSTANCES = {"retrieval": 1, "prerank": 1, "rank": 2, "rerank": 1}
 QUEUE_DELAY_US = 200
 MODEL_VERSION = 1
-_DTYPE = {"int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32}
+_DTYPE = {"int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32, "float64": mc.TYPE_FP64}
 
 
 def _input(t: TensorSpec, ragged: bool) -> mc.ModelInput:
     return mc.ModelInput(name=t.name, data_type=_DTYPE[t.dtype], dims=list(t.dims),
-                         allow_ragged_batch=bool(ragged and t.variable))
+                         allow_ragged_batch=bool(ragged and t.variable), optional=t.optional)
 
 
 def _output(t: TensorSpec) -> mc.ModelOutput:
@@ -95,11 +101,29 @@ def estimator_config(variant: str = "cpu") -> mc.ModelConfig:
     kind = mc.ModelInstanceGroup.KIND_CPU if variant == "cpu" else mc.ModelInstanceGroup.KIND_GPU
     cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=kind))
     cfg.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
+    cfg.version_policy.latest.num_versions = ROLLOUT_VERSIONS
     if not native:
         params = {"onnx_file": "model.onnx", "device": "gpu" if variant == "gpu" else "cpu",
                   "ort_intra_op_threads": "1"}
         for k, v in sorted(params.items()):
             cfg.parameters[k].string_value = v
+    return cfg
+
+
+def router_config() -> mc.ModelConfig:
+    """recycle_router: Python-backend BLS model on CPU in every variant (it does I/O and
+    bookkeeping; the stages it calls run where their own configs say)."""
+    from .router.serving import SETTINGS
+
+    cfg = mc.ModelConfig(name=ROUTER, backend="python", max_batch_size=ROUTER_MAX_BATCH)
+    cfg.input.extend(_input(t, ragged=True) for t in ROUTER_INPUTS)
+    cfg.output.extend(_output(t) for t in ROUTER_OUTPUTS)
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
+    cfg.dynamic_batching.max_queue_delay_microseconds = ROUTER_QUEUE_DELAY_US
+    cfg.version_policy.latest.num_versions = 1
+    for k, (_, default) in sorted(SETTINGS.items()):
+        if k != "redis_password":  # never in a committed file: environment only
+            cfg.parameters[k].string_value = default
     return cfg
 
 
@@ -131,6 +155,7 @@ def all_configs(sizes: CascadeSizes, variant: str = "cpu") -> dict[str, mc.Model
     for name, ens in ensemble_specs().items():
         cfgs[name] = ensemble_config(ens, stages)
     cfgs["estimator"] = estimator_config(variant)
+    cfgs[ROUTER] = router_config()
     return cfgs
 
 
@@ -151,7 +176,8 @@ def write_configs(repo: str | Path, sizes: CascadeSizes, variant: str = "cpu") -
         written.append(d / "config.pbtxt")
         if cfg.backend == "python":
             dst = d / str(MODEL_VERSION) / "model.py"
-            shutil.copyfile(ESTIMATOR_MODEL_PY if name == "estimator" else STAGE_MODEL_PY, dst)
+            src = {"estimator": ESTIMATOR_MODEL_PY, ROUTER: ROUTER_MODEL_PY}.get(name, STAGE_MODEL_PY)
+            shutil.copyfile(src, dst)
             written.append(dst)
         elif cfg.platform == "ensemble":
             keep = d / str(MODEL_VERSION) / ".gitkeep"
@@ -250,6 +276,41 @@ def install_estimator(repo: str | Path, estimator_dir: str | Path, version: int 
     return dst
 
 
+def install_router_params(repo: str | Path, params_path: str | Path, estimator_version: int | None = None,
+                          version: int | None = None) -> Path:
+    """Install the params of `comrecycle solve` as a new version of recycle_router (version =
+    highest existing + 1 unless given; the estimator version it calls = the latest installed
+    unless given). Loading it with explicit model control swaps versions without downtime."""
+    from .router.params import PARAMS_FILE, RouterParams
+
+    repo = Path(repo)
+    root = repo / ROUTER
+    if not (root / "config.pbtxt").exists():
+        raise FileNotFoundError(f"{root}/config.pbtxt missing: generate the repository first (build_models.py)")
+    p = json.loads(Path(params_path).read_text())
+    if estimator_version is None:
+        est = [int(v.name) for v in (repo / "estimator").iterdir()
+               if v.is_dir() and v.name.isdigit() and (v / "model.onnx").exists()]
+        if not est:
+            raise FileNotFoundError(f"{repo}/estimator has no installed version: install an estimator first")
+        estimator_version = max(est)
+    p["estimator_model_version"] = int(estimator_version)
+    RouterParams.from_dict(p, str(params_path))  # fail here, not when Triton loads it
+    existing = [int(v.name) for v in root.iterdir() if v.is_dir() and v.name.isdigit() and (v / PARAMS_FILE).exists()]
+    version = version or (max(existing) + 1 if existing else 1)
+    dst = root / str(version)
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ROUTER_MODEL_PY, dst / "model.py")
+    (dst / PARAMS_FILE).write_text(json.dumps(p, indent=2))
+    return dst
+
+
+def _version_ready(cfg: mc.ModelConfig, d: Path) -> bool:
+    """A version dir that can load: its model.onnx (params.json for the router)."""
+    need = "params.json" if cfg.name == ROUTER else "model.onnx"
+    return d.is_dir() and d.name.isdigit() and (d / need).exists()
+
+
 def loadable_models(repo: str | Path) -> list[str]:
     """Models of a repository that can load: a version dir with its model.onnx (ensembles:
     when all their steps can). The servers start with explicit model control on this list,
@@ -260,11 +321,15 @@ def loadable_models(repo: str | Path) -> list[str]:
         cfg = mc.ModelConfig()
         text_format.Parse(p.read_text(), cfg)
         cfgs[cfg.name] = cfg
-    ok = {n for n, c in cfgs.items() if c.platform != "ensemble"
-          and any((v / "model.onnx").exists() for v in (repo / n).iterdir() if v.is_dir() and v.name.isdigit())}
+    ok = {n for n, c in cfgs.items() if c.platform != "ensemble" and n != ROUTER
+          and any(_version_ready(c, v) for v in (repo / n).iterdir())}
     for n, c in cfgs.items():
         if c.platform == "ensemble" and all(s.model_name in ok for s in c.ensemble_scheduling.step):
             ok.add(n)
+    # the router calls the estimator and every cascade suffix
+    if ROUTER in cfgs and any(_version_ready(cfgs[ROUTER], v) for v in (repo / ROUTER).iterdir()) \
+            and {"estimator", "cascade", "cascade_from_prerank", "cascade_from_rank", "rerank"} <= ok:
+        ok.add(ROUTER)
     return sorted(ok)
 
 

@@ -6,6 +6,10 @@ variable-length list (allowed ragged in the dynamic batcher, padded with PAD_ID 
 
 Ids are INT64 everywhere (never BYTES). Ids the models have not seen in training are not
 errors: they are served as a cold start (out-of-vocabulary embedding).
+
+Padding: a request with batch size > 1 must send id lists as one dense [batch, n] tensor, so
+its rows may end with PAD_ID (-1); a -1 is padding only at the end of a row (a -1 followed by
+an id is an error). A request of batch size 1 never needs it.
 """
 from __future__ import annotations
 
@@ -30,13 +34,14 @@ class TensorSpec:
     """One tensor of a served model (dims exclude the batch dim)."""
 
     name: str
-    dtype: str  # numpy dtype name: "int64" | "float32"
+    dtype: str  # numpy dtype name: "int64" | "float32" | "float64"
     dims: tuple[int, ...]
     doc: str
     min_len: int = 0  # for variable-length lists
     max_len: int | None = None
     nonnegative: bool = False  # ids and categorical codes
     finite: bool = False  # floats: NaN/inf rejected
+    optional: bool = False  # may be left out of a request (config `optional: true`)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -44,12 +49,12 @@ class TensorSpec:
 
     @property
     def triton_dtype(self) -> str:
-        return {"int64": "TYPE_INT64", "float32": "TYPE_FP32"}[self.dtype]
+        return {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float64": "TYPE_FP64"}[self.dtype]
 
     @property
     def wire_dtype(self) -> str:
         """Datatype string of the KServe v2 protocol (tritonclient)."""
-        return {"int64": "INT64", "float32": "FP32"}[self.dtype]
+        return {"int64": "INT64", "float32": "FP32", "float64": "FP64"}[self.dtype]
 
     @property
     def variable(self) -> bool:
@@ -173,4 +178,30 @@ ESTIMATOR_INPUTS = (USER_FEATURES, HISTORY, REQUEST_FEATURES, CACHE_STATE)
 ESTIMATOR_OUTPUTS = (
     TensorSpec("q", "float32", (N_RECYCLE + 1,), "predicted effect (expected clicks) of strategies 0..K"),
     TensorSpec("delta_q", "float32", (N_RECYCLE,), "predicted effect loss of strategies 1..K: q_0 - q_j"),
+)
+
+
+# ---- recycle_router: the clients' entry point ---------------------------------------------------
+ROUTER = "recycle_router"
+PAGE_SIZE = 20
+VIEWED_ITEMS = TensorSpec("viewed_items", "int64", (-1,),
+                          "items of the previous page the user viewed (exposed), may be empty; items "
+                          "that were not on the previous page are ignored",
+                          min_len=0, max_len=EXCLUDE_MAX, nonnegative=True)
+CLICKED_ITEMS = TensorSpec("clicked_items", "int64", (-1,),
+                           "items of the previous page the user clicked, may be empty",
+                           min_len=0, max_len=EXCLUDE_MAX, nonnegative=True)
+REQUEST_TIME = TensorSpec("request_time", "float64", (1,),
+                          "optional: request time in seconds (e.g. Unix time) for replays and tests; "
+                          "default: the server's clock", finite=True, optional=True)
+NEW_SESSION = TensorSpec("new_session", "int64", (1,),
+                         "optional: 1 = the client starts a new session (the user's cache is dropped "
+                         "and the request is initial); default 0", nonnegative=True, optional=True)
+ROUTER_INPUTS = (USER_ID, USER_FEATURES, HISTORY, VIEWED_ITEMS, CLICKED_ITEMS, REQUEST_TIME, NEW_SESSION)
+ROUTER_OUTPUTS = (
+    TensorSpec("page_items", "int64", (-1,), f"the page: up to {PAGE_SIZE} item ids, best first"),
+    TensorSpec("page_scores", "float32", (-1,), "re-ranking scores of page_items"),
+    TensorSpec("strategy", "int64", (1,), "the strategy that served the page (0..K, see STRATEGIES)"),
+    TensorSpec("strategy_scores", "float32", (N_RECYCLE + 1,),
+               "-(c_j + λ ΔQ_j) of every strategy; -inf where unavailable (all but 0 for initial requests)"),
 )

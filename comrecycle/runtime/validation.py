@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..specs import TensorSpec
+from ..specs import PAD_ID, TensorSpec
 
 
 class InputError(ValueError):
@@ -31,18 +31,34 @@ def check_tensor(model: str, spec: TensorSpec, value: np.ndarray | None) -> int:
     for axis, d in enumerate(spec.dims, start=1):
         if d != -1 and value.shape[axis] != d:
             raise InputError(f"{where}: expected shape {want_shape}, got {list(value.shape)}")
-    if spec.variable:
-        n = value.shape[-1]
-        if n < spec.min_len:
-            raise InputError(f"{where}: expected at least {spec.min_len} item id(s), got an empty list")
-        if spec.max_len is not None and n > spec.max_len:
-            raise InputError(f"{where}: expected at most {spec.max_len} item ids, got {n}")
-    if spec.nonnegative and value.size and value.min() < 0:
+    if spec.variable and spec.nonnegative:
+        # dense [batch, n] id lists: rows may end with PAD_ID padding (specs: "Padding")
+        pad = value == PAD_ID
+        if value.size and (pad[..., :-1] & ~pad[..., 1:]).any():
+            raise InputError(f"{where}: padding ({PAD_ID}) is allowed only at the end of a row, "
+                             f"got an id after a {PAD_ID}")
+        real = value[~pad]
+        if real.size and real.min() < 0:
+            raise InputError(f"{where}: ids and codes must be >= 0, got {int(real.min())} "
+                             f"({PAD_ID} may only pad the end of a row)")
+        lengths = (~pad).sum(axis=-1)  # [batch], zeros for a [batch, 0] tensor
+        _check_lengths(where, spec, int(lengths.min()), int(lengths.max()))
+    elif spec.variable:
+        _check_lengths(where, spec, value.shape[-1], value.shape[-1])
+    if spec.nonnegative and not spec.variable and value.size and value.min() < 0:
         raise InputError(f"{where}: ids and codes must be >= 0, got {int(value.min())}")
     if spec.finite and value.size and not np.isfinite(value).all():
         bad = value[~np.isfinite(value)][0]
         raise InputError(f"{where}: expected finite values, got {bad}")
     return int(value.shape[0])
+
+
+def _check_lengths(where: str, spec: TensorSpec, shortest: int, longest: int) -> None:
+    if shortest < spec.min_len:
+        raise InputError(f"{where}: expected at least {spec.min_len} item id(s), got "
+                         f"{'an empty list' if shortest == 0 else shortest}")
+    if spec.max_len is not None and longest > spec.max_len:
+        raise InputError(f"{where}: expected at most {spec.max_len} item ids, got {longest}")
 
 
 def check_request(model: str, specs: tuple[TensorSpec, ...], tensors: dict[str, np.ndarray]) -> int:

@@ -99,11 +99,25 @@ def uniform_random_assignment(seed: int, weights=None) -> AssignFn:
 
     Non-uniform weights that favour strategy 3 explore deep caches: the rank list is rewritten
     by strategies 0-2, so under uniform logging it is rarely more than two pages old, while a
-    policy that recycles reads it much older."""
+    policy that recycles reads it much older.
+
+    `weights` may also be [M, K+1], a mixture: each session uses one row, picked by a seeded
+    hash of its session id (so every page of a session uses the same row). The logged
+    propensity is the probability under that row, which is the true assignment probability
+    given the session's row; the row is independent of the outcomes, so IPW stays unbiased,
+    and a row that favours strategy 3 yields long runs of recycling (deep caches) while a
+    uniform row keeps every strategy explored."""
     rng = np.random.default_rng([seed, 424242])
-    w = None if weights is None else np.asarray(weights, np.float64)
-    if w is not None and (w.shape != (N_STRATEGIES,) or not np.isfinite(w).all() or (w <= 0).any()):
-        raise ValueError(f"arm weights: expected {N_STRATEGIES} positive numbers, got {weights}")
+    w = None if weights is None else np.atleast_2d(np.asarray(weights, np.float64))
+    if w is not None and (w.ndim != 2 or w.shape[1] != N_STRATEGIES or w.shape[0] < 1
+                          or not np.isfinite(w).all() or (w <= 0).any()):
+        raise ValueError(f"arm weights: expected rows of {N_STRATEGIES} positive numbers, got {weights}")
+
+    def row_of(session_id: int) -> np.ndarray:
+        if w.shape[0] == 1:
+            return w[0]
+        h = np.random.default_rng([seed, 77, int(session_id) & 0x7FFFFFFFFFFFFFFF]).integers(w.shape[0])
+        return w[h]
 
     def assign(batch: RequestBatch, available: np.ndarray, cache_state: np.ndarray | None = None):
         B = len(batch)
@@ -117,7 +131,8 @@ def uniform_random_assignment(seed: int, weights=None) -> AssignFn:
                 strategy[i] = rng.choice(opts)
                 propensity[i] = 1.0 / opts.size
             else:
-                p = w[opts] / w[opts].sum()
+                wi = row_of(batch.session_id[i])
+                p = wi[opts] / wi[opts].sum()
                 k = rng.choice(opts.size, p=p)
                 strategy[i], propensity[i] = opts[k], p[k]
         return strategy, propensity
@@ -235,12 +250,15 @@ def load_model_set(model_dir) -> tuple[World, InProcessCascade, dict[int, float]
 
 def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "random",
                  concurrency: int = 256, progress: bool = True, strategy: int | None = None,
-                 arm_weights=None):
+                 arm_weights=None, counterfactuals: bool = True):
     """A request log served by the model set in `model_dir` with the recycling cache.
 
     logging="random": repeated requests get a uniformly random available strategy (propensity
     logged) and every strategy's q_j is computed; "full": strategy 0 everywhere (q_0 only);
     strategy=j: every repeated request recycled by j when its cache allows (q_0 and q_j).
+    counterfactuals=False with random logging computes q_j of the served strategy only
+    (a training log: the estimator learns from observed clicks; several times faster when
+    the weights favour the cheap strategies).
     """
     from .env import SessionSimulator
 
@@ -248,7 +266,7 @@ def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "rand
     if strategy is not None:
         assign, cf = fixed_assignment(strategy), (0, strategy)
     elif logging == "random":
-        assign, cf = uniform_random_assignment(seed, arm_weights), True
+        assign, cf = uniform_random_assignment(seed, arm_weights), bool(counterfactuals)
     elif logging == "full":
         assign, cf = fixed_assignment(0), (0,)
     else:
@@ -259,13 +277,14 @@ def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "rand
 
 
 def _shard(args):
-    model_dir, n, seed, logging, concurrency, arm_weights = args
+    model_dir, n, seed, logging, concurrency, arm_weights, counterfactuals = args
     return simulate_log(model_dir, n, seed=seed, logging=logging, concurrency=concurrency, progress=False,
-                        arm_weights=arm_weights)
+                        arm_weights=arm_weights, counterfactuals=counterfactuals)
 
 
 def simulate_log_sharded(model_dir, n_requests: int, seed: int = 0, logging: str = "random",
-                         concurrency: int = 256, workers: int = 2, arm_weights=None):
+                         concurrency: int = 256, workers: int = 2, arm_weights=None,
+                         counterfactuals: bool = True):
     """simulate_log split over `workers` processes (independent session streams with seeds
     seed*1000 + shard); request and session ids are made unique with the shard in bits 40+."""
     from concurrent.futures import ProcessPoolExecutor
@@ -277,7 +296,7 @@ def simulate_log_sharded(model_dir, n_requests: int, seed: int = 0, logging: str
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     sizes = [n_requests // workers + (1 if s < n_requests % workers else 0) for s in range(workers)]
-    jobs = [(str(model_dir), n, seed * 1000 + s, logging, concurrency, arm_weights)
+    jobs = [(str(model_dir), n, seed * 1000 + s, logging, concurrency, arm_weights, counterfactuals)
             for s, n in enumerate(sizes) if n > 0]
     with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as pool:
         tables = list(pool.map(_shard, jobs))

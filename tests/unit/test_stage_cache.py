@@ -44,8 +44,9 @@ def test_expired_emptied_and_cleared_lists_are_absent():
 
 
 class _Batch:
-    def __init__(self, is_repeat):
+    def __init__(self, is_repeat, session_id=None):
         self.is_repeat = np.asarray(is_repeat)
+        self.session_id = np.arange(self.is_repeat.size) if session_id is None else np.asarray(session_id)
 
     def __len__(self):
         return self.is_repeat.size
@@ -68,5 +69,29 @@ def test_weighted_random_logging_propensities_follow_the_available_arms():
         freq = np.bincount(s[half], minlength=4) / s[half].size
         np.testing.assert_allclose(freq, weights, atol=0.015)
         np.testing.assert_allclose(p[half], weights[s[half]], rtol=1e-6)
-    with pytest.raises(ValueError, match="arm weights: expected 4 positive numbers"):
+    with pytest.raises(ValueError, match="arm weights: expected rows of 4 positive numbers"):
         uniform_random_assignment(0, [1, 0, 1, 1])
+
+
+def test_session_mixture_logging_keeps_one_row_per_session_and_logs_its_propensity():
+    from comrecycle.sim.recycling import uniform_random_assignment
+
+    rows = np.array([[1, 1, 1, 1], [0.02, 0.03, 0.05, 0.9]])
+    assign = uniform_random_assignment(3, rows)
+    sessions = np.repeat(np.arange(2000), 10)  # 10 pages per session, every one a repeat here
+    avail = np.ones((sessions.size, 4), bool)
+    s, p = assign(_Batch(np.ones(sessions.size, bool), sessions), avail)
+    # each session's propensities all come from one row
+    per_session = p.reshape(2000, 10)
+    row_probs = rows / rows.sum(axis=1, keepdims=True)
+    uniform = np.isclose(per_session, 0.25).all(axis=1)
+    deep = np.isin(per_session, row_probs[1].astype(np.float32)).all(axis=1)
+    assert (uniform | deep).all() and not (uniform & deep).any()
+    assert 0.4 < uniform.mean() < 0.6  # the row is drawn uniformly over sessions
+    # in "deep" sessions strategy 3 is drawn ~90% of the time, with propensity 0.9
+    sd = s.reshape(2000, 10)[deep]
+    assert abs((sd == 3).mean() - 0.9) < 0.02
+    np.testing.assert_allclose(per_session[deep][sd == 3], 0.9, rtol=1e-6)
+    # the same session id gets the same row in a later batch
+    s2, p2 = assign(_Batch(np.ones(20, bool), np.arange(20)), np.ones((20, 4), bool))
+    np.testing.assert_array_equal(np.isclose(p2, 0.25), uniform[:20])

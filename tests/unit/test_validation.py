@@ -45,3 +45,21 @@ def test_batch_sizes_must_agree():
     req["user_id"] = np.array([[7], [8]], np.int64)
     with pytest.raises(InputError, match="disagree on the batch size"):
         check_request("rank", SPEC.inputs, req)
+
+
+def test_rows_of_a_batched_request_may_end_with_padding():
+    req = good()
+    for k in ("user_id", "user_features", "request_features"):
+        req[k] = np.repeat(req[k], 2, axis=0)
+    req["history"] = np.array([[3, 4, 5], [6, -1, -1]], np.int64)
+    req["candidates"] = np.array([[1, 2, 3], [4, 5, -1]], np.int64)
+    assert check_request("rank", SPEC.inputs, req) == 2
+    req["candidates"] = np.array([[1, -1, 3], [4, 5, -1]], np.int64)
+    with pytest.raises(InputError, match=r"padding \(-1\) is allowed only at the end of a row"):
+        check_request("rank", SPEC.inputs, req)
+    req["candidates"] = np.array([[1, 2, 3], [-1, -1, -1]], np.int64)  # a row with no candidate
+    with pytest.raises(InputError, match=r"at least 1 item id\(s\), got an empty list"):
+        check_request("rank", SPEC.inputs, req)
+    req["candidates"] = np.array([[1, 2, 3], [4, 5, -2]], np.int64)
+    with pytest.raises(InputError, match=r"must be >= 0, got -2"):
+        check_request("rank", SPEC.inputs, req)

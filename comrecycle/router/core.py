@@ -1,0 +1,357 @@
+"""The logic of `recycle_router` (DESIGN.md §2), testable without Triton.
+
+Per dynamically formed batch of client requests (one page each):
+
+  validate -> claim the users' cache entries (one pipelined Redis round trip, with a per-user
+  lock) -> request filter (initial / repeated) -> one estimator call for all repeated requests
+  -> strategy scores -(c_j + λ ΔQ_ij) -> requests grouped by strategy, one call per group to
+  the cascade suffix (groups issued concurrently) -> pages -> write back the recomputed stage
+  outputs (one pipelined round trip) and release the locks.
+
+The calls go through a `Backend` (Triton BLS in python_backends/recycle_router/model.py; the
+in-process onnxruntime cascade in tests and replays), the cache through a `RedisStageCache`
+(or any object with its claim/commit/release surface).
+
+Safe fallbacks (never another user's data, never a crash):
+  * Redis down, slow or busy user (a concurrent request of the same user holds the lock):
+    strategy 0 with an empty session state; nothing is written for that request;
+  * corrupt entry / entry of other model versions / expired / new_session: initial request;
+  * estimator call failed: strategy 0 for the batch's repeated requests (counted);
+  * a recycling group's call failed: that group re-served by strategy 0 (counted);
+  * strategy 0 itself failed: a per-request INTERNAL error naming the model and its message.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from ..runtime.validation import InputError, check_tensor
+from ..specs import (CACHE_STATE_FIELDS, EXCLUDE_MAX, N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS,
+                     STAGES, STRATEGIES, STRATEGY_CANDIDATES, STRATEGY_MODEL)
+from .cache import CACHED_STAGES, CacheEntry, StageList
+from .params import RouterParams
+
+log = logging.getLogger("comrecycle.router")
+
+N_STRATEGIES = len(STRATEGIES)
+CACHE_TTL_S = 900.0
+# the cached list strategy j reads
+READS = {j: (STAGES[j - 1] if j > 0 else None) for j in STRATEGIES}
+# the stage outputs a strategy's model returns that the cache stores, plus the page
+STRATEGY_OUTPUTS = {j: [f"{s}_items" for s in STAGES[j:-1]] + ["rerank_items", "rerank_scores"]
+                    for j in STRATEGIES}
+CALL_MAX_BATCH = 16  # the ensembles' max_batch_size (rank's)
+
+
+class BackendError(RuntimeError):
+    """A model call failed (the message names the model and Triton's error)."""
+
+
+class ServingError(RuntimeError):
+    """A request that could not be served (-> INTERNAL for that request only)."""
+
+
+class Backend(Protocol):
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str],
+                    version: int = -1) -> dict[str, np.ndarray]:
+        """One batched call; raises BackendError."""
+
+
+@dataclass
+class RouterResult:
+    page_items: np.ndarray  # [n <= PAGE_SIZE] int64
+    page_scores: np.ndarray  # [n] float32
+    strategy: int
+    strategy_scores: np.ndarray  # [K+1] float32, -inf where unavailable
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Output tensors with the batch dim of 1 (names from specs.ROUTER_OUTPUTS)."""
+        return {"page_items": self.page_items[None].astype(np.int64),
+                "page_scores": self.page_scores[None].astype(np.float32),
+                "strategy": np.array([[self.strategy]], np.int64),
+                "strategy_scores": self.strategy_scores[None].astype(np.float32)}
+
+
+@dataclass
+class BatchReport:
+    """What one batch did (model.py turns it into Prometheus metrics)."""
+
+    requests: int = 0
+    invalid: int = 0
+    failed: int = 0
+    strategies: np.ndarray = field(default_factory=lambda: np.zeros(N_STRATEGIES, np.int64))
+    cache: dict = field(default_factory=lambda: dict.fromkeys(
+        ("hit", "miss", "busy", "corrupt", "error", "stale_version", "expired", "new_session"), 0))
+    estimator_failures: int = 0
+    fallbacks: int = 0  # recycling groups re-served by strategy 0
+    compute_spent: float = 0.0  # in units of one full cascade
+    compute_saved: float = 0.0  # versus strategy 0 for every served request
+    cache_write_failed: bool = False
+
+
+@dataclass
+class _Req:
+    """One valid request while its batch is processed."""
+
+    user_id: int
+    user_features: np.ndarray  # [3]
+    history: np.ndarray  # [n]
+    now: float
+    status: str = "miss"  # the claim: hit | miss | busy | corrupt | error
+    repeated: bool = False
+    writable: bool = False  # we hold the user's lock and may write the entry back
+    entry: CacheEntry | None = None  # the entry after the new feedback was applied
+    request_features: np.ndarray = field(default_factory=lambda: np.array([-1, 0, 0, 0], np.float32))
+    cache_state: np.ndarray = field(default_factory=lambda: np.full(3 * N_RECYCLE, -1, np.float32))
+    available: np.ndarray = field(default_factory=lambda: np.eye(1, N_STRATEGIES, dtype=bool)[0])
+    exposed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    strategy: int = 0
+    scores: np.ndarray | None = None  # [K+1] strategy scores
+    outputs: dict | None = None
+    error: str = ""  # why it could not be served (outputs None)
+
+
+def apply_feedback(entry: CacheEntry, viewed: np.ndarray, clicked: np.ndarray, now: float,
+                   ttl_s: float) -> tuple[CacheEntry, np.ndarray, np.ndarray, np.ndarray]:
+    """The request filter's view of a valid entry after the previous page's feedback.
+
+    Viewed items count only if they were on the last page (a client cannot remove other
+    items); they leave every cached list and join the session's exposed items. Returns
+    (entry with the lists updated, request_features [4], cache_state [3K], available [K+1]).
+    The numbers are those of the simulator's StageCache (sim/recycling.py)."""
+    viewed = np.unique(viewed[np.isin(viewed, entry.last_page)])
+    clicked = np.unique(clicked[np.isin(clicked, entry.last_page)])
+    lists = {s: StageList(lst.items[~np.isin(lst.items, viewed)] if viewed.size else lst.items, lst.ts, lst.pages)
+             for s, lst in entry.lists.items()}
+    exposed = np.concatenate([entry.exposed, viewed])[-EXCLUDE_MAX:]
+    new = CacheEntry(entry.model_version, entry.last_ts, entry.page, exposed, entry.last_page, lists)
+    feats = np.array([now - entry.last_ts, entry.page, viewed.size, clicked.size], np.float32)
+    state = np.full((N_RECYCLE, len(CACHE_STATE_FIELDS)), -1, np.float32)
+    avail = np.zeros(N_STRATEGIES, bool)
+    avail[0] = True
+    for j in range(1, N_STRATEGIES):
+        lst = lists.get(READS[j])
+        if lst is not None and lst.items.size > 0 and now - lst.ts <= ttl_s:
+            state[j - 1] = (now - lst.ts, lst.pages, lst.items.size)
+            avail[j] = True
+    return new, feats, state.reshape(-1), avail
+
+
+def next_entry(before: CacheEntry | None, strategy: int, outputs: dict[str, np.ndarray], page: np.ndarray,
+               now: float, model_version: str) -> CacheEntry:
+    """The entry after serving `page` by `strategy`: the stages it computed replace their
+    lists (1 page served); the others have served one more page."""
+    lists = {} if before is None else dict(before.lists)
+    for s in CACHED_STAGES:
+        key = f"{s}_items"
+        if key in outputs:
+            items = outputs[key]
+            lists[s] = StageList(items[items != PAD_ID].astype(np.int64), now, 1)
+        elif s in lists:
+            lst = lists[s]
+            lists[s] = StageList(lst.items, lst.ts, lst.pages + 1)
+    exposed = np.zeros(0, np.int64) if before is None else before.exposed
+    n_page = 0 if before is None else before.page
+    return CacheEntry(model_version, float(now), n_page + 1, exposed, page.astype(np.int64), lists)
+
+
+def _pad(rows: Sequence[np.ndarray], min_width: int = 1) -> np.ndarray:
+    width = max([min_width] + [r.size for r in rows])
+    out = np.full((len(rows), width), PAD_ID, np.int64)
+    for i, r in enumerate(rows):
+        out[i, :r.size] = r
+    return out
+
+
+def _row(items: np.ndarray, scores: np.ndarray | None = None):
+    keep = items != PAD_ID
+    return items[keep], (None if scores is None else scores[keep])
+
+
+class RecycleRouter:
+    """One per router model instance. `serve(requests)` is a coroutine (async BLS)."""
+
+    def __init__(self, cache, backend: Backend, params: RouterParams, model_version: str,
+                 ttl_s: float = CACHE_TTL_S, clock: Callable[[], float] = time.time, seed: int = 0):
+        self.cache, self.backend, self.params = cache, backend, params
+        self.model_version, self.ttl_s, self.clock = model_version, float(ttl_s), clock
+        self.rng = np.random.default_rng(seed)
+        self.costs = np.asarray(params.costs, np.float64)
+
+    def close(self) -> None:
+        close = getattr(self.cache, "close", None)
+        if close is not None:
+            close()
+
+    # ---- 1. validation ------------------------------------------------------------------------
+    def parse(self, tensors: dict[str, np.ndarray], now: float) -> tuple[_Req, np.ndarray, np.ndarray, bool]:
+        """One request -> (_Req, viewed, clicked, new_session); InputError if invalid."""
+        for spec in ROUTER_INPUTS:
+            value = tensors.get(spec.name)
+            if value is None and spec.optional:
+                continue
+            if check_tensor(ROUTER, spec, value) != 1:
+                raise InputError(f"model '{ROUTER}', input '{spec.name}': {ROUTER} serves one page per "
+                                 f"request: expected batch size 1, got {value.shape[0]}")
+        t = tensors.get("request_time")
+        ns = tensors.get("new_session")
+        if ns is not None and int(ns[0, 0]) not in (0, 1):
+            raise InputError(f"model '{ROUTER}', input 'new_session': expected 0 or 1, got {int(ns[0, 0])}")
+        hist = tensors["history"][0]
+        req = _Req(user_id=int(tensors["user_id"][0, 0]), user_features=tensors["user_features"][0],
+                   history=hist[hist != PAD_ID], now=float(t[0, 0]) if t is not None else now)
+        viewed, clicked = tensors["viewed_items"][0], tensors["clicked_items"][0]
+        return req, viewed[viewed != PAD_ID], clicked[clicked != PAD_ID], bool(ns is not None and ns[0, 0] == 1)
+
+    # ---- the whole batch ----------------------------------------------------------------------
+    async def serve(self, requests: list[dict[str, np.ndarray]]) -> tuple[list, BatchReport]:
+        """requests: one dict of input tensors (batch dim 1) per client request. Returns one
+        RouterResult | InputError | ServingError per request, and the batch's report."""
+        report = BatchReport(requests=len(requests))
+        results: list = [None] * len(requests)
+        now = self.clock()
+        reqs: list[tuple[int, _Req, np.ndarray, np.ndarray, bool]] = []
+        for i, tensors in enumerate(requests):
+            try:
+                reqs.append((i, *self.parse(tensors, now)))
+            except InputError as e:
+                results[i] = e
+                report.invalid += 1
+        if not reqs:
+            return results, report
+        token = uuid.uuid4().hex
+        claims = self.cache.claim([r.user_id for _, r, *_ in reqs], token)
+        initial_scores = np.r_[-self.costs[0], np.full(N_RECYCLE, -np.inf)].astype(np.float32)
+        for (_, r, viewed, clicked, new_session), claim in zip(reqs, claims):
+            r.scores = initial_scores
+            self._filter(r, claim, viewed, clicked, new_session, report)
+        live = [r for _, r, *_ in reqs]
+        await self._decide(live, report)
+        await self._run_groups(live, report)
+        writes, release = {}, []
+        for i, r, *_ in reqs:
+            if r.outputs is None:  # could not be served at all
+                results[i] = ServingError(r.error)
+                report.failed += 1
+                if r.writable:
+                    release.append(r.user_id)
+                continue
+            page, page_scores = _row(r.outputs["rerank_items"], r.outputs["rerank_scores"])
+            page, page_scores = page[:PAGE_SIZE], page_scores[:PAGE_SIZE]
+            results[i] = RouterResult(page, page_scores, r.strategy, r.scores)
+            report.strategies[r.strategy] += 1
+            spent = self.costs[r.strategy] + (self.params.estimator_cost if r.repeated else 0.0)
+            report.compute_spent += spent
+            report.compute_saved += self.costs[0] - spent
+            if r.writable:
+                writes[r.user_id] = next_entry(r.entry, r.strategy, r.outputs, page, r.now, self.model_version)
+        if writes or release:
+            report.cache_write_failed = not self.cache.commit(writes, token, release=release)
+        return results, report
+
+    # ---- 2. request filter ----------------------------------------------------------------------
+    def _filter(self, r: _Req, claim, viewed, clicked, new_session: bool, report: BatchReport) -> None:
+        r.status = claim.status
+        report.cache[claim.status] += 1
+        if claim.status in ("busy", "error"):
+            return  # strategy 0, nothing written: never serve the same cached items twice
+        r.writable = True
+        e = claim.entry
+        if e is None:
+            return
+        if new_session:
+            report.cache["new_session"] += 1
+            return
+        if e.model_version != self.model_version:
+            report.cache["stale_version"] += 1
+            return
+        if r.now - e.last_ts > self.ttl_s:
+            report.cache["expired"] += 1
+            return
+        r.entry, r.request_features, r.cache_state, r.available = apply_feedback(e, viewed, clicked, r.now, self.ttl_s)
+        r.exposed = r.entry.exposed
+        r.repeated = True
+
+    # ---- 3. estimator + decision ----------------------------------------------------------------
+    async def _decide(self, reqs: list[_Req], report: BatchReport) -> None:
+        from ..policy.decide import decide
+
+        rep = [r for r in reqs if r.repeated]
+        if not rep:
+            return
+        chunks = [rep[k:k + 64] for k in range(0, len(rep), 64)]
+        try:
+            outs = await asyncio.gather(*[self.backend.infer(
+                "estimator", {"user_features": np.stack([r.user_features for r in c]).astype(np.int64),
+                              "history": _pad([r.history for r in c]),
+                              "request_features": np.stack([r.request_features for r in c]),
+                              "cache_state": np.stack([r.cache_state for r in c])},
+                ["delta_q"], self.params.estimator_version) for c in chunks])
+        except BackendError as e:
+            report.estimator_failures += len(rep)
+            log.warning("estimator call failed; %d repeated requests served by strategy 0: %s", len(rep), e)
+            return  # initial scores: strategy 0 only
+        dq = np.concatenate([o["delta_q"] for o in outs]).astype(np.float64)
+        dq = np.concatenate([np.zeros((len(rep), 1)), dq], axis=1)
+        avail = np.stack([r.available for r in rep])
+        bad = ~np.isfinite(dq).all(axis=1)
+        avail[bad, 1:] = False  # a non-finite prediction never recycles
+        dq[bad] = 0.0
+        choice = decide(dq, avail, self.params.as_decide_params(), seed=int(self.rng.integers(2**31)))
+        scores = np.where(avail, -(self.costs[None, :] + self.params.lam * dq), -np.inf).astype(np.float32)
+        for k, r in enumerate(rep):
+            r.strategy, r.scores = int(choice[k]), scores[k]
+
+    # ---- 4. the cascade suffixes ----------------------------------------------------------------
+    def _inputs(self, group: list[_Req], j: int) -> dict[str, np.ndarray]:
+        inputs = {"user_id": np.array([[r.user_id] for r in group], np.int64),
+                  "user_features": np.stack([r.user_features for r in group]).astype(np.int64),
+                  "history": _pad([r.history for r in group]),
+                  "request_features": np.stack([r.request_features for r in group]).astype(np.float32)}
+        if j == 0:
+            inputs["exclude_items"] = _pad([r.exposed for r in group])
+        else:
+            inputs[STRATEGY_CANDIDATES[j]] = _pad([r.entry.lists[READS[j]].items for r in group])
+        return inputs
+
+    async def _call(self, group: list[_Req], j: int) -> None:
+        """Serve `group` by strategy j (chunks of CALL_MAX_BATCH); raises BackendError."""
+        for k in range(0, len(group), CALL_MAX_BATCH):
+            chunk = group[k:k + CALL_MAX_BATCH]
+            out = await self.backend.infer(STRATEGY_MODEL[j], self._inputs(chunk, j), STRATEGY_OUTPUTS[j])
+            for row, r in enumerate(chunk):
+                r.outputs = {name: out[name][row] for name in STRATEGY_OUTPUTS[j]}
+
+    async def _run_groups(self, reqs: list[_Req], report: BatchReport) -> None:
+        groups = {j: [r for r in reqs if r.strategy == j] for j in STRATEGIES}
+        groups = {j: g for j, g in groups.items() if g}
+        done = await asyncio.gather(*[self._call(g, j) for j, g in groups.items()], return_exceptions=True)
+        retry = []
+        for (j, g), res in zip(groups.items(), done):
+            if isinstance(res, BaseException):
+                if not isinstance(res, BackendError):
+                    log.exception("strategy %d call raised", j, exc_info=res)
+                if j == 0:
+                    for r in g:
+                        r.outputs = None
+                        r.error = f"{ROUTER}: the full cascade failed: {res}"
+                else:
+                    log.warning("strategy %d call failed for %d requests; re-serving them by strategy 0: %s",
+                                j, len(g), res)
+                    report.fallbacks += len(g)
+                    for r in g:
+                        r.strategy, r.outputs = 0, None
+                    retry += g
+        if retry:
+            try:
+                await self._call(retry, 0)
+            except Exception as e:  # noqa: BLE001 - turned into per-request errors
+                for r in retry:
+                    r.outputs = None
+                    r.error = f"{ROUTER}: the full cascade failed: {e}"

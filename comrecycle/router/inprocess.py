@@ -1,0 +1,65 @@
+"""An in-process `Backend` for the router: the same StageRuntime / EstimatorRuntime code the
+Triton models run, chained like the ensembles. The reference for the router's parity tests
+and a Triton-free way to run the router logic (replays, unit tests)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..runtime.estimator import EstimatorRuntime
+from ..runtime.stage import StageResult, StageRuntime, load_stage_runtimes
+from ..runtime.validation import InputError
+from ..specs import STAGES, ensemble_specs
+from .core import BackendError
+
+# served model -> the stages it runs and the tensor that feeds the first one its candidates
+_CHAINS = {name: (ens.stages, None if ens.entry is None else ens.entry.name) for name, ens in ensemble_specs().items()}
+_CHAINS["rerank"] = (("rerank",), "candidates")
+
+
+class InProcessBackend:
+    def __init__(self, stages: dict[str, StageRuntime], estimator: EstimatorRuntime | None = None):
+        self.stages, self.estimator = stages, estimator
+        self.calls: list[tuple[str, int]] = []  # (model, batch size) of every call, for tests
+
+    @classmethod
+    def load(cls, model_dir: str | Path, estimator_dir: str | Path | None = None) -> "InProcessBackend":
+        est = None
+        if estimator_dir is not None:
+            est = EstimatorRuntime(Path(estimator_dir) / "estimator.onnx")
+        return cls(load_stage_runtimes(model_dir), est)
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str],
+                    version: int = -1) -> dict[str, np.ndarray]:
+        self.calls.append((model, len(next(iter(inputs.values())))))
+        if model == "estimator":
+            if self.estimator is None:
+                raise BackendError("estimator: no estimator loaded")
+            res = self.estimator.run([inputs])[0]
+            if isinstance(res, InputError):
+                raise BackendError(f"estimator: {res}")
+            return {k: res[k] for k in outputs}
+        if model not in _CHAINS:
+            raise BackendError(f"unknown model {model!r}")
+        stages, entry = _CHAINS[model]
+        context = {k: inputs[k] for k in ("user_id", "user_features", "history", "request_features")}
+        out: dict[str, np.ndarray] = {}
+        cand = None if entry is None else inputs[entry]
+        for s in stages:
+            feed = dict(context)
+            if s == "retrieval":
+                feed["exclude_items"] = inputs["exclude_items"]
+            else:
+                feed["candidates"] = cand
+            res = self.stages[s].run([feed])[0]
+            if isinstance(res, InputError):
+                raise BackendError(f"{model}: {res}")
+            assert isinstance(res, StageResult)
+            out[f"{s}_items"], out[f"{s}_scores"] = res.items, res.scores
+            cand = res.items
+        missing = [k for k in outputs if k not in out]
+        if missing:
+            raise BackendError(f"{model}: no outputs {missing}")
+        return {k: out[k] for k in outputs}

@@ -1,0 +1,75 @@
+"""What a `recycle_router` version deploys: the decision parameters from `comrecycle solve`
+(λ, c_j, ω, budget, estimator cost) plus the served estimator version they were solved for.
+
+A router version directory holds `params.json` (written by `install_router_params`); a new
+λ or a new estimator is a new router version, loaded with explicit model control while the
+old one keeps serving.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..specs import N_RECYCLE
+
+PARAMS_FILE = "params.json"
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be deployed (says what was expected and what was found)."""
+
+
+@dataclass(frozen=True)
+class RouterParams:
+    lam: float  # λ, the multiplier of the loss budget
+    costs: tuple[float, ...]  # c_j of strategies 0..K (strategy 0 = 1.0)
+    omega: float = 0.0  # ω > 0: choice from the simplex projection (DESIGN §2)
+    choice: str = "argmax"  # ω > 0: "argmax" or "sample"
+    estimator_cost: float = 0.0  # compute units the estimator spends per repeated request
+    budget: float | None = None  # the relative loss budget b the λ was solved for
+    estimator_version: int = -1  # served estimator version to call (-1 = the latest)
+    source: dict = field(default_factory=dict, compare=False)  # the rest of the params file
+
+    def as_decide_params(self) -> dict:
+        """The dict comrecycle.policy.decide.decide() takes."""
+        return {"lambda": self.lam, "costs": list(self.costs), "omega": self.omega, "choice": self.choice}
+
+    @classmethod
+    def from_dict(cls, p: dict, where: str = "params") -> "RouterParams":
+        missing = [k for k in ("lambda", "costs") if k not in p]
+        if missing:
+            raise ParamsError(f"{where}: missing keys {missing}; expected the output of `comrecycle solve`")
+        c = np.asarray(p["costs"], np.float64)
+        if c.shape != (N_RECYCLE + 1,) or not np.isfinite(c).all() or (c < 0).any():
+            raise ParamsError(f"{where}: 'costs' must be {N_RECYCLE + 1} finite numbers >= 0, got {p['costs']}")
+        lam = float(p["lambda"])
+        omega = float(p.get("omega", 0.0))
+        if not math.isfinite(lam) or lam < 0:
+            raise ParamsError(f"{where}: 'lambda' must be a finite number >= 0, got {p['lambda']}")
+        if not math.isfinite(omega) or omega < 0:
+            raise ParamsError(f"{where}: 'omega' must be a finite number >= 0, got {p.get('omega')}")
+        choice = p.get("choice", "argmax")
+        if choice not in ("argmax", "sample"):
+            raise ParamsError(f"{where}: 'choice' must be 'argmax' or 'sample', got {choice!r}")
+        est_cost = float(p.get("estimator_cost", 0.0))
+        if not math.isfinite(est_cost) or est_cost < 0:
+            raise ParamsError(f"{where}: 'estimator_cost' must be >= 0, got {p.get('estimator_cost')}")
+        return cls(lam=lam, costs=tuple(float(x) for x in c), omega=omega, choice=choice,
+                   estimator_cost=est_cost, budget=p.get("budget"),
+                   estimator_version=int(p.get("estimator_model_version", -1)), source=p)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RouterParams":
+        path = Path(path)
+        if not path.exists():
+            raise ParamsError(f"{path} does not exist: install params with `comrecycle deploy-params` "
+                              "(or write the output of `comrecycle solve` there)")
+        try:
+            p = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ParamsError(f"{path}: not JSON ({e})") from None
+        return cls.from_dict(p, str(path))

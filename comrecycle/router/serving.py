@@ -1,0 +1,128 @@
+"""recycle_router on Triton: building the router from the model config, and its metrics.
+
+Configuration (config.pbtxt `parameters`, overridden by the environment of tritonserver):
+  redis_url        COMRECYCLE_REDIS_URL       redis://127.0.0.1:6379/0 (rediss:// for TLS)
+  redis password   COMRECYCLE_REDIS_PASSWORD  (or in the URL)
+  cache_ttl_s      COMRECYCLE_CACHE_TTL_S     900
+  redis_timeout_ms COMRECYCLE_REDIS_TIMEOUT_MS 50: slower than this = Redis down for the batch
+  lock_ms          COMRECYCLE_LOCK_MS          2000: a user's lock expires if a router dies
+  retry_after_s    COMRECYCLE_REDIS_RETRY_S    1.0: after a failure, Redis is left alone this long
+The decision parameters come from `params.json` in the version directory (see params.py); the
+cache entries carry a fingerprint of the model set in the repository manifest, so entries
+written by other model versions are treated as absent.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..specs import STRATEGIES
+from .cache import RedisStageCache, redact_url
+from .core import CACHE_TTL_S, RecycleRouter
+from .params import PARAMS_FILE, RouterParams
+
+log = logging.getLogger("comrecycle.router")
+
+SETTINGS = {  # parameter -> (environment variable, default)
+    "redis_url": ("COMRECYCLE_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    "redis_password": ("COMRECYCLE_REDIS_PASSWORD", ""),
+    "cache_ttl_s": ("COMRECYCLE_CACHE_TTL_S", str(CACHE_TTL_S)),
+    "redis_timeout_ms": ("COMRECYCLE_REDIS_TIMEOUT_MS", "50"),
+    "lock_ms": ("COMRECYCLE_LOCK_MS", "2000"),
+    "retry_after_s": ("COMRECYCLE_REDIS_RETRY_S", "1.0"),
+}
+LATENCY_BUCKETS_S = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
+
+
+def settings(config_params: dict[str, str], env=None) -> dict[str, str]:
+    env = os.environ if env is None else env
+    return {k: env.get(var) or config_params.get(k) or default for k, (var, default) in SETTINGS.items()}
+
+
+def model_set_fingerprint(repo: str | Path) -> str:
+    """16 hex digits naming the stage models a repository serves (from its manifest.json):
+    cache entries written under another fingerprint are treated as absent."""
+    p = Path(repo) / "manifest.json"
+    if not p.exists():
+        return "unknown"
+    m = json.loads(p.read_text())
+    key = {k: m.get(k) for k in ("versions", "built_at", "seed", "profile", "git_sha", "sizes")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_router(args: dict, backend) -> RecycleRouter:
+    """The router of one model instance, from Triton's initialize() args."""
+    cfg = json.loads(args["model_config"])
+    params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+    s = settings(params)
+    model_dir = Path(args["model_repository"])
+    router_params = RouterParams.load(model_dir / args["model_version"] / PARAMS_FILE)
+    cache = RedisStageCache(s["redis_url"], ttl_s=float(s["cache_ttl_s"]), lock_ms=int(s["lock_ms"]),
+                            timeout_s=float(s["redis_timeout_ms"]) / 1e3, retry_after_s=float(s["retry_after_s"]),
+                            password=s["redis_password"] or None)
+    fingerprint = model_set_fingerprint(model_dir.parent)
+    log.info("recycle_router v%s: λ=%.4g ω=%g costs=%s estimator v%s, model set %s, Redis %s (reachable: %s)",
+             args["model_version"], router_params.lam, router_params.omega, router_params.costs,
+             router_params.estimator_version, fingerprint, redact_url(s["redis_url"]), cache.ping())
+    return RecycleRouter(cache, backend, router_params, fingerprint, ttl_s=float(s["cache_ttl_s"]))
+
+
+class RouterMetrics:
+    """Custom Prometheus metrics on Triton's /metrics endpoint (pb_utils.MetricFamily)."""
+
+    def __init__(self, pb_utils, model: str, version: str):
+        MF = pb_utils.MetricFamily
+        labels = {"model": model, "version": str(version)}
+        self._families = [
+            MF("comrecycle_router_requests_total", "requests served, by strategy", MF.COUNTER),
+            MF("comrecycle_cache_lookups_total", "cache claims by result (hit, miss, busy, corrupt, error, "
+               "stale_version, expired, new_session)", MF.COUNTER),
+            MF("comrecycle_compute_units_total", "compute units (1 = one full cascade): spent by the router "
+               "(stages + estimator), and what always-full would have spent on the same requests", MF.COUNTER),
+            MF("comrecycle_compute_saved_ratio", "1 - spent / always-full since this model instance started",
+               MF.GAUGE),
+            MF("comrecycle_router_events_total", "invalid requests, failed requests, estimator failures, "
+               "fallbacks to strategy 0, failed cache writes", MF.COUNTER),
+            MF("comrecycle_router_latency_seconds", "router batch latency seen by each request, by strategy",
+               MF.HISTOGRAM),
+        ]
+        req, cache, compute, saved, events, latency = self._families
+        self.requests = {j: req.Metric(labels={**labels, "strategy": str(j)}) for j in STRATEGIES}
+        self.cache = {k: cache.Metric(labels={**labels, "result": k}) for k in
+                      ("hit", "miss", "busy", "corrupt", "error", "stale_version", "expired", "new_session")}
+        self.compute = {k: compute.Metric(labels={**labels, "kind": k}) for k in ("spent", "always_full")}
+        self.saved_ratio = saved.Metric(labels=labels)
+        self._spent = self._full = 0.0
+        self.events = {k: events.Metric(labels={**labels, "event": k}) for k in
+                       ("invalid", "failed", "estimator_failure", "fallback", "cache_write_failure")}
+        self.latency = {j: latency.Metric(labels={**labels, "strategy": str(j)}, buckets=LATENCY_BUCKETS_S)
+                        for j in STRATEGIES}
+
+    def record(self, report, results, seconds: float) -> None:
+        for j, n in enumerate(report.strategies):
+            if n:
+                self.requests[j].increment(float(n))
+        for k, n in report.cache.items():
+            if n:
+                self.cache[k].increment(float(n))
+        full = report.compute_spent + report.compute_saved
+        self.compute["spent"].increment(float(report.compute_spent))
+        self.compute["always_full"].increment(float(full))
+        self._spent += report.compute_spent
+        self._full += full
+        if self._full > 0:
+            self.saved_ratio.set(1.0 - self._spent / self._full)
+        for k, n in (("invalid", report.invalid), ("failed", report.failed),
+                     ("estimator_failure", report.estimator_failures), ("fallback", report.fallbacks),
+                     ("cache_write_failure", int(report.cache_write_failed))):
+            if n:
+                self.events[k].increment(float(n))
+        strategies = np.array([getattr(r, "strategy", -1) for r in results])
+        for j in STRATEGIES:
+            for _ in range(int((strategies == j).sum())):
+                self.latency[j].observe(seconds)
