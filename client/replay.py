@@ -136,3 +136,135 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- through recycle_router -------------------------------------------------------------------
+@dataclass
+class RouterReplay:
+    """A replay through recycle_router: per request its strategy, latency, expected clicks and
+    session, so that the main job can compare it with always-full on the same seeds."""
+
+    model: str
+    requests: int
+    errors: int
+    seconds: float
+    strategy: np.ndarray  # [n] int (-1 = error)
+    latency_s: np.ndarray  # [n]
+    expected_clicks: np.ndarray  # [n] exact, from the simulator
+    session_id: np.ndarray  # [n]
+    is_repeat: np.ndarray  # [n] bool
+    first_errors: list = field(default_factory=list)
+
+    def latency_by_strategy(self) -> dict:
+        return {int(j): latency_summary(list(self.latency_s[self.strategy == j]))
+                for j in np.unique(self.strategy) if j >= 0}
+
+
+class _RouterServe:
+    """A simulator `serve` function that calls recycle_router with the client in the loop: each
+    request carries the previous page's viewed and clicked items of its session, the simulated
+    time (request_time) and new_session on a session's first page."""
+
+    def __init__(self, client: CascadeClient, loop, model: str):
+        self.client, self.loop, self.model = client, loop, model
+        self.feedback: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # session id -> (viewed, clicked)
+        self.rows: list[tuple] = []
+        self.errors: list[str] = []
+
+    def request(self, batch, i: int) -> dict[str, np.ndarray]:
+        ctx = batch.context(i)
+        first = not bool(batch.is_repeat[i])
+        viewed, clicked = (np.zeros(0, np.int64),) * 2 if first else self.feedback.get(
+            int(batch.session_id[i]), (np.zeros(0, np.int64),) * 2)
+        return {"user_id": ctx["user_id"], "user_features": ctx["user_features"], "history": ctx["history"],
+                "viewed_items": viewed, "clicked_items": clicked,
+                "request_time": np.array([batch.ts[i]], np.float64),
+                "new_session": np.array([1 if first else 0], np.int64)}
+
+    def __call__(self, batch):
+        async def all_():
+            return await asyncio.gather(*[self.client.timed_infer(self.model, self.request(batch, i))
+                                          for i in range(len(batch))])
+
+        results = asyncio.run_coroutine_threadsafe(all_(), self.loop).result()
+        pages, self._pending = [], []
+        for i, r in enumerate(results):
+            if r.error is not None:
+                self.errors.append(r.error)
+                pages.append(np.zeros(0, np.int64))
+                self._pending.append((-1, r.seconds))
+            else:
+                pages.append(r.outputs["page_items"])
+                self._pending.append((int(r.outputs["strategy"][0]), r.seconds))
+        return pages
+
+    def on_feedback(self, batch, outcome) -> None:
+        for i in range(len(batch)):
+            viewed = outcome.page_items[i][:int(outcome.n_viewed[i])]
+            self.feedback[int(batch.session_id[i])] = (viewed.astype(np.int64),
+                                                       np.asarray(outcome.clicked_items[i], np.int64))
+            s, secs = self._pending[i]
+            self.rows.append((s, secs, float(outcome.expected_clicks[i]), int(batch.session_id[i]),
+                              bool(batch.is_repeat[i])))
+
+
+async def replay_router_async(client: CascadeClient, world: World, n_requests: int, concurrency: int = 16,
+                              seed: int = 0, model: str = "recycle_router", progress: bool = True) -> RouterReplay:
+    sim = SessionSimulator(world, seed=seed, concurrency=concurrency)
+    loop = asyncio.get_running_loop()
+    serve = _RouterServe(client, loop, model)
+    t0 = time.perf_counter()
+    await loop.run_in_executor(None, lambda: sim.run(n_requests, serve, progress=progress, desc=f"replay {model}"))
+    secs = time.perf_counter() - t0
+    s, lat, ec, sess, rep = (np.array(x) for x in zip(*serve.rows))
+    return RouterReplay(model, len(serve.rows), len(serve.errors), secs, s.astype(np.int64), lat, ec,
+                        sess.astype(np.int64), rep.astype(bool), serve.errors[:5])
+
+
+def replay_full_async_rows(client: CascadeClient, world: World, n_requests: int, concurrency: int, seed: int,
+                           progress: bool = True):
+    """The always-full path on the same seeds: `cascade` for every request, as a RouterReplay."""
+
+    class _Full(_RouterServe):
+        def __call__(self, batch):
+            async def all_():
+                return await asyncio.gather(*[self.client.timed_infer("cascade", batch.context(i))
+                                              for i in range(len(batch))])
+
+            results = asyncio.run_coroutine_threadsafe(all_(), self.loop).result()
+            pages, self._pending = [], []
+            for r in results:
+                if r.error is not None:
+                    self.errors.append(r.error)
+                    pages.append(np.zeros(0, np.int64))
+                    self._pending.append((-1, r.seconds))
+                else:
+                    pages.append(r.outputs["rerank_items"])
+                    self._pending.append((0, r.seconds))
+            return pages
+
+    async def run():
+        sim = SessionSimulator(world, seed=seed, concurrency=concurrency)
+        loop = asyncio.get_running_loop()
+        serve = _Full(client, loop, "cascade")
+        t0 = time.perf_counter()
+        await loop.run_in_executor(None, lambda: sim.run(n_requests, serve, progress=progress,
+                                                         desc="replay always-full (cascade)"))
+        secs = time.perf_counter() - t0
+        s, lat, ec, sess, rep = (np.array(x) for x in zip(*serve.rows))
+        return RouterReplay("cascade", len(serve.rows), len(serve.errors), secs, s.astype(np.int64), lat, ec,
+                            sess.astype(np.int64), rep.astype(bool), serve.errors[:5])
+
+    return run()
+
+
+def replay_pair(url: str, world: World, n_requests: int, concurrency: int = 16, seed: int = 0,
+                progress: bool = True) -> tuple[RouterReplay, RouterReplay]:
+    """recycle_router, then always-full, on the same simulator seed (gRPC)."""
+    async def main():
+        async with CascadeClient(url, "grpc") as c:
+            routed = await replay_router_async(c, world, n_requests, concurrency, seed, progress=progress)
+            full = await replay_full_async_rows(c, world, n_requests, concurrency, seed, progress)
+            return routed, full
+
+    return asyncio.run(main())

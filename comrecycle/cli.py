@@ -196,36 +196,13 @@ def cmd_perf(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from client.replay import replay, world_from_repository
-    from .repository import repository_server
+    from .demo import run_demo
 
-    repo = Path(a.repository)
-    model_dir = Path(a.models or default_model_dir(a.profile))
-    from .build_cli import ensure_model_set
-
-    ensure_model_set(a.profile, model_dir, repo, seed=a.seed, progress=True)
-    world = world_from_repository(repo)
-    out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[demo] starting tritonserver on {repo} ...", flush=True)
-    with repository_server(repo) as srv:
-        print(f"[demo] ready in {srv.startup_seconds:.1f}s: HTTP {srv.http_url}, gRPC {srv.grpc_url}, "
-              f"metrics {srv.metrics_endpoint}", flush=True)
-        rep = replay(srv.grpc_url, "grpc", world, a.requests, concurrency=a.concurrency, seed=a.seed + 1)
-    quality = json.loads((model_dir / "quality.json").read_text())
-    costs = json.loads((model_dir / "cost_profile.json").read_text())
-    report = {"replay": rep.__dict__, "stage_quality": quality, "cost_profile": costs}
-    (out_dir / "demo_report.json").write_text(json.dumps(report, indent=2))
-    print("\n== ComRecycle demo (full cascade served by Triton) ==")
-    print(rep.summary())
-    if rep.first_errors:
-        print("first errors:", *rep.first_errors, sep="\n  ")
-    ec = quality["expected_clicks_per_page"]
-    print("expected clicks per page, offline: " + ", ".join(f"{k} {v:.3f}" for k, v in ec.items()))
-    print("strategy cost c_j (measured): " + ", ".join(f"{j}: {c:.3f}" for j, c in costs["strategy_cost"].items()))
-    print("(recycling of repeated requests — recycle_router — arrives with issues 3-5)")
-    print(f"report: {out_dir / 'demo_report.json'}")
-    return 0 if rep.errors == 0 else 1
+    if a.requests < 1 or a.concurrency < 1:
+        raise CliError(f"--requests and --concurrency must be >= 1, got {a.requests}, {a.concurrency}")
+    if not 0 < a.budget < 1:
+        raise CliError(f"--budget is a relative loss in (0, 1), e.g. 0.01 for 1%; got {a.budget}")
+    return run_demo(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,8 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", default="default")
     s.add_argument("--models", help="model set directory (default artifacts/models/PROFILE)")
     s.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]))
-    s.add_argument("--requests", type=int, default=2000)
-    s.add_argument("--concurrency", type=int, default=16)
+    s.add_argument("--requests", type=int, default=4000, help="requests replayed per path (router, always-full)")
+    s.add_argument("--concurrency", type=int, default=16, help="concurrent simulated sessions")
+    s.add_argument("--budget", type=float, default=0.01, help="relative effect-loss budget b (0.01 = 1%%)")
+    s.add_argument("--train-requests", type=int, default=40_000,
+                   help="size of the randomised log the estimator is trained on (first run only; cached)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=str(REPO_ROOT / "runs" / "demo"))
     s.set_defaults(func=cmd_demo)

@@ -190,13 +190,18 @@ def write_frontier(res: dict, out: str | Path, title: str = "Compute saved vs ef
                   "| budget % | realised loss % | compute saved % |", "|---|---|---|"]
         lines += [f"| {a['budget_pct']:.2f} | {a['realised_loss_pct']:.3f} | {a['compute_saved_pct']:.1f} |"
                   for a in res["adherence"]]
+    for name, m in res.get("measured", {}).items():
+        lo, hi = m["loss_ci95"]
+        lines += ["", f"Measured: **{name}**: {m['saved_pct']:.1f}% compute saved at {m['loss_pct']:.2f}% effect "
+                      f"loss [95% CI {lo:.2f}, {hi:.2f}]."]
     lines += ["", "![frontier](frontier.png)"]
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
     (out / "frontier.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     style = {"comrecycle": dict(color="C0", lw=2.5), "oracle": dict(color="k", ls="--", lw=1.8)}
-    right = max(6.0, max(r["budget_pct"] for r in res["table"]) * 1.2)
+    right = max([6.0, max(r["budget_pct"] for r in res["table"]) * 1.2]
+                + [m["loss_ci95"][1] * 1.1 for m in res.get("measured", {}).values()])
     for i, (name, c) in enumerate(res["curves"].items()):
         x, y = np.array(c["loss_pct"]), np.array(c["saved_pct"])
         o = np.argsort(x, kind="stable")
@@ -205,6 +210,10 @@ def write_frontier(res: dict, out: str | Path, title: str = "Compute saved vs ef
         x, y = np.append(x, max(right, x[-1])), np.append(y, y[-1])
         kw = style.get(name, dict(color=f"C{i + 1}", lw=1.2, alpha=0.85))
         ax.plot(x, y, label=name, **kw)  # linear: neighbouring points can be mixed
+    for k, (name, m) in enumerate(res.get("measured", {}).items()):
+        lo, hi = m["loss_ci95"]
+        ax.errorbar([m["loss_pct"]], [m["saved_pct"]], xerr=[[m["loss_pct"] - lo], [hi - m["loss_pct"]]],
+                    fmt="*", ms=13, color=f"C{k + 6}", capsize=4, label=f"{name} (95% CI)", zorder=5)
     for row in res["table"]:
         ax.axvline(row["budget_pct"], color="grey", lw=0.6, ls=":")
     ax.axvline(1.0, color="red", lw=1.2, ls="-", label="budget b = 1%")

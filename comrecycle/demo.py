@@ -1,0 +1,197 @@
+"""The main job (`comrecycle demo`, `bash scripts/demo.sh`).
+
+1. the model set (built if missing, ~5 min) installed in the repository;
+2. the effect-loss estimator and the router params (built if missing, cached in
+   artifacts/router/): a randomised training log (session mixture of uniform and deep
+   recycling, observed clicks only), `train-estimator`, a small held-out log with q_j,
+   `solve` for the budget, installed as new estimator / recycle_router versions;
+3. redis-server and tritonserver started on free loopback ports;
+4. simulated sessions replayed through recycle_router (client in the feedback loop) and, on
+   the same seeds, through the always-full `cascade`;
+5. the report: compute saved %, effect loss % (with a session-bootstrap 95% CI), the strategy
+   mix, latency p50/p99 per strategy, and the frontier plot of the policy with the replay's
+   measured point on it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .repository import REPO_ROOT
+
+ROUTER_ARTIFACTS = REPO_ROOT / "artifacts" / "router"
+# session mixture: uniform exploration, and sessions that mostly recycle (deep caches)
+DEMO_ARM_WEIGHTS = [[1, 1, 1, 1], [0.02, 0.02, 0.02, 0.94], [0.02, 0.02, 0.02, 0.94]]
+
+
+def _key(model_dir: Path, train_requests: int, budget: float, seed: int) -> str:
+    m = json.loads((model_dir / "manifest.json").read_text())
+    return hashlib.sha256(json.dumps([m.get("built_at"), m.get("seed"), m.get("profile"), train_requests,
+                                      budget, seed]).encode()).hexdigest()[:12]
+
+
+def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_requests: int = 40_000,
+                  heldout_requests: int = 3_000, seed: int = 0, workers: int = 2) -> dict:
+    """Train (or reuse) an estimator and params for this model set and install them as the
+    latest estimator / recycle_router versions. Returns paths and the params."""
+    from .cli import main as cli_main
+    from .estimator.estimator import EffectLossEstimator
+    from .repository import install_estimator, install_router_params
+    from .sim.logs import read_log, write_log
+    from .sim.recycling import simulate_log, simulate_log_sharded
+
+    work = ROUTER_ARTIFACTS / _key(model_dir, train_requests, budget, seed)
+    work.mkdir(parents=True, exist_ok=True)
+    train, held, est_dir, params_path = (work / "train.parquet", work / "heldout.parquet", work / "estimator",
+                                         work / "params.json")
+    if not train.exists():
+        print(f"[router] simulating a randomised training log ({train_requests} requests, session mixture "
+              f"of uniform and deep recycling) ...", flush=True)
+        t0 = time.time()
+        table = simulate_log_sharded(model_dir, train_requests, seed=seed + 101, logging="random",
+                                     workers=workers, arm_weights=DEMO_ARM_WEIGHTS, counterfactuals=False)
+        write_log(table, train)
+        print(f"[router] training log in {time.time() - t0:.0f}s", flush=True)
+    if not held.exists():
+        print(f"[router] simulating a held-out log with q_0..q_3 ({heldout_requests} requests) ...", flush=True)
+        write_log(simulate_log(model_dir, heldout_requests, seed=seed + 202, logging="random"), held)
+    if not (est_dir / "estimator.onnx").exists():
+        print("[router] training the effect-loss estimator ...", flush=True)
+        t0 = time.time()
+        EffectLossEstimator(max_epochs=4, progress=True).fit(read_log(train)).save(est_dir)
+        print(f"[router] estimator trained in {time.time() - t0:.0f}s", flush=True)
+    if not params_path.exists():  # `comrecycle solve`: λ for the budget, measured c_j and estimator cost
+        rc = cli_main(["solve", "--logs", str(held), "--estimator", str(est_dir), "--budget", str(budget),
+                       "--cost-profile", str(model_dir / "cost_profile.json"), "--out", str(params_path)])
+        if rc != 0:
+            raise RuntimeError(f"comrecycle solve failed (exit {rc})")
+    params = json.loads(params_path.read_text())
+    est_version = _latest_version(repo / "estimator", "model.onnx")
+    if est_version is None or _sha(est_version / "model.onnx") != _sha(est_dir / "estimator.onnx"):
+        est_version = install_estimator(repo, est_dir)
+    router_version = _latest_version(repo / "recycle_router", "params.json")
+    want = dict(params, estimator_model_version=int(est_version.name))
+    if router_version is None or json.loads((router_version / "params.json").read_text()) != want:
+        router_version = install_router_params(repo, params_path, estimator_version=int(est_version.name))
+    print(f"[router] installed estimator v{est_version.name} and recycle_router v{router_version.name} "
+          f"(λ = {params['lambda']:.4g} for a {100 * budget:g}% loss budget)", flush=True)
+    return {"work": work, "heldout": held, "estimator": est_dir, "params": params}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _latest_version(model_dir: Path, needs: str) -> Path | None:
+    """The highest version dir of a model that holds `needs` (None if none does)."""
+    versions = [v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit() and (v / needs).exists()] \
+        if model_dir.exists() else []
+    return max(versions, key=lambda v: int(v.name)) if versions else None
+
+
+def bootstrap_loss_ci(routed, full, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Effect loss % = 1 - mean clicks(router) / mean clicks(always-full), and a 95% CI by
+    resampling whole sessions of each replay (Poisson weights)."""
+    rng = np.random.default_rng(seed)
+
+    def session_sums(r):
+        _, inv = np.unique(r.session_id, return_inverse=True)
+        return np.bincount(inv, r.expected_clicks), np.bincount(inv)
+
+    (ra, rn), (fa, fn) = session_sums(routed), session_sums(full)
+    point = 100 * (1 - (ra.sum() / rn.sum()) / (fa.sum() / fn.sum()))
+    wr, wf = rng.poisson(1.0, (n_boot, ra.size)), rng.poisson(1.0, (n_boot, fa.size))
+    ratio = ((wr @ ra) / (wr @ rn)) / ((wf @ fa) / (wf @ fn))
+    lo, hi = np.percentile(100 * (1 - ratio), [2.5, 97.5])
+    return float(point), float(lo), float(hi)
+
+
+def summarise(routed, full, costs, estimator_cost: float) -> dict:
+    served = routed.strategy >= 0
+    c = np.asarray(costs, float)
+    spent = c[np.maximum(routed.strategy, 0)] + estimator_cost * routed.is_repeat
+    saved = 100 * (1 - spent[served].sum() / (c[0] * served.sum()))
+    loss, lo, hi = bootstrap_loss_ci(routed, full)
+    mix = {int(j): float(np.mean(routed.strategy[routed.is_repeat] == j)) for j in range(len(c))}
+    return {"requests": routed.requests, "repeated_share": float(routed.is_repeat.mean()),
+            "errors": {"recycle_router": routed.errors, "cascade": full.errors},
+            "compute_saved_pct": float(saved), "effect_loss_pct": loss, "effect_loss_ci95": [lo, hi],
+            "expected_clicks_per_request": {"recycle_router": float(routed.expected_clicks.mean()),
+                                            "always_full": float(full.expected_clicks.mean())},
+            "strategy_mix_of_repeats": mix,
+            "latency_ms": {"recycle_router": {str(k): v for k, v in routed.latency_by_strategy().items()},
+                           "always_full": _lat(full.latency_s)},
+            "throughput_rps": {"recycle_router": routed.requests / routed.seconds,
+                               "always_full": full.requests / full.seconds}}
+
+
+def _lat(seconds) -> dict:
+    from client.replay import latency_summary
+
+    return latency_summary(list(seconds))
+
+
+def print_summary(s: dict, budget: float) -> None:
+    lo, hi = s["effect_loss_ci95"]
+    print("\n== ComRecycle: recycle_router vs always-full, same simulated sessions and seeds ==")
+    print(f"requests: {s['requests']} ({100 * s['repeated_share']:.0f}% repeated); errors: router "
+          f"{s['errors']['recycle_router']}, always-full {s['errors']['cascade']}")
+    print(f"compute saved:  {s['compute_saved_pct']:.1f}% (stages + the estimator's own cost)")
+    print(f"effect loss:    {s['effect_loss_pct']:.2f}% [95% CI {lo:.2f}, {hi:.2f}] "
+          f"(budget {100 * budget:g}%; expected clicks/request {s['expected_clicks_per_request']['recycle_router']:.4f}"
+          f" vs {s['expected_clicks_per_request']['always_full']:.4f})")
+    print("strategy mix of repeated requests: " + ", ".join(
+        f"{j}: {100 * v:.1f}%" for j, v in s["strategy_mix_of_repeats"].items()))
+    print("latency per strategy (router, client-side): " + "; ".join(
+        f"{j}: p50 {v['p50']:.1f} ms, p99 {v['p99']:.1f} ms" for j, v in s["latency_ms"]["recycle_router"].items()))
+    f = s["latency_ms"]["always_full"]
+    print(f"always-full (cascade): p50 {f['p50']:.1f} ms, p99 {f['p99']:.1f} ms; throughput "
+          f"{s['throughput_rps']['recycle_router']:.0f} vs {s['throughput_rps']['always_full']:.0f} req/s "
+          "(replay, client in the loop)")
+
+
+def run_demo(a) -> int:
+    from client.replay import replay_pair, world_from_repository
+
+    from .build_cli import ensure_model_set
+    from .policy.decide import predict
+    from .policy.frontier import frontier, write_frontier
+    from .repository import repository_server
+    from .serving.redis_server import RedisServer
+    from .sim.logs import read_log
+
+    repo = Path(a.repository)
+    model_dir = Path(a.models) if a.models else REPO_ROOT / "artifacts" / "models" / a.profile
+    ensure_model_set(a.profile, model_dir, repo, seed=a.seed, progress=True)
+    info = ensure_router(repo, model_dir, budget=a.budget, train_requests=a.train_requests, seed=a.seed)
+    world = world_from_repository(repo)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print("[demo] starting redis-server and tritonserver ...", flush=True)
+    with RedisServer() as redis_srv:
+        env = {"COMRECYCLE_REDIS_URL": redis_srv.url}
+        with repository_server(repo, env=env, startup_timeout=300) as srv:
+            print(f"[demo] ready: gRPC {srv.grpc_url}, metrics {srv.metrics_endpoint}, Redis {redis_srv.url}",
+                  flush=True)
+            routed, full = replay_pair(srv.grpc_url, world, a.requests, a.concurrency, seed=a.seed + 1)
+    p = info["params"]
+    s = summarise(routed, full, p["costs"], float(p.get("estimator_cost", 0.0)))
+    s["params"] = {k: p[k] for k in ("lambda", "omega", "costs", "estimator_cost", "budget")}
+    print_summary(s, a.budget)
+    if routed.first_errors or full.first_errors:
+        print("first errors:", *(routed.first_errors + full.first_errors), sep="\n  ")
+    # the frontier of issue 4 on the held-out log, with the replay's measured point
+    log = read_log(info["heldout"])
+    from .estimator.estimator import EffectLossEstimator
+    q_hat, dq = predict(log, EffectLossEstimator.load(info["estimator"]))
+    res = frontier(log, p["costs"], q_hat, dq, estimator_cost=float(p.get("estimator_cost", 0.0)))
+    res["measured"] = {"recycle_router on Triton (replay)": {
+        "loss_pct": s["effect_loss_pct"], "loss_ci95": s["effect_loss_ci95"], "saved_pct": s["compute_saved_pct"]}}
+    files = write_frontier(res, out / "frontier", title="Compute saved vs effect loss (held-out log + Triton replay)")
+    (out / "demo_report.json").write_text(json.dumps(s, indent=2) + "\n")
+    print(f"frontier: {files['png']} ({files['md']}); report: {out / 'demo_report.json'}")
+    return 0 if routed.errors == 0 and full.errors == 0 else 1
