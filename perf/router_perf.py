@@ -1,0 +1,186 @@
+"""perf_analyzer against `recycle_router` (74% repeated requests of users with live cache
+entries) versus the always-full path (`cascade` on the same users), in one run.
+
+Starts redis-server and the embedded tritonserver on the model repository (the estimator and
+router params are installed by the main job's `ensure_router` when missing), warms the cache
+of the repeated users with one initial request each, writes perf_analyzer --input-data, and
+measures over gRPC:
+
+  * router_mix74   recycle_router, 74% repeated (users with a live entry) + 26% initial
+                   (new_session = 1), at each concurrency
+  * cascade        the always-full path on the same users' contexts
+  * router_repeat  repeated requests only (p50 of strategy-3 requests vs a full cascade)
+  * router_initial initial requests only (router overhead vs calling `cascade` directly)
+
+The strategy mix the router chose during each run is read from its Prometheus counters.
+Writes results.csv, results.md and results.json in --out.
+
+    python -m perf.router_perf --concurrency 1 4 16 --out runs/router_perf
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from comrecycle.specs import ROUTER
+
+from .perf_analyzer_run import format_rows, run_perf, write_input_data, write_rows_csv
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REPEAT_SHARE = 0.74
+
+
+def _contexts(repo: Path, n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    from .cascade_perf import cascade_input_data
+
+    seen, out = set(), []
+    for c in cascade_input_data(repo, 4 * n, seed=seed):  # distinct users only
+        u = int(c["user_id"][0])
+        if u not in seen:
+            seen.add(u)
+            out.append(c)
+        if len(out) == n:
+            break
+    return out
+
+
+async def _warm(url: str, contexts) -> list[np.ndarray]:
+    """One initial router request per user (new_session = 1): their cache entries go live."""
+    from client.triton_client import CascadeClient
+
+    async with CascadeClient(url, "grpc") as c:
+        async def one(ctx):
+            out = await c.infer(ROUTER, _router_request(ctx, np.zeros(0, np.int64), new_session=1))
+            return out["page_items"]
+        return await asyncio.gather(*[one(ctx) for ctx in contexts])
+
+
+def _router_request(ctx, page: np.ndarray, new_session: int) -> dict[str, np.ndarray]:
+    viewed = page[:3] if page.size else np.array([0], np.int64)  # perf_analyzer needs non-empty shapes
+    clicked = page[:1] if page.size else np.array([0], np.int64)
+    history = ctx["history"] if ctx["history"].size else np.array([0], np.int64)
+    return {"user_id": ctx["user_id"], "user_features": ctx["user_features"], "history": history,
+            "viewed_items": viewed.astype(np.int64), "clicked_items": clicked.astype(np.int64),
+            "new_session": np.array([new_session], np.int64)}
+
+
+def _strategy_counts(metrics_url: str) -> np.ndarray:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    counts = np.zeros(4)
+    for line in text.splitlines():
+        if line.startswith("comrecycle_router_requests_total{"):
+            j = int(line.split('strategy="')[1].split('"')[0])
+            counts[j] += float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def run(repo: Path, out: Path, concurrency: list[int], measurement_ms: int, n_users: int) -> dict:
+    from comrecycle.repository import repository_server
+    from comrecycle.serving.redis_server import RedisServer
+
+    out.mkdir(parents=True, exist_ok=True)
+    contexts = _contexts(repo, n_users, seed=23)
+    n_rep = int(round(REPEAT_SHARE * len(contexts)))
+    warm, cold = contexts[:n_rep], contexts[n_rep:]
+    rows, mixes = [], {}
+    with RedisServer() as redis_srv, repository_server(
+            repo, env={"COMRECYCLE_REDIS_URL": redis_srv.url}, startup_timeout=300) as srv:
+        print(f"servers ready (tritonserver {srv.startup_seconds:.1f}s); warming {len(warm)} users ...", flush=True)
+        pages = asyncio.run(_warm(srv.grpc_url, warm))
+        repeated = [_router_request(c, p, 0) for c, p in zip(warm, pages)]
+        initial = [_router_request(c, np.zeros(0, np.int64), 1) for c in cold]
+        # interleave so that any window of requests holds ~74% repeats
+        order = np.argsort(np.r_[np.arange(len(repeated)) / len(repeated), np.arange(len(initial)) / len(initial)],
+                           kind="stable")
+        mix = [(repeated + initial)[k] for k in order]
+        files = {"router_mix74": write_input_data(out / "router_mix74.json", mix),
+                 "router_repeat": write_input_data(out / "router_repeat.json", repeated),
+                 "router_initial": write_input_data(out / "router_initial.json", initial),
+                 "cascade": write_input_data(out / "cascade.json", [
+                     {**{k: c[k] for k in ("user_id", "user_features", "request_features")},
+                      "history": c["history"] if c["history"].size else np.array([0], np.int64),
+                      "exclude_items": np.array([0], np.int64)} for c in warm + cold])}
+        plan = [("router_mix74", ROUTER, concurrency), ("cascade", "cascade", concurrency),
+                ("router_repeat", ROUTER, [concurrency[0], concurrency[-1]]),
+                ("router_initial", ROUTER, [concurrency[0], concurrency[-1]])]
+        for label, model, levels in plan:
+            for level in levels:
+                print(f"perf_analyzer {label} concurrency {level} ...", flush=True)
+                before = _strategy_counts(srv.metrics_endpoint) if model == ROUTER else None
+                got = run_perf(model, srv.grpc_url, "grpc", [level], input_data=str(files[label]),
+                               measurement_interval_ms=measurement_ms, label=label)
+                rows += got
+                if before is not None:
+                    d = _strategy_counts(srv.metrics_endpoint) - before
+                    mixes[f"{label}@{level}"] = (d / max(d.sum(), 1)).round(4).tolist()
+    write_rows_csv(rows, out / "results.csv")
+    res = {"rows": rows, "strategy_mix": mixes, "users": {"repeated": len(warm), "initial": len(cold)},
+           "measurement_ms": measurement_ms}
+    (out / "results.json").write_text(json.dumps(res, indent=2, default=float))
+    (out / "results.md").write_text(markdown(res))
+    return res
+
+
+def markdown(res: dict) -> str:
+    rows = res["rows"]
+    by = {(r["label"], r["concurrency"]): r for r in rows}
+    lines = ["| run | concurrency | infer/s | p50 ms | p99 ms | strategy mix 0/1/2/3 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        mix = res["strategy_mix"].get(f"{r['label']}@{r['concurrency']}")
+        lines.append(f"| {r['label']} | {r['concurrency']} | {r['throughput_infer_per_s']:.1f} | "
+                     f"{r['p50_us'] / 1e3:.2f} | {r['p99_us'] / 1e3:.2f} | "
+                     f"{'/'.join(f'{100 * m:.0f}%' for m in mix) if mix else '—'} |")
+    lines += ["", "| target | concurrency | measured | goal |", "|---|---|---|---|"]
+    for (label, c), r in sorted(by.items()):
+        f = by.get(("cascade", c))
+        if f is None:
+            continue
+        if label == "router_mix74":
+            lines.append(f"| throughput, 74% repeated mix / always-full | {c} | "
+                         f"{r['throughput_infer_per_s'] / f['throughput_infer_per_s']:.2f}x | >= 1.5x |")
+        elif label == "router_repeat":
+            lines.append(f"| p50 of a repeated (recycled) request / full cascade | {c} | "
+                         f"{r['p50_us'] / f['p50_us']:.2f}x | <= 0.3x |")
+        elif label == "router_initial":
+            lines.append(f"| p50 of an initial request via the router / cascade directly | {c} | "
+                         f"{r['p50_us'] / f['p50_us']:.2f}x | <= 1.15x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m perf.router_perf", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repository", default=str(REPO_ROOT / "model_repository"),
+                    help="model repository with an installed model set, estimator and router params")
+    ap.add_argument("--models", default=str(REPO_ROOT / "artifacts" / "models" / "default"),
+                    help="model set (to train/install the estimator and params if the repository lacks them)")
+    ap.add_argument("--out", default=str(REPO_ROOT / "runs" / "router_perf"))
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer measurement window")
+    ap.add_argument("--users", type=int, default=400, help="distinct users in the input data")
+    a = ap.parse_args(argv)
+    repo = Path(a.repository)
+    if not (repo / "manifest.json").exists():
+        print(f"error: {repo} has no installed model set; run `bash scripts/demo.sh` or "
+              f"`python build_models.py` first", file=sys.stderr)
+        return 2
+    from comrecycle.demo import ensure_router
+
+    ensure_router(repo, Path(a.models))
+    t0 = time.time()
+    res = run(repo, Path(a.out), sorted(a.concurrency), a.measurement_ms, a.users)
+    print(format_rows(res["rows"]))
+    print(markdown(res))
+    print(f"wrote {Path(a.out) / 'results.md'} in {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
