@@ -82,7 +82,7 @@ def cmd_simulate(a) -> int:
             print(f"simulating {a.requests} requests in {a.workers} processes ...", flush=True)
             table = simulate_log_sharded(model_dir, a.requests, seed=a.seed, logging=a.logging,
                                          concurrency=a.concurrency, workers=a.workers, arm_weights=weights,
-                                         counterfactuals=cf)
+                                         counterfactuals=cf, progress=not a.quiet)
         else:
             table = simulate_log(model_dir, a.requests, seed=a.seed, logging=a.logging,
                                  concurrency=a.concurrency, progress=not a.quiet, arm_weights=weights,

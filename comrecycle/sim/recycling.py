@@ -250,7 +250,7 @@ def load_model_set(model_dir) -> tuple[World, InProcessCascade, dict[int, float]
 
 def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "random",
                  concurrency: int = 256, progress: bool = True, strategy: int | None = None,
-                 arm_weights=None, counterfactuals: bool = True):
+                 arm_weights=None, counterfactuals: bool = True, progress_queue=None):
     """A request log served by the model set in `model_dir` with the recycling cache.
 
     logging="random": repeated requests get a uniformly random available strategy (propensity
@@ -273,22 +273,27 @@ def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "rand
         raise ValueError(f"logging must be 'random' or 'full', got {logging!r}")
     server = RecyclingServer(world, cascade, assign, costs, counterfactuals=cf)
     sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2))
-    return sim.run(n_requests, server, progress=progress, desc=f"simulate ({logging})").table()
+    on_step = None if progress_queue is None else (lambda batch, outcome: progress_queue.put(len(batch)))
+    return sim.run(n_requests, server, progress=progress, desc=f"simulate ({logging})", on_step=on_step).table()
 
 
 def _shard(args):
-    model_dir, n, seed, logging, concurrency, arm_weights, counterfactuals = args
+    model_dir, n, seed, logging, concurrency, arm_weights, counterfactuals, queue = args
     return simulate_log(model_dir, n, seed=seed, logging=logging, concurrency=concurrency, progress=False,
-                        arm_weights=arm_weights, counterfactuals=counterfactuals)
+                        arm_weights=arm_weights, counterfactuals=counterfactuals, progress_queue=queue)
 
 
 def simulate_log_sharded(model_dir, n_requests: int, seed: int = 0, logging: str = "random",
                          concurrency: int = 256, workers: int = 2, arm_weights=None,
-                         counterfactuals: bool = True):
+                         counterfactuals: bool = True, progress: bool = True):
     """simulate_log split over `workers` processes (independent session streams with seeds
-    seed*1000 + shard); request and session ids are made unique with the shard in bits 40+."""
+    seed*1000 + shard); request and session ids are made unique with the shard in bits 40+.
+    The shards report their progress through a queue to one progress bar."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
+    import queue as queue_mod
+
+    from tqdm import tqdm
 
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -296,10 +301,21 @@ def simulate_log_sharded(model_dir, n_requests: int, seed: int = 0, logging: str
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     sizes = [n_requests // workers + (1 if s < n_requests % workers else 0) for s in range(workers)]
-    jobs = [(str(model_dir), n, seed * 1000 + s, logging, concurrency, arm_weights, counterfactuals)
-            for s, n in enumerate(sizes) if n > 0]
-    with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as pool:
-        tables = list(pool.map(_shard, jobs))
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        q = manager.Queue()
+        jobs = [(str(model_dir), n, seed * 1000 + s, logging, concurrency, arm_weights, counterfactuals, q)
+                for s, n in enumerate(sizes) if n > 0]
+        with ProcessPoolExecutor(len(jobs), mp_context=ctx) as pool, \
+                tqdm(total=n_requests, desc=f"simulate ({logging}, {len(jobs)} processes)", unit="req",
+                     disable=not progress, mininterval=1.0) as bar:
+            futures = [pool.submit(_shard, job) for job in jobs]
+            while not all(f.done() for f in futures):
+                try:
+                    bar.update(q.get(timeout=0.5))
+                except queue_mod.Empty:
+                    pass
+            tables = [f.result() for f in futures]
     out = []
     for s, t in enumerate(tables):
         for col in ("request_id", "session_id"):
