@@ -39,6 +39,10 @@ ROUTER_MODEL_PY = REPO_ROOT / "python_backends" / "recycle_router" / "model.py"
 ESTIMATOR_MAX_BATCH = 64
 ROUTER_MAX_BATCH = 16  # = the ensembles' max batch: one BLS call per strategy group
 ROUTER_QUEUE_DELAY_US = 500
+# two instances: while one awaits a long full-cascade group, the other serves the next batch
+# (a non-decoupled Python model answers a whole batch at once, so a batch is as slow as its
+# slowest strategy group)
+ROUTER_INSTANCES = 2
 # old and new versions stay loaded together while a router/estimator update rolls out
 ROLLOUT_VERSIONS = 2
 # Largest batch per stage call. Ranking's target attention is [batch, 300, 50, 4*emb] floats.
@@ -118,7 +122,7 @@ def router_config() -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=ROUTER, backend="python", max_batch_size=ROUTER_MAX_BATCH)
     cfg.input.extend(_input(t, ragged=True) for t in ROUTER_INPUTS)
     cfg.output.extend(_output(t) for t in ROUTER_OUTPUTS)
-    cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=ROUTER_INSTANCES, kind=mc.ModelInstanceGroup.KIND_CPU))
     cfg.dynamic_batching.max_queue_delay_microseconds = ROUTER_QUEUE_DELAY_US
     cfg.version_policy.latest.num_versions = 1
     for k, (_, default) in sorted(SETTINGS.items()):
