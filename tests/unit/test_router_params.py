@@ -1,0 +1,64 @@
+"""Router params: what `comrecycle solve` writes deploys; anything else is refused clearly."""
+import json
+
+import pytest
+
+from comrecycle.repository import install_router_params, loadable_models, write_configs
+from comrecycle.router.params import ParamsError, RouterParams
+from comrecycle.router.serving import model_set_fingerprint, settings
+from comrecycle.specs import CascadeSizes
+
+GOOD = {"lambda": 2.5, "costs": [1.0, 0.9, 0.8, 0.05], "omega": 0.0, "choice": "argmax",
+        "estimator_cost": 0.02, "budget": 0.01}
+
+
+def test_params_from_solve_output():
+    p = RouterParams.from_dict(GOOD)
+    assert p.lam == 2.5 and p.costs == (1.0, 0.9, 0.8, 0.05) and p.estimator_version == -1
+    assert p.as_decide_params()["lambda"] == 2.5
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"costs": [1.0, 0.9, 0.8]}, "'costs' must be 4 finite numbers"),
+    ({"costs": [1.0, 0.9, float("nan"), 0.1]}, "'costs' must be 4 finite numbers"),
+    ({"lambda": -1.0}, "'lambda' must be a finite number >= 0"),
+    ({"omega": float("inf")}, "'omega' must be a finite number >= 0"),
+    ({"choice": "best"}, "'choice' must be 'argmax' or 'sample'"),
+    ({"estimator_cost": -0.1}, "'estimator_cost' must be >= 0"),
+])
+def test_bad_params_are_refused(change, message):
+    with pytest.raises(ParamsError, match=message):
+        RouterParams.from_dict({**GOOD, **change})
+    with pytest.raises(ParamsError, match=r"missing keys \['lambda'\]"):
+        RouterParams.from_dict({"costs": GOOD["costs"]})
+
+
+def test_install_router_params_makes_versions_and_the_router_loadable(tmp_path):
+    repo = tmp_path / "repo"
+    write_configs(repo, CascadeSizes(), "cpu")
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(GOOD))
+    with pytest.raises(FileNotFoundError, match="no installed version: install an estimator first"):
+        install_router_params(repo, params)
+    v1 = install_router_params(repo, params, estimator_version=3)
+    assert v1.name == "1" and json.loads((v1 / "params.json").read_text())["estimator_model_version"] == 3
+    assert (v1 / "model.py").exists()
+    assert install_router_params(repo, params, estimator_version=3).name == "2"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**GOOD, "lambda": -2}))
+    with pytest.raises(ParamsError):
+        install_router_params(repo, bad, estimator_version=3)
+    # no ONNX installed: nothing loads, the router neither (it needs the estimator and suffixes)
+    assert "recycle_router" not in loadable_models(repo)
+    assert RouterParams.load(v1 / "params.json").estimator_version == 3
+
+
+def test_settings_environment_overrides_config_and_fingerprint_tracks_the_manifest(tmp_path):
+    s = settings({"redis_url": "redis://cfg:1/0"}, env={"COMRECYCLE_REDIS_URL": "redis://env:2/0"})
+    assert s["redis_url"] == "redis://env:2/0" and float(s["cache_ttl_s"]) == 900.0
+    assert settings({"redis_url": "redis://cfg:1/0"}, env={})["redis_url"] == "redis://cfg:1/0"
+    assert model_set_fingerprint(tmp_path) == "unknown"
+    (tmp_path / "manifest.json").write_text(json.dumps({"versions": {"rank": 1}, "built_at": "a"}))
+    f1 = model_set_fingerprint(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"versions": {"rank": 2}, "built_at": "a"}))
+    assert model_set_fingerprint(tmp_path) != f1 and len(f1) == 16
