@@ -40,7 +40,8 @@ from .params import RouterParams
 log = logging.getLogger("comrecycle.router")
 
 N_STRATEGIES = len(STRATEGIES)
-CACHE_TTL_S = 900.0
+CACHE_TTL_S = 900.0  # a cached stage list older than this is not recycled (= the simulator's)
+SESSION_TTL_S = 3900.0  # a user silent this long starts a new session (> the simulator's longest gap, 3600 s)
 # the cached list strategy j reads
 READS = {j: (STAGES[j - 1] if j > 0 else None) for j in STRATEGIES}
 # the stage outputs a strategy's model returns that the cache stores, plus the page
@@ -178,9 +179,13 @@ class RecycleRouter:
     """One per router model instance. `serve(requests)` is a coroutine (async BLS)."""
 
     def __init__(self, cache, backend: Backend, params: RouterParams, model_version: str,
-                 ttl_s: float = CACHE_TTL_S, clock: Callable[[], float] = time.time, seed: int = 0):
+                 ttl_s: float = CACHE_TTL_S, clock: Callable[[], float] = time.time, seed: int = 0,
+                 session_ttl_s: float = SESSION_TTL_S):
+        """ttl_s: lifetime of a cached stage list; session_ttl_s: of the user's session state
+        (exposed items, page count); the Redis key lives as long."""
         self.cache, self.backend, self.params = cache, backend, params
         self.model_version, self.ttl_s, self.clock = model_version, float(ttl_s), clock
+        self.session_ttl_s = max(float(session_ttl_s), self.ttl_s)
         self.rng = np.random.default_rng(seed)
         self.costs = np.asarray(params.costs, np.float64)
 
@@ -271,7 +276,7 @@ class RecycleRouter:
         if e.model_version != self.model_version:
             report.cache["stale_version"] += 1
             return
-        if r.now - e.last_ts > self.ttl_s:
+        if r.now - e.last_ts > self.session_ttl_s:
             report.cache["expired"] += 1
             return
         r.entry, r.request_features, r.cache_state, r.available = apply_feedback(e, viewed, clicked, r.now, self.ttl_s)

@@ -3,7 +3,8 @@
 Configuration (config.pbtxt `parameters`, overridden by the environment of tritonserver):
   redis_url        COMRECYCLE_REDIS_URL       redis://127.0.0.1:6379/0 (rediss:// for TLS)
   redis password   COMRECYCLE_REDIS_PASSWORD  (or in the URL)
-  cache_ttl_s      COMRECYCLE_CACHE_TTL_S     900
+  cache_ttl_s      COMRECYCLE_CACHE_TTL_S     900: a cached stage list older than this is not recycled
+  session_ttl_s    COMRECYCLE_SESSION_TTL_S   3900: session state (exposed items, pages); the key's TTL
   redis_timeout_ms COMRECYCLE_REDIS_TIMEOUT_MS 50: slower than this = Redis down for the batch
   lock_ms          COMRECYCLE_LOCK_MS          2000: a user's lock expires if a router dies
   retry_after_s    COMRECYCLE_REDIS_RETRY_S    1.0: after a failure, Redis is left alone this long
@@ -23,7 +24,7 @@ import numpy as np
 
 from ..specs import STRATEGIES
 from .cache import RedisStageCache, redact_url
-from .core import CACHE_TTL_S, RecycleRouter
+from .core import CACHE_TTL_S, SESSION_TTL_S, RecycleRouter
 from .params import PARAMS_FILE, RouterParams
 
 log = logging.getLogger("comrecycle.router")
@@ -32,6 +33,7 @@ SETTINGS = {  # parameter -> (environment variable, default)
     "redis_url": ("COMRECYCLE_REDIS_URL", "redis://127.0.0.1:6379/0"),
     "redis_password": ("COMRECYCLE_REDIS_PASSWORD", ""),
     "cache_ttl_s": ("COMRECYCLE_CACHE_TTL_S", str(CACHE_TTL_S)),
+    "session_ttl_s": ("COMRECYCLE_SESSION_TTL_S", str(SESSION_TTL_S)),
     "redis_timeout_ms": ("COMRECYCLE_REDIS_TIMEOUT_MS", "50"),
     "lock_ms": ("COMRECYCLE_LOCK_MS", "2000"),
     "retry_after_s": ("COMRECYCLE_REDIS_RETRY_S", "1.0"),
@@ -62,14 +64,16 @@ def build_router(args: dict, backend) -> RecycleRouter:
     s = settings(params)
     model_dir = Path(args["model_repository"])
     router_params = RouterParams.load(model_dir / args["model_version"] / PARAMS_FILE)
-    cache = RedisStageCache(s["redis_url"], ttl_s=float(s["cache_ttl_s"]), lock_ms=int(s["lock_ms"]),
+    session_ttl = max(float(s["session_ttl_s"]), float(s["cache_ttl_s"]))
+    cache = RedisStageCache(s["redis_url"], ttl_s=session_ttl, lock_ms=int(s["lock_ms"]),
                             timeout_s=float(s["redis_timeout_ms"]) / 1e3, retry_after_s=float(s["retry_after_s"]),
                             password=s["redis_password"] or None)
     fingerprint = model_set_fingerprint(model_dir.parent)
     log.info("recycle_router v%s: λ=%.4g ω=%g costs=%s estimator v%s, model set %s, Redis %s (reachable: %s)",
              args["model_version"], router_params.lam, router_params.omega, router_params.costs,
              router_params.estimator_version, fingerprint, redact_url(s["redis_url"]), cache.ping())
-    return RecycleRouter(cache, backend, router_params, fingerprint, ttl_s=float(s["cache_ttl_s"]))
+    return RecycleRouter(cache, backend, router_params, fingerprint, ttl_s=float(s["cache_ttl_s"]),
+                         session_ttl_s=session_ttl)
 
 
 class RouterMetrics:
