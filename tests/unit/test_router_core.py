@@ -168,12 +168,12 @@ def test_redis_down_serves_strategy_zero_and_writes_nothing(backend):
 
 
 def test_expired_new_session_other_version_and_corrupt_entries_are_initial(backend):
-    router = make_router(backend, ttl_s=60.0)
+    router = make_router(backend, ttl_s=60.0)  # lists expire after 60 s, the session after 3900 s
     serve(router, [request(20, t=0.0), request(21, t=0.0), request(22, t=0.0), request(23, t=0.0)])
     e = router.cache.entry(22)
     router.cache.data[22] = encode_entry(replace(e, model_version="other"))
     router.cache.data[23] = router.cache.data[23][:-3]  # truncated
-    results, rep = serve(router, [request(20, t=61.0), request(21, t=10.0, new_session=1),
+    results, rep = serve(router, [request(20, t=3901.0), request(21, t=10.0, new_session=1),
                                   request(22, t=10.0), request(23, t=10.0)])
     assert [r.strategy for r in results] == [0, 0, 0, 0]
     assert rep.cache["expired"] == 1 and rep.cache["new_session"] == 1
@@ -258,3 +258,14 @@ def test_router_in_the_simulator_serves_what_the_simulators_recycling_server_ser
     assert (strategies == 3).mean() > 0.3
     np.testing.assert_allclose(via_router["expected_reward"].to_numpy(), reference["expected_reward"].to_numpy(),
                                rtol=1e-6)
+
+
+def test_expired_lists_are_not_recycled_but_the_session_goes_on(backend):
+    router = make_router(backend, ttl_s=60.0)
+    (first,), _ = serve(router, [request(25, t=0.0)])
+    viewed = first.page_items[:4]
+    (res,), rep = serve(router, [request(25, viewed=viewed, t=100.0)])  # lists 100 s old > 60 s
+    assert res.strategy == 0 and rep.cache["hit"] == 1 and rep.cache["expired"] == 0
+    assert np.isneginf(res.strategy_scores[1:]).all()
+    assert not np.isin(res.page_items, viewed).any()  # the session's exposed items are still excluded
+    assert router.cache.entry(25).page == 2
