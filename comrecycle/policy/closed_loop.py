@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..specs import N_RECYCLE
-from .decide import decide
+from .decide import decide, depth_guard
 
 
 @dataclass
@@ -70,6 +70,7 @@ class PolicyAssignment:
         if self.controller is not None:
             self.params["lambda"] = self.controller.lam
         rep = np.asarray(batch.is_repeat)
+        available = depth_guard(available, cache_state, self.params.get("max_pages"))
         s = decide(dq, available, self.params)
         s[~rep] = 0
         chosen_loss = dq[np.arange(len(s)), s]
@@ -143,16 +144,21 @@ def closed_loop_metrics(table, costs, estimator_cost: float = 0.0) -> dict:
 def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=None, params: dict | None = None,
                     controller: LambdaController | None = None, strategy: int | None = None,
                     concurrency: int = 256, progress: bool = True, sim_options: dict | None = None,
-                    oracle: bool = False):
+                    oracle: bool = False, max_pages: int | None = None):
     """Run the policy (or a fixed `strategy` for every repeated request) in the simulator.
     Returns (log table with q_0 and the served q_j, the PolicyAssignment or None).
+    max_pages: the depth guard for a fixed strategy (a policy takes it from its params).
     sim_options: SessionSimulator keyword overrides (e.g. continue_prob) for shifted traffic."""
     from ..sim.env import SessionSimulator
     from ..sim.recycling import RecyclingServer, fixed_assignment, load_model_set
 
     world, cascade, costs = load_model_set(model_dir)
     if strategy is not None:
-        assign, policy = fixed_assignment(strategy), None
+        fixed = fixed_assignment(strategy)
+        policy = None
+
+        def assign(batch, available, cache_state):
+            return fixed(batch, depth_guard(available, cache_state, max_pages), cache_state)
     elif oracle:
         policy = assign = OracleAssignment(params, controller)
     else:

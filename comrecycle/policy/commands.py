@@ -75,7 +75,10 @@ def cmd_solve(a) -> int:
                                          features_from_log(log.slice(0, 64)), batch_size=prof.get("batch_size", 8))
         est_cost = secs / sum(prof["seconds_per_request"].values())
     q_hat, dq = predict(log, est)
-    params = solve_params(log, q_hat, dq, costs, a.budget, omega=a.omega, choice=a.choice, estimator_cost=est_cost)
+    if a.max_pages is not None and a.max_pages < 1:
+        raise CommandError(f"--max-pages must be >= 1, got {a.max_pages}")
+    params = solve_params(log, q_hat, dq, costs, a.budget, omega=a.omega, choice=a.choice, estimator_cost=est_cost,
+                          max_pages=a.max_pages)
     params.update({"costs_source": source, "estimator": estimator_version(a.estimator),
                    "solved_on": {"log": str(a.logs), "requests": log.num_rows}})
     out = Path(a.out)
@@ -98,7 +101,7 @@ def cmd_decide(a) -> int:
     est = _load_estimator(a.estimator)
     params = load_params(a.params)
     _, dq = predict(log, est)
-    avail = available_from_log(log)
+    avail = available_from_log(log, params.get("max_pages"))
     s = decide(dq, avail, params, seed=a.seed)
     s[~log["is_repeat"].to_numpy()] = 0
     out = Path(a.out)
@@ -176,6 +179,11 @@ def cmd_closed_loop(a) -> int:
         raise CommandError(f"{models}: not a model set (no manifest.json); build one with build_models.py")
     sim_options = {"continue_prob": a.continue_prob} if a.continue_prob is not None else None
     params = load_params(a.params) if a.params else None
+    if a.max_pages is not None:
+        if a.max_pages < 1:
+            raise CommandError(f"--max-pages must be >= 1, got {a.max_pages}")
+        if params is not None:
+            params["max_pages"] = a.max_pages
     if a.strategy is None and (params is None or not (a.estimator or a.oracle)):
         raise CommandError("the policy needs --estimator and --params (or --oracle with --params, "
                            "or --strategy J for a fixed rule)")
@@ -187,12 +195,13 @@ def cmd_closed_loop(a) -> int:
     est_cost = float(params.get("estimator_cost", 0.0)) if params and a.strategy is None and not a.oracle else 0.0
     table, policy = simulate_policy(models, a.requests, seed=a.seed, estimator_dir=a.estimator, params=params,
                                     controller=controller, strategy=a.strategy, progress=not a.quiet,
-                                    sim_options=sim_options, oracle=a.oracle)
+                                    sim_options=sim_options, oracle=a.oracle, max_pages=a.max_pages)
     res = closed_loop_metrics(table, costs, est_cost)
     res.update({"policy": f"strategy {a.strategy}" if a.strategy is not None else
                 ("oracle" if a.oracle else "comrecycle") + (" + λ controller" if controller else ", fixed λ"),
                 "budget_pct": 100 * float(params["budget"]) if params else None, "seed": a.seed,
-                "continue_prob": a.continue_prob, "lambda_start": float(params["lambda"]) if params else None})
+                "continue_prob": a.continue_prob, "lambda_start": float(params["lambda"]) if params else None,
+                "max_pages": a.max_pages if a.max_pages is not None else (params or {}).get("max_pages")})
     if policy is not None:
         res["predicted_loss_pct"] = 100 * float(np.sum(policy.pred_loss) / np.sum(policy.pred_effect))
     if controller is not None:
@@ -217,6 +226,9 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--cost-profile", default=default_cost_profile, help="measured cost profile JSON")
     s.add_argument("--costs-from-logs", action="store_true", help="c_j = mean `cost` per strategy in the log")
     s.add_argument("--no-estimator-cost", action="store_true", help="do not time the estimator")
+    s.add_argument("--max-pages", type=int, default=None, metavar="M",
+                   help="depth guard: a cached list that has served M pages is not recycled again "
+                        "(a safety net for the loss of deep caches the estimator does not see)")
     s.add_argument("--out", required=True, help="params JSON to write")
     s.set_defaults(func=cmd_solve)
 
@@ -262,6 +274,9 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--requests", type=int, default=20_000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--continue-prob", type=float, help="shifted traffic: probability a session continues")
+    s.add_argument("--max-pages", type=int, default=None, metavar="M",
+                   help="depth guard: a cached list that has served M pages is not recycled again "
+                        "(overrides the params' max_pages; also applies to --strategy)")
     s.add_argument("--out", help="metrics JSON")
     s.add_argument("--log-out", help="also write the closed-loop log (Parquet)")
     s.add_argument("--quiet", action="store_true")

@@ -20,10 +20,23 @@ from .solver import SolverError, project_simplex, solve_loss_budget, solve_soft
 PARAMS_KEYS = ("lambda", "omega", "choice", "costs", "budget")
 
 
-def available_from_log(log: pa.Table) -> np.ndarray:
+def depth_guard(available: np.ndarray, cache_state: np.ndarray, max_pages: int | None) -> np.ndarray:
+    """available [n, K+1] with j > 0 switched off where the list strategy j reads has already
+    served `max_pages` pages (cache_state [n, 3K], pages = the second field): a safety net
+    for what the estimator does not see (the loss of deep caches, docs/RESULTS.md). None or
+    0 = no guard."""
+    if not max_pages:
+        return available
+    pages = np.asarray(cache_state, np.float32).reshape(len(available), N_RECYCLE, len(CACHE_STATE_FIELDS))[:, :, 1]
+    out = available.copy()
+    out[:, 1:] &= pages < max_pages
+    return out
+
+
+def available_from_log(log: pa.Table, max_pages: int | None = None) -> np.ndarray:
     """[n, K+1] bool: strategy 0 always; j > 0 on repeated requests whose cached list was
     present (cache_state >= 0, or q_j not NaN in simulator logs); all of them when the log
-    says nothing about the cache."""
+    says nothing about the cache. max_pages: the depth guard (depth_guard)."""
     n = log.num_rows
     rep = log["is_repeat"].to_numpy()
     avail = np.zeros((n, N_RECYCLE + 1), bool)
@@ -32,8 +45,12 @@ def available_from_log(log: pa.Table) -> np.ndarray:
     if "cache_state" in log.column_names:
         from ..estimator.estimator import cache_state_from_log
 
-        cs = cache_state_from_log(log).reshape(n, N_RECYCLE, len(CACHE_STATE_FIELDS))
+        flat = cache_state_from_log(log)
+        cs = flat.reshape(n, N_RECYCLE, len(CACHE_STATE_FIELDS))
         avail[:, 1:] &= cs[:, :, 0] >= 0
+        avail = depth_guard(avail, flat, max_pages)
+    elif max_pages:
+        raise SolverError("a depth guard (max_pages) needs the log's cache_state column")
     q_cols = [f"q_{j}" for j in range(1, N_RECYCLE + 1)]
     if all(c in log.column_names for c in q_cols):
         q = np.stack([log[c].to_numpy() for c in q_cols], 1)
@@ -79,9 +96,10 @@ def decide(dq: np.ndarray, available: np.ndarray, params: dict, seed: int = 0) -
 
 
 def solve_params(log: pa.Table, q_hat: np.ndarray, dq: np.ndarray, costs: np.ndarray, budget: float,
-                 omega: float = 0.0, choice: str = "argmax", estimator_cost: float = 0.0) -> dict:
+                 omega: float = 0.0, choice: str = "argmax", estimator_cost: float = 0.0,
+                 max_pages: int | None = None) -> dict:
     """λ for the loss budget b on this log's requests (repeated ones decide; B = b·Σ Q_i0)."""
-    avail = available_from_log(log)
+    avail = available_from_log(log, max_pages)
     rep = log["is_repeat"].to_numpy()
     q0 = total_effect(log, q_hat)
     # the budget is over all requests; only repeated ones can spend it
@@ -94,6 +112,7 @@ def solve_params(log: pa.Table, q_hat: np.ndarray, dq: np.ndarray, costs: np.nda
     return {"lambda": float(sol.lam), "omega": float(omega), "choice": choice,
             "costs": [float(x) for x in costs], "estimator_cost": float(estimator_cost),
             "budget": float(budget), "form": "loss budget, " + ("ω → 0" if omega <= 0 else f"ω = {omega}"),
+            "max_pages": int(max_pages) if max_pages else None,
             "predicted": {"effect_loss_pct": 100.0 * sol.loss / q0.sum(),
                           "compute_saved_pct": 100.0 * (1.0 - spent / (costs[0] * len(rep))),
                           "strategy_mix": {str(j): float(np.mean(sol.strategy == j))

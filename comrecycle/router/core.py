@@ -280,6 +280,9 @@ class RecycleRouter:
             report.cache["expired"] += 1
             return
         r.entry, r.request_features, r.cache_state, r.available = apply_feedback(e, viewed, clicked, r.now, self.ttl_s)
+        if self.params.max_pages:
+            from ..policy.decide import depth_guard
+            r.available = depth_guard(r.available[None], r.cache_state[None], self.params.max_pages)[0]
         r.exposed = r.entry.exposed
         r.repeated = True
 

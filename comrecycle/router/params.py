@@ -32,11 +32,13 @@ class RouterParams:
     estimator_cost: float = 0.0  # compute units the estimator spends per repeated request
     budget: float | None = None  # the relative loss budget b the λ was solved for
     estimator_version: int = -1  # served estimator version to call (-1 = the latest)
+    max_pages: int | None = None  # depth guard: a list that has served this many pages is not recycled
     source: dict = field(default_factory=dict, compare=False)  # the rest of the params file
 
     def as_decide_params(self) -> dict:
         """The dict comrecycle.policy.decide.decide() takes."""
-        return {"lambda": self.lam, "costs": list(self.costs), "omega": self.omega, "choice": self.choice}
+        return {"lambda": self.lam, "costs": list(self.costs), "omega": self.omega, "choice": self.choice,
+                "max_pages": self.max_pages}
 
     @classmethod
     def from_dict(cls, p: dict, where: str = "params") -> "RouterParams":
@@ -58,7 +60,10 @@ class RouterParams:
         est_cost = float(p.get("estimator_cost", 0.0))
         if not math.isfinite(est_cost) or est_cost < 0:
             raise ParamsError(f"{where}: 'estimator_cost' must be >= 0, got {p.get('estimator_cost')}")
-        return cls(lam=lam, costs=tuple(float(x) for x in c), omega=omega, choice=choice,
+        max_pages = p.get("max_pages")
+        if max_pages is not None and (not isinstance(max_pages, int) or max_pages < 1):
+            raise ParamsError(f"{where}: 'max_pages' must be null or an integer >= 1, got {max_pages!r}")
+        return cls(lam=lam, costs=tuple(float(x) for x in c), omega=omega, choice=choice, max_pages=max_pages,
                    estimator_cost=est_cost, budget=p.get("budget"),
                    estimator_version=int(p.get("estimator_model_version", -1)), source=p)
 

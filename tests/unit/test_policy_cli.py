@@ -106,3 +106,16 @@ def test_evaluate_rejects_decisions_with_missing_requests(files, tmp_path):
     r = cli("evaluate", "--logs", files["log"], "--decisions", tmp_path / "d.parquet",
             "--cost-profile", files["profile"])
     assert r.returncode == 2 and f"no decision for {log.num_rows - 10} of {log.num_rows}" in r.stderr, r.stderr
+
+
+def test_depth_guard_switches_off_deep_lists():
+    import numpy as np
+
+    from comrecycle.policy.decide import depth_guard
+
+    avail = np.ones((3, 4), bool)
+    cs = np.array([[5, 1, 100] * 3, [5, 3, 100] * 3, [-1, -1, -1] * 3], np.float32)
+    got = depth_guard(avail, cs, 3)
+    assert got[0].all() and got[1].tolist() == [True, False, False, False]
+    assert got[2].tolist() == [True, True, True, True]  # absent lists are another rule's business
+    assert depth_guard(avail, cs, None) is avail

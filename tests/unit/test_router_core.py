@@ -269,3 +269,14 @@ def test_expired_lists_are_not_recycled_but_the_session_goes_on(backend):
     assert np.isneginf(res.strategy_scores[1:]).all()
     assert not np.isin(res.page_items, viewed).any()  # the session's exposed items are still excluded
     assert router.cache.entry(25).page == 2
+
+
+def test_depth_guard_stops_recycling_a_list_after_max_pages(backend):
+    params = RouterParams(lam=0.0, costs=(1.0, 1.0, 1.0, 0.05), max_pages=3)
+    router = RecycleRouter(MemoryCache(), backend, params, VERSION)
+    strategies = []
+    for k in range(6):
+        (res,), _ = serve(router, [request(60, t=10.0 * k)])
+        strategies.append(res.strategy)
+    # the rank list computed on page 0 serves pages 1 and 2, then it has served 3 pages: refresh
+    assert strategies == [0, 3, 3, 0, 3, 3]
