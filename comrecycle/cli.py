@@ -202,6 +202,8 @@ def cmd_demo(a) -> int:
         raise CliError(f"--requests and --concurrency must be >= 1, got {a.requests}, {a.concurrency}")
     if not 0 < a.budget < 1:
         raise CliError(f"--budget is a relative loss in (0, 1), e.g. 0.01 for 1%; got {a.budget}")
+    if a.max_pages < 0:
+        raise CliError(f"--max-pages must be >= 0 (0 = no depth guard), got {a.max_pages}")
     return run_demo(a)
 
 
@@ -302,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--requests", type=int, default=4000, help="requests replayed per path (router, always-full)")
     s.add_argument("--concurrency", type=int, default=16, help="concurrent simulated sessions")
     s.add_argument("--budget", type=float, default=0.01, help="relative effect-loss budget b (0.01 = 1%%)")
+    s.add_argument("--max-pages", type=int, default=3, metavar="M",
+                   help="depth guard: a cached list serves at most M pages (0 = off; see README, 'The policy')")
     s.add_argument("--train-requests", type=int, default=40_000,
                    help="size of the randomised log the estimator is trained on (first run only; cached)")
     s.add_argument("--seed", type=int, default=0)

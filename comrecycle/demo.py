@@ -28,26 +28,36 @@ ROUTER_ARTIFACTS = REPO_ROOT / "artifacts" / "router"
 DEMO_ARM_WEIGHTS = [[1, 1, 1, 1], [0.02, 0.02, 0.02, 0.94], [0.02, 0.02, 0.02, 0.94]]
 
 
-def _key(model_dir: Path, train_requests: int, budget: float, seed: int) -> str:
+def _key(model_dir: Path, train_requests: int, seed: int) -> str:
     m = json.loads((model_dir / "manifest.json").read_text())
     return hashlib.sha256(json.dumps([m.get("built_at"), m.get("seed"), m.get("profile"), train_requests,
-                                      budget, seed]).encode()).hexdigest()[:12]
+                                      seed]).encode()).hexdigest()[:12]
+
+
+DEFAULT_MAX_PAGES = 3
 
 
 def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_requests: int = 40_000,
-                  heldout_requests: int = 3_000, seed: int = 0, workers: int = 2) -> dict:
+                  heldout_requests: int = 3_000, seed: int = 0, workers: int = 2,
+                  max_pages: int | None = DEFAULT_MAX_PAGES) -> dict:
     """Train (or reuse) an estimator and params for this model set and install them as the
-    latest estimator / recycle_router versions. Returns paths and the params."""
+    latest estimator / recycle_router versions. Returns paths and the params.
+
+    max_pages: the depth guard (a cached list that has served this many pages is not recycled
+    again). The estimator does not learn the loss of deep caches from randomised logs (too
+    few deep states, docs/RESULTS.md), and λ solved on logged (young) caches is ~0, so without
+    the guard the router recycles a list until it is used up. 3 = recycle a list for two more
+    pages, where the measured ΔQ of strategy 3 is still <= 0."""
     from .cli import main as cli_main
     from .estimator.estimator import EffectLossEstimator
     from .repository import install_estimator, install_router_params
     from .sim.logs import read_log, write_log
     from .sim.recycling import simulate_log, simulate_log_sharded
 
-    work = ROUTER_ARTIFACTS / _key(model_dir, train_requests, budget, seed)
+    work = ROUTER_ARTIFACTS / _key(model_dir, train_requests, seed)
     work.mkdir(parents=True, exist_ok=True)
-    train, held, est_dir, params_path = (work / "train.parquet", work / "heldout.parquet", work / "estimator",
-                                         work / "params.json")
+    train, held, est_dir = work / "train.parquet", work / "heldout.parquet", work / "estimator"
+    params_path = work / f"params_b{budget:g}_m{max_pages or 0}.json"
     if not train.exists():
         print(f"[router] simulating a randomised training log ({train_requests} requests, session mixture "
               f"of uniform and deep recycling) ...", flush=True)
@@ -66,7 +76,8 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_reque
         print(f"[router] estimator trained in {time.time() - t0:.0f}s", flush=True)
     if not params_path.exists():  # `comrecycle solve`: λ for the budget, measured c_j and estimator cost
         rc = cli_main(["solve", "--logs", str(held), "--estimator", str(est_dir), "--budget", str(budget),
-                       "--cost-profile", str(model_dir / "cost_profile.json"), "--out", str(params_path)])
+                       "--cost-profile", str(model_dir / "cost_profile.json"), "--out", str(params_path)]
+                      + (["--max-pages", str(max_pages)] if max_pages else []))
         if rc != 0:
             raise RuntimeError(f"comrecycle solve failed (exit {rc})")
     params = json.loads(params_path.read_text())
@@ -78,7 +89,8 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_reque
     if router_version is None or json.loads((router_version / "params.json").read_text()) != want:
         router_version = install_router_params(repo, params_path, estimator_version=int(est_version.name))
     print(f"[router] installed estimator v{est_version.name} and recycle_router v{router_version.name} "
-          f"(λ = {params['lambda']:.4g} for a {100 * budget:g}% loss budget)", flush=True)
+          f"(λ = {params['lambda']:.4g} for a {100 * budget:g}% loss budget; depth guard: "
+          f"{'a list serves at most ' + str(max_pages) + ' pages' if max_pages else 'off'})", flush=True)
     return {"work": work, "heldout": held, "estimator": est_dir, "params": params}
 
 
@@ -167,7 +179,8 @@ def run_demo(a) -> int:
     repo = Path(a.repository)
     model_dir = Path(a.models) if a.models else REPO_ROOT / "artifacts" / "models" / a.profile
     ensure_model_set(a.profile, model_dir, repo, seed=a.seed, progress=True)
-    info = ensure_router(repo, model_dir, budget=a.budget, train_requests=a.train_requests, seed=a.seed)
+    info = ensure_router(repo, model_dir, budget=a.budget, train_requests=a.train_requests, seed=a.seed,
+                         max_pages=a.max_pages or None)
     world = world_from_repository(repo)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +193,7 @@ def run_demo(a) -> int:
             routed, full = replay_pair(srv.grpc_url, world, a.requests, a.concurrency, seed=a.seed + 1)
     p = info["params"]
     s = summarise(routed, full, p["costs"], float(p.get("estimator_cost", 0.0)))
-    s["params"] = {k: p[k] for k in ("lambda", "omega", "costs", "estimator_cost", "budget")}
+    s["params"] = {k: p.get(k) for k in ("lambda", "omega", "costs", "estimator_cost", "budget", "max_pages")}
     print_summary(s, a.budget)
     if routed.first_errors or full.first_errors:
         print("first errors:", *(routed.first_errors + full.first_errors), sep="\n  ")
