@@ -38,7 +38,7 @@ ESTIMATOR_MODEL_PY = REPO_ROOT / "python_backends" / "estimator" / "model.py"
 ROUTER_MODEL_PY = REPO_ROOT / "python_backends" / "recycle_router" / "model.py"
 ESTIMATOR_MAX_BATCH = 64
 ROUTER_MAX_BATCH = 16  # = the ensembles' max batch: one BLS call per strategy group
-ROUTER_QUEUE_DELAY_US = 500
+ROUTER_QUEUE_DELAY_US = 100  # short: at low load a batch of one should not wait
 # two instances: while one awaits a long full-cascade group, the other serves the next batch
 # (a non-decoupled Python model answers a whole batch at once, so a batch is as slow as its
 # slowest strategy group)

@@ -427,7 +427,10 @@ class RedisStageCache:
                     pipe.delete(self.entry_key(uid))
                 else:
                     pipe.set(self.entry_key(uid), data, px=self._ttl_ms)
-            self._release_script(keys=[self.lock_key(u) for u in unlock], args=[token], client=pipe)
+            # EVAL with the script text, not a registered script: redis-py would send an extra
+            # SCRIPT EXISTS round trip before a pipeline holding one
+            keys = [self.lock_key(u) for u in unlock]
+            pipe.eval(_RELEASE_LUA, len(keys), *keys, token)
             pipe.execute()
         except Exception as exc:  # see claim()
             self._failed("commit", exc)
