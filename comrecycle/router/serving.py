@@ -38,7 +38,7 @@ SETTINGS = {  # parameter -> (environment variable, default)
     "lock_ms": ("COMRECYCLE_LOCK_MS", "2000"),
     "retry_after_s": ("COMRECYCLE_REDIS_RETRY_S", "1.0"),
 }
-LATENCY_BUCKETS_S = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
+LATENCY_BUCKETS_S = [0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0]
 
 
 def settings(config_params: dict[str, str], env=None) -> dict[str, str]:
