@@ -154,6 +154,10 @@ class RouterReplay:
     session_id: np.ndarray  # [n]
     is_repeat: np.ndarray  # [n] bool
     first_errors: list = field(default_factory=list)
+    # for a paired evaluation (shadow_full_cascade): what each request saw and was served
+    contexts: list = field(default_factory=list, repr=False)
+    interests: np.ndarray | None = field(default=None, repr=False)
+    pages: list = field(default_factory=list, repr=False)
 
     def latency_by_strategy(self) -> dict:
         return {int(j): latency_summary(list(self.latency_s[self.strategy == j]))
@@ -170,6 +174,9 @@ class _RouterServe:
         self.feedback: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # session id -> (viewed, clicked)
         self.rows: list[tuple] = []
         self.errors: list[str] = []
+        self.contexts: list[dict] = []
+        self.interests: list[np.ndarray] = []
+        self.pages: list[np.ndarray] = []
 
     def request(self, batch, i: int) -> dict[str, np.ndarray]:
         ctx = batch.context(i)
@@ -206,6 +213,10 @@ class _RouterServe:
             s, secs = self._pending[i]
             self.rows.append((s, secs, float(outcome.expected_clicks[i]), int(batch.session_id[i]),
                               bool(batch.is_repeat[i])))
+            # the context the always-full path would have seen on this very state
+            self.contexts.append(batch.context(i))
+            self.interests.append(batch.interest[i])
+            self.pages.append(np.asarray(outcome.page_items[i], np.int64))
 
 
 async def replay_router_async(client: CascadeClient, world: World, n_requests: int, concurrency: int = 16,
@@ -218,7 +229,8 @@ async def replay_router_async(client: CascadeClient, world: World, n_requests: i
     secs = time.perf_counter() - t0
     s, lat, ec, sess, rep = (np.array(x) for x in zip(*serve.rows))
     return RouterReplay(model, len(serve.rows), len(serve.errors), secs, s.astype(np.int64), lat, ec,
-                        sess.astype(np.int64), rep.astype(bool), serve.errors[:5])
+                        sess.astype(np.int64), rep.astype(bool), serve.errors[:5], serve.contexts,
+                        np.stack(serve.interests), serve.pages)
 
 
 def replay_full_async_rows(client: CascadeClient, world: World, n_requests: int, concurrency: int, seed: int,
@@ -268,3 +280,29 @@ def replay_pair(url: str, world: World, n_requests: int, concurrency: int = 16, 
             return routed, full
 
     return asyncio.run(main())
+
+
+def shadow_full_cascade(replay: RouterReplay, world: World, model_dir, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Paired evaluation of a router replay: for every request, the exact expected clicks of the
+    page it was served and of the page the full cascade would have served on the same state
+    (same context, session exclusions and interest), run in-process after the replay so that
+    it does not disturb the timings. Returns (q_served [n], q_full [n])."""
+    from comrecycle.runtime.cascade import InProcessCascade
+
+    cascade = InProcessCascade.load(model_dir)
+    q_full = np.empty(replay.requests)
+    for lo in range(0, replay.requests, chunk):
+        idx = range(lo, min(lo + chunk, replay.requests))
+        outs = cascade.run([replay.contexts[i] for i in idx], strategy=0)
+        pages = [o["rerank_items"] for o in outs]
+        q_full[list(idx)] = _page_clicks(world, replay.interests[list(idx)], pages)
+    q_served = _page_clicks(world, replay.interests, replay.pages)
+    return q_served, q_full
+
+
+def _page_clicks(world: World, interests: np.ndarray, pages: list) -> np.ndarray:
+    mat = np.full((len(pages), 20), -1, np.int64)
+    for r, p in enumerate(pages):
+        ids = world.item_index(np.asarray(p, np.int64)[:20])
+        mat[r, :ids.size] = ids
+    return world.expected_clicks(interests, mat, (mat != -1).sum(axis=1))
