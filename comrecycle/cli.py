@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--requests", type=int, default=4000, help="requests replayed per path (router, always-full)")
     s.add_argument("--concurrency", type=int, default=16, help="concurrent simulated sessions")
     s.add_argument("--budget", type=float, default=0.01, help="relative effect-loss budget b (0.01 = 1%%)")
-    s.add_argument("--max-pages", type=int, default=3, metavar="M",
+    s.add_argument("--max-pages", type=int, default=4, metavar="M",
                    help="depth guard: a cached list serves at most M pages (0 = off; see README, 'The policy')")
     s.add_argument("--train-requests", type=int, default=40_000,
                    help="size of the randomised log the estimator is trained on (first run only; cached)")

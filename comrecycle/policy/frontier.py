@@ -213,7 +213,8 @@ def write_frontier(res: dict, out: str | Path, title: str = "Compute saved vs ef
     for k, (name, m) in enumerate(res.get("measured", {}).items()):
         lo, hi = m["loss_ci95"]
         ax.errorbar([m["loss_pct"]], [m["saved_pct"]], xerr=[[m["loss_pct"] - lo], [hi - m["loss_pct"]]],
-                    fmt="*", ms=13, color=f"C{k + 6}", capsize=4, label=f"{name} (95% CI)", zorder=5)
+                    fmt="*", ms=16, color="k", mfc=("gold", "cyan", "lime")[k % 3], capsize=4,
+                    label=f"{name} (95% CI)", zorder=5)
     for row in res["table"]:
         ax.axvline(row["budget_pct"], color="grey", lw=0.6, ls=":")
     ax.axvline(1.0, color="red", lw=1.2, ls="-", label="budget b = 1%")
