@@ -116,6 +116,7 @@ class _Req:
     scores: np.ndarray | None = None  # [K+1] strategy scores
     outputs: dict | None = None
     error: str = ""  # why it could not be served (outputs None)
+    estimated: bool = False  # the estimator was called for it (its cost counts)
 
 
 def apply_feedback(entry: CacheEntry, viewed: np.ndarray, clicked: np.ndarray, now: float,
@@ -188,6 +189,7 @@ class RecycleRouter:
         self.session_ttl_s = max(float(session_ttl_s), self.ttl_s)
         self.rng = np.random.default_rng(seed)
         self.costs = np.asarray(params.costs, np.float64)
+        self.uses_estimator = params.lam > 0 or params.omega > 0
 
     def close(self) -> None:
         close = getattr(self.cache, "close", None)
@@ -251,7 +253,7 @@ class RecycleRouter:
             page, page_scores = page[:PAGE_SIZE], page_scores[:PAGE_SIZE]
             results[i] = RouterResult(page, page_scores, r.strategy, r.scores)
             report.strategies[r.strategy] += 1
-            spent = self.costs[r.strategy] + (self.params.estimator_cost if r.repeated else 0.0)
+            spent = self.costs[r.strategy] + (self.params.estimator_cost if r.estimated else 0.0)
             report.compute_spent += spent
             report.compute_saved += self.costs[0] - spent
             if r.writable:
@@ -290,8 +292,17 @@ class RecycleRouter:
     async def _decide(self, reqs: list[_Req], report: BatchReport) -> None:
         from ..policy.decide import decide
 
-        rep = [r for r in reqs if r.repeated]
+        # only requests that can recycle need a prediction
+        rep = [r for r in reqs if r.repeated and r.available[1:].any()]
         if not rep:
+            return
+        if not self.uses_estimator:
+            # λ = 0 and ω = 0: the scores are -c_j whatever ΔQ̂ is, so the estimator is not called
+            avail = np.stack([r.available for r in rep])
+            choice = decide(np.zeros(avail.shape), avail, self.params.as_decide_params())
+            scores = np.where(avail, -self.costs[None, :], -np.inf).astype(np.float32)
+            for k, r in enumerate(rep):
+                r.strategy, r.scores = int(choice[k]), scores[k]
             return
         chunks = [rep[k:k + 64] for k in range(0, len(rep), 64)]
         try:
@@ -305,6 +316,8 @@ class RecycleRouter:
             report.estimator_failures += len(rep)
             log.warning("estimator call failed; %d repeated requests served by strategy 0: %s", len(rep), e)
             return  # initial scores: strategy 0 only
+        for r in rep:
+            r.estimated = True
         dq = np.concatenate([o["delta_q"] for o in outs]).astype(np.float64)
         dq = np.concatenate([np.zeros((len(rep), 1)), dq], axis=1)
         avail = np.stack([r.available for r in rep])

@@ -28,13 +28,14 @@ COSTS = [1.0, 0.9, 0.8, 0.05]
 
 
 def forcing(j: int) -> list[float]:
-    """Costs under which λ = 0 picks strategy j for every repeat that can use it."""
+    """Costs under which λ ≈ 0 picks strategy j for every repeat that can use it."""
     c = [1.0, 1.0, 1.0, 1.0]
     c[j] = 0.01
     return c
 
 
-def write_params(path: Path, costs, lam=0.0) -> Path:
+def write_params(path: Path, costs, lam=1e-3) -> Path:
+    """λ = 1e-3: the estimator is called (λ = 0 skips it) but never outweighs the cost gaps."""
     path.write_text(json.dumps({"lambda": lam, "costs": list(costs), "omega": 0.0, "estimator_cost": 0.02,
                                 "budget": 0.01}))
     return path
@@ -98,7 +99,7 @@ def load_version(stack, costs, tag: str) -> int:
 
 def in_process_router(tiny_model_set, tiny_estimator, costs, repo):
     return RecycleRouter(MemoryStageCache(), InProcessBackend.load(tiny_model_set, tiny_estimator),
-                         RouterParams(lam=0.0, costs=tuple(costs), estimator_cost=0.02), model_set_fingerprint(repo))
+                         RouterParams(lam=1e-3, costs=tuple(costs), estimator_cost=0.02), model_set_fingerprint(repo))
 
 
 def session(stack, user, pages, t0=0.0, gap=7.0, n_view=6, reference=None):
@@ -130,7 +131,7 @@ def test_initial_then_repeated_and_viewed_items_never_come_back(stack):
         reported = set(seen)  # the last page's views are reported with the next request
         seen |= set(p["page_items"][:6].tolist())
     assert np.isneginf(pages[0]["strategy_scores"][1:]).all()
-    np.testing.assert_allclose(pages[1]["strategy_scores"], [-c for c in COSTS], rtol=1e-6)
+    np.testing.assert_allclose(pages[1]["strategy_scores"], [-c for c in COSTS], atol=2e-3)
     e = stack["cache"].claim([101], "peek")[0].entry
     stack["cache"].release([101], "peek")
     # the rank list was computed for page 1 and served all 6 pages
@@ -151,7 +152,10 @@ def test_each_strategy_matches_the_in_process_router(stack, tiny_model_set, tiny
 def test_ttl_expiry_and_model_version_change_make_the_request_initial(stack):
     session(stack, 301, 2, t0=0.0)
     expired0 = metric(stack, "comrecycle_cache_lookups_total", result="expired")
-    (res,) = send(stack, [req(301, t=2000.0)])  # > 900 s later
+    (res,) = send(stack, [req(301, t=1000.0)])  # lists > 900 s old: not recycled; the session lives on
+    assert int(res["strategy"][0]) == 0 and np.isneginf(res["strategy_scores"][1:]).all()
+    assert metric(stack, "comrecycle_cache_lookups_total", result="expired") == expired0
+    (res,) = send(stack, [req(301, t=5000.0)])  # silent > 3900 s: a new session
     assert int(res["strategy"][0]) == 0
     assert metric(stack, "comrecycle_cache_lookups_total", result="expired") == expired0 + 1
     # an entry written by other stage models is treated as absent
@@ -159,9 +163,9 @@ def test_ttl_expiry_and_model_version_change_make_the_request_initial(stack):
     e = cache.claim([301], "t")[0].entry
     e.model_version = "another-model-set"
     assert cache.commit({301: e}, "t")
-    (res,) = send(stack, [req(301, t=2005.0)])
+    (res,) = send(stack, [req(301, t=5005.0)])
     assert int(res["strategy"][0]) == 0
-    (res,) = send(stack, [req(301, t=2010.0)])
+    (res,) = send(stack, [req(301, t=5010.0)])
     assert int(res["strategy"][0]) == 3
 
 
