@@ -169,7 +169,7 @@ def print_summary(s: dict, budget: float) -> None:
     print("\n== ComRecycle: recycle_router vs always-full, same simulated sessions and seeds ==")
     print(f"requests: {s['requests']} ({100 * s['repeated_share']:.0f}% repeated); errors: router "
           f"{s['errors']['recycle_router']}, always-full {s['errors']['cascade']}")
-    print(f"compute saved:  {s['compute_saved_pct']:.1f}% (stages + the estimator's own cost)")
+    print(f"compute saved:  {s['compute_saved_pct']:.1f}% (stage costs c_j, plus the estimator's where it was called)")
     tl, (tlo, thi) = s["trajectory_effect_loss_pct"], s["trajectory_effect_loss_ci95"]
     print(f"effect loss:    {s['effect_loss_pct']:.2f}% [95% CI {lo:.2f}, {hi:.2f}] (budget {100 * budget:g}%), on the "
           "same requests: the page served vs the full cascade's page on the same state")
@@ -212,12 +212,22 @@ def run_demo(a) -> int:
                   flush=True)
             routed, full = replay_pair(srv.grpc_url, world, a.requests, a.concurrency, seed=a.seed + 1)
     p = info["params"]
+    # the router calls (and pays for) the estimator only when the decision can depend on it
+    uses_estimator = float(p["lambda"]) > 0 or float(p.get("omega", 0.0)) > 0
     print("[demo] paired evaluation: the full cascade on every state the router served (in-process) ...", flush=True)
     from client.replay import shadow_full_cascade
     paired = shadow_full_cascade(routed, world, model_dir)
-    s = summarise(routed, full, p["costs"], float(p.get("estimator_cost", 0.0)), paired)
+    s = summarise(routed, full, p["costs"], float(p.get("estimator_cost", 0.0)) if uses_estimator else 0.0, paired)
+    s["estimator_called"] = uses_estimator
     s["params"] = {k: p.get(k) for k in ("lambda", "omega", "costs", "estimator_cost", "budget", "max_pages")}
     print_summary(s, a.budget)
+    guard = f"the depth guard (a list serves at most {p['max_pages']} pages)" if p.get("max_pages") else "no guard"
+    if uses_estimator:
+        print(f"policy: λ = {p['lambda']:.4g} with the estimator's ΔQ̂, and {guard}")
+    else:
+        print(f"policy: λ = 0 (on the solving log's states the predicted loss stays under the budget at any λ), "
+              f"so ΔQ̂ cannot change a decision and the estimator is not called: the decisions are the "
+              f"cheapest usable strategy under {guard} (see docs/RESULTS.md, 'The policy')")
     if routed.first_errors or full.first_errors:
         print("first errors:", *(routed.first_errors + full.first_errors), sep="\n  ")
     # the frontier of issue 4 on the held-out log, with the replay's measured point
