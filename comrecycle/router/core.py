@@ -119,6 +119,16 @@ class _Req:
     estimated: bool = False  # the estimator was called for it (its cost counts)
 
 
+def isin(items: np.ndarray, small: np.ndarray) -> np.ndarray:
+    """np.isin for a short second list (a page's viewed items): one broadcast compare, ~20x
+    faster than np.isin's set machinery at these sizes."""
+    if small.size == 0:
+        return np.zeros(items.shape, bool)
+    if small.size > 64:
+        return np.isin(items, small)
+    return (items[:, None] == small[None, :]).any(axis=1)
+
+
 def apply_feedback(entry: CacheEntry, viewed: np.ndarray, clicked: np.ndarray, now: float,
                    ttl_s: float) -> tuple[CacheEntry, np.ndarray, np.ndarray, np.ndarray]:
     """The request filter's view of a valid entry after the previous page's feedback.
@@ -127,9 +137,9 @@ def apply_feedback(entry: CacheEntry, viewed: np.ndarray, clicked: np.ndarray, n
     items); they leave every cached list and join the session's exposed items. Returns
     (entry with the lists updated, request_features [4], cache_state [3K], available [K+1]).
     The numbers are those of the simulator's StageCache (sim/recycling.py)."""
-    viewed = np.unique(viewed[np.isin(viewed, entry.last_page)])
-    clicked = np.unique(clicked[np.isin(clicked, entry.last_page)])
-    lists = {s: StageList(lst.items[~np.isin(lst.items, viewed)] if viewed.size else lst.items, lst.ts, lst.pages)
+    viewed = np.unique(viewed[isin(viewed, entry.last_page)])
+    clicked = np.unique(clicked[isin(clicked, entry.last_page)])
+    lists = {s: StageList(lst.items[~isin(lst.items, viewed)] if viewed.size else lst.items, lst.ts, lst.pages)
              for s, lst in entry.lists.items()}
     exposed = np.concatenate([entry.exposed, viewed])[-EXCLUDE_MAX:]
     new = CacheEntry(entry.model_version, entry.last_ts, entry.page, exposed, entry.last_page, lists)

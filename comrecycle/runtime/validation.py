@@ -31,7 +31,9 @@ def check_tensor(model: str, spec: TensorSpec, value: np.ndarray | None) -> int:
     for axis, d in enumerate(spec.dims, start=1):
         if d != -1 and value.shape[axis] != d:
             raise InputError(f"{where}: expected shape {want_shape}, got {list(value.shape)}")
-    if spec.variable and spec.nonnegative:
+    if spec.variable and spec.nonnegative and (value.size == 0 or value.min() >= 0):
+        _check_lengths(where, spec, value.shape[-1], value.shape[-1])  # the common case: no padding
+    elif spec.variable and spec.nonnegative:
         # dense [batch, n] id lists: rows may end with PAD_ID padding (specs: "Padding")
         pad = value == PAD_ID
         if value.size and (pad[..., :-1] & ~pad[..., 1:]).any():
