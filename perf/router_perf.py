@@ -115,20 +115,27 @@ def run(repo: Path, out: Path, concurrency: list[int], measurement_ms: int, n_us
                 print(f"perf_analyzer {label} concurrency {level} ...", flush=True)
                 before = _strategy_counts(srv.metrics_endpoint) if model == ROUTER else None
                 # the router's mix drifts as the warmed caches age (the depth guard refreshes
-                # every few pages), so stability is judged at 25% instead of perf_analyzer's 10%
+                # every few pages), so perf_analyzer's stability check can fail: every run
+                # measures a fixed number of requests instead, the same for both paths
                 got = run_perf(model, srv.grpc_url, "grpc", [level], input_data=str(files[label]),
-                               measurement_interval_ms=measurement_ms, label=label, stability_percentage=25,
-                               max_trials=20)
+                               request_count=requests_per_level(level, measurement_ms), label=label)
                 rows += got
                 if before is not None:
                     d = _strategy_counts(srv.metrics_endpoint) - before
                     mixes[f"{label}@{level}"] = (d / max(d.sum(), 1)).round(4).tolist()
     write_rows_csv(rows, out / "results.csv")
     res = {"rows": rows, "strategy_mix": mixes, "users": {"repeated": len(warm), "initial": len(cold)},
-           "measurement_ms": measurement_ms}
+           "requests_per_level": {c: requests_per_level(c, measurement_ms) for c in concurrency}}
     (out / "results.json").write_text(json.dumps(res, indent=2, default=float))
     (out / "results.md").write_text(markdown(res))
     return res
+
+
+def requests_per_level(concurrency: int, measurement_ms: int) -> int:
+    """Requests measured at one load point: ~measurement_ms worth at ~100 req/s, more at higher
+    concurrency so that every in-flight slot completes many requests. perf_analyzer times a
+    fixed-count run in whole seconds, so short runs quantise the throughput: keep them >= 20 s."""
+    return int(max(300, measurement_ms / 10) + 100 * concurrency)
 
 
 def markdown(res: dict) -> str:
@@ -166,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="model set (to train/install the estimator and params if the repository lacks them)")
     ap.add_argument("--out", default=str(REPO_ROOT / "runs" / "router_perf"))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer measurement window")
+    ap.add_argument("--measurement-ms", type=int, default=24000,
+                    help="sets the requests measured per load point (measurement_ms / 10 + 100 x concurrency)")
     ap.add_argument("--users", type=int, default=400, help="distinct users in the input data")
     a = ap.parse_args(argv)
     repo = Path(a.repository)
