@@ -291,3 +291,13 @@ def test_with_lambda_zero_the_estimator_is_not_called_nor_paid_for(backend):
     assert res.strategy == 3 and "estimator" not in [m for m, _ in backend.calls]
     assert rep.compute_spent == pytest.approx(0.05)  # c_3, no estimator cost
     np.testing.assert_allclose(res.strategy_scores, [-1.0, -0.9, -0.8, -0.05], rtol=1e-6)
+
+
+def test_short_list_membership_matches_numpy():
+    from comrecycle.router.core import isin
+
+    rng = np.random.default_rng(1)
+    items = rng.integers(0, 50, 300)
+    for n in (0, 1, 7, 64, 65, 200):
+        small = rng.integers(0, 50, n)
+        np.testing.assert_array_equal(isin(items, small), np.isin(items, small))
