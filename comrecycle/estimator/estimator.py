@@ -105,6 +105,10 @@ class EffectLossEstimator:
     batch_size: int = 512
     max_epochs: int = 15  # 200k repeated requests: ~35 s per epoch on 2 cores -> <= 9 min
     patience: int = 3
+    # Early stopping watches the Poisson validation loss, which the level of Q dominates: it
+    # stops after 2-5 epochs, before the uplift towers learn the depth effect (docs/RESULTS.md).
+    # Epochs before min_epochs neither stop training nor count as the best one.
+    min_epochs: int = 0
     valid_fraction: float = 0.1
     ipw: bool = True
     seed: int = 0
@@ -153,6 +157,8 @@ class EffectLossEstimator:
             epochs_run = epoch + 1
             vl = self._valid_loss(X, t, y, w, va)
             bar.set_postfix(valid=f"{vl:.4f}", refresh=False)
+            if epochs_run < self.min_epochs:
+                continue
             if vl < best - 1e-5:
                 best, bad_epochs = vl, 0
                 best_state = {k: v.clone() for k, v in self.net_.state_dict().items()}
@@ -234,7 +240,7 @@ class EffectLossEstimator:
         torch.save(self.net_.state_dict(), out / "estimator.pt")
         np.save(out / "item_vocab.npy", self.vocab_.ids)
         params = {k: getattr(self, k) for k in ("emb", "hidden", "n_experts", "lr", "batch_size", "max_epochs",
-                                                 "patience", "valid_fraction", "ipw", "seed")}
+                                                 "patience", "min_epochs", "valid_fraction", "ipw", "seed")}
         (out / "manifest.json").write_text(json.dumps({"params": params, "fit": self.history_,
                                                        "uses_cache_state": self.use_cache_state_, **(extra or {})},
                                                       indent=2))

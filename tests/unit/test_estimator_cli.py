@@ -112,3 +112,17 @@ def test_several_training_logs_are_concatenated_with_distinct_sessions(log_path,
     sessions = t["session_id"].to_numpy()
     assert len(np.unique(sessions)) == 2 * len(np.unique(tiny_random_log["session_id"].to_numpy()))
     assert len(np.unique(t["request_id"].to_numpy())) == 2 * n
+
+
+def test_min_epochs_keeps_early_stopping_away(tiny_random_log):
+    from comrecycle.estimator.estimator import EffectLossEstimator
+
+    est = EffectLossEstimator(max_epochs=3, min_epochs=3, patience=1, progress=False).fit(tiny_random_log)
+    assert est.history_["epochs"] == 3
+
+
+def test_min_epochs_above_max_epochs_is_refused(tmp_path):
+    from comrecycle.cli import main
+
+    assert main(["train-estimator", "--logs", str(tmp_path / "x.parquet"), "--out", str(tmp_path / "o"),
+                 "--max-epochs", "3", "--min-epochs", "5"]) == 2
