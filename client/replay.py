@@ -167,7 +167,10 @@ class RouterReplay:
 class _RouterServe:
     """A simulator `serve` function that calls recycle_router with the client in the loop: each
     request carries the previous page's viewed and clicked items of its session, the simulated
-    time (request_time) and new_session on a session's first page."""
+    time (request_time) and new_session on a session's first page. It records, per request,
+    what a RouterReplay holds."""
+
+    page_output = "page_items"
 
     def __init__(self, client: CascadeClient, loop, model: str):
         self.client, self.loop, self.model = client, loop, model
@@ -188,6 +191,9 @@ class _RouterServe:
                 "request_time": np.array([batch.ts[i]], np.float64),
                 "new_session": np.array([1 if first else 0], np.int64)}
 
+    def strategy(self, outputs: dict[str, np.ndarray]) -> int:
+        return int(outputs["strategy"][0])
+
     def __call__(self, batch):
         async def all_():
             return await asyncio.gather(*[self.client.timed_infer(self.model, self.request(batch, i))
@@ -195,14 +201,14 @@ class _RouterServe:
 
         results = asyncio.run_coroutine_threadsafe(all_(), self.loop).result()
         pages, self._pending = [], []
-        for i, r in enumerate(results):
+        for r in results:
             if r.error is not None:
                 self.errors.append(r.error)
                 pages.append(np.zeros(0, np.int64))
                 self._pending.append((-1, r.seconds))
             else:
-                pages.append(r.outputs["page_items"])
-                self._pending.append((int(r.outputs["strategy"][0]), r.seconds))
+                pages.append(r.outputs[self.page_output])
+                self._pending.append((self.strategy(r.outputs), r.seconds))
         return pages
 
     def on_feedback(self, batch, outcome) -> None:
@@ -219,55 +225,42 @@ class _RouterServe:
             self.pages.append(np.asarray(outcome.page_items[i], np.int64))
 
 
-async def replay_router_async(client: CascadeClient, world: World, n_requests: int, concurrency: int = 16,
-                              seed: int = 0, model: str = "recycle_router", progress: bool = True) -> RouterReplay:
+class _FullServe(_RouterServe):
+    """The always-full path: `cascade` for every request (strategy 0)."""
+
+    page_output = "rerank_items"
+
+    def request(self, batch, i: int) -> dict[str, np.ndarray]:
+        return batch.context(i)
+
+    def strategy(self, outputs: dict[str, np.ndarray]) -> int:
+        return 0
+
+
+async def _replay(serve: _RouterServe, world: World, n_requests: int, concurrency: int, seed: int,
+                  progress: bool, desc: str) -> RouterReplay:
     sim = SessionSimulator(world, seed=seed, concurrency=concurrency)
     loop = asyncio.get_running_loop()
-    serve = _RouterServe(client, loop, model)
     t0 = time.perf_counter()
-    await loop.run_in_executor(None, lambda: sim.run(n_requests, serve, progress=progress, desc=f"replay {model}"))
+    await loop.run_in_executor(None, lambda: sim.run(n_requests, serve, progress=progress, desc=desc))
     secs = time.perf_counter() - t0
     s, lat, ec, sess, rep = (np.array(x) for x in zip(*serve.rows))
-    return RouterReplay(model, len(serve.rows), len(serve.errors), secs, s.astype(np.int64), lat, ec,
+    return RouterReplay(serve.model, len(serve.rows), len(serve.errors), secs, s.astype(np.int64), lat, ec,
                         sess.astype(np.int64), rep.astype(bool), serve.errors[:5], serve.contexts,
                         np.stack(serve.interests), serve.pages)
 
 
-def replay_full_async_rows(client: CascadeClient, world: World, n_requests: int, concurrency: int, seed: int,
-                           progress: bool = True):
+async def replay_router_async(client: CascadeClient, world: World, n_requests: int, concurrency: int = 16,
+                              seed: int = 0, model: str = "recycle_router", progress: bool = True) -> RouterReplay:
+    serve = _RouterServe(client, asyncio.get_running_loop(), model)
+    return await _replay(serve, world, n_requests, concurrency, seed, progress, f"replay {model}")
+
+
+async def replay_full_async(client: CascadeClient, world: World, n_requests: int, concurrency: int = 16,
+                            seed: int = 0, progress: bool = True) -> RouterReplay:
     """The always-full path on the same seeds: `cascade` for every request, as a RouterReplay."""
-
-    class _Full(_RouterServe):
-        def __call__(self, batch):
-            async def all_():
-                return await asyncio.gather(*[self.client.timed_infer("cascade", batch.context(i))
-                                              for i in range(len(batch))])
-
-            results = asyncio.run_coroutine_threadsafe(all_(), self.loop).result()
-            pages, self._pending = [], []
-            for r in results:
-                if r.error is not None:
-                    self.errors.append(r.error)
-                    pages.append(np.zeros(0, np.int64))
-                    self._pending.append((-1, r.seconds))
-                else:
-                    pages.append(r.outputs["rerank_items"])
-                    self._pending.append((0, r.seconds))
-            return pages
-
-    async def run():
-        sim = SessionSimulator(world, seed=seed, concurrency=concurrency)
-        loop = asyncio.get_running_loop()
-        serve = _Full(client, loop, "cascade")
-        t0 = time.perf_counter()
-        await loop.run_in_executor(None, lambda: sim.run(n_requests, serve, progress=progress,
-                                                         desc="replay always-full (cascade)"))
-        secs = time.perf_counter() - t0
-        s, lat, ec, sess, rep = (np.array(x) for x in zip(*serve.rows))
-        return RouterReplay("cascade", len(serve.rows), len(serve.errors), secs, s.astype(np.int64), lat, ec,
-                            sess.astype(np.int64), rep.astype(bool), serve.errors[:5])
-
-    return run()
+    serve = _FullServe(client, asyncio.get_running_loop(), "cascade")
+    return await _replay(serve, world, n_requests, concurrency, seed, progress, "replay always-full (cascade)")
 
 
 def replay_pair(url: str, world: World, n_requests: int, concurrency: int = 16, seed: int = 0,
@@ -276,7 +269,7 @@ def replay_pair(url: str, world: World, n_requests: int, concurrency: int = 16, 
     async def main():
         async with CascadeClient(url, "grpc") as c:
             routed = await replay_router_async(c, world, n_requests, concurrency, seed, progress=progress)
-            full = await replay_full_async_rows(c, world, n_requests, concurrency, seed, progress)
+            full = await replay_full_async(c, world, n_requests, concurrency, seed, progress)
             return routed, full
 
     return asyncio.run(main())
@@ -288,6 +281,7 @@ def shadow_full_cascade(replay: RouterReplay, world: World, model_dir, chunk: in
     (same context, session exclusions and interest), run in-process after the replay so that
     it does not disturb the timings. Returns (q_served [n], q_full [n])."""
     from comrecycle.runtime.cascade import InProcessCascade
+    from comrecycle.sim.recycling import page_expected_clicks
 
     cascade = InProcessCascade.load(model_dir)
     q_full = np.empty(replay.requests)
@@ -295,14 +289,6 @@ def shadow_full_cascade(replay: RouterReplay, world: World, model_dir, chunk: in
         idx = range(lo, min(lo + chunk, replay.requests))
         outs = cascade.run([replay.contexts[i] for i in idx], strategy=0)
         pages = [o["rerank_items"] for o in outs]
-        q_full[list(idx)] = _page_clicks(world, replay.interests[list(idx)], pages)
-    q_served = _page_clicks(world, replay.interests, replay.pages)
+        q_full[list(idx)] = page_expected_clicks(world, replay.interests[list(idx)], pages)
+    q_served = page_expected_clicks(world, replay.interests, replay.pages)
     return q_served, q_full
-
-
-def _page_clicks(world: World, interests: np.ndarray, pages: list) -> np.ndarray:
-    mat = np.full((len(pages), 20), -1, np.int64)
-    for r, p in enumerate(pages):
-        ids = world.item_index(np.asarray(p, np.int64)[:20])
-        mat[r, :ids.size] = ids
-    return world.expected_clicks(interests, mat, (mat != -1).sum(axis=1))

@@ -51,7 +51,7 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_reque
     -0.17%, +0.89% and saved 48.8%, 54.3%, 56.8%."""
     from .cli import main as cli_main
     from .estimator.estimator import EffectLossEstimator
-    from .repository import install_estimator, install_router_params
+    from .repository import install_estimator, install_router_params, installed_versions
     from .sim.logs import read_log, write_log
     from .sim.recycling import simulate_log, simulate_log_sharded
 
@@ -82,10 +82,13 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_reque
         if rc != 0:
             raise RuntimeError(f"comrecycle solve failed (exit {rc})")
     params = json.loads(params_path.read_text())
-    est_version = _latest_version(repo / "estimator", "model.onnx")
+    # install only what differs from the latest installed versions (no new version per run)
+    est_versions = installed_versions(repo / "estimator", "model.onnx")
+    est_version = repo / "estimator" / str(est_versions[-1]) if est_versions else None
     if est_version is None or _sha(est_version / "model.onnx") != _sha(est_dir / "estimator.onnx"):
         est_version = install_estimator(repo, est_dir)
-    router_version = _latest_version(repo / "recycle_router", "params.json")
+    router_versions = installed_versions(repo / "recycle_router", "params.json")
+    router_version = repo / "recycle_router" / str(router_versions[-1]) if router_versions else None
     want = dict(params, estimator_model_version=int(est_version.name))
     if router_version is None or json.loads((router_version / "params.json").read_text()) != want:
         router_version = install_router_params(repo, params_path, estimator_version=int(est_version.name))
@@ -97,13 +100,6 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_reque
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _latest_version(model_dir: Path, needs: str) -> Path | None:
-    """The highest version dir of a model that holds `needs` (None if none does)."""
-    versions = [v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit() and (v / needs).exists()] \
-        if model_dir.exists() else []
-    return max(versions, key=lambda v: int(v.name)) if versions else None
 
 
 def bootstrap_loss_ci(routed, full, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -123,17 +119,6 @@ def bootstrap_loss_ci(routed, full, n_boot: int = 2000, seed: int = 0) -> tuple[
     return float(point), float(lo), float(hi)
 
 
-def paired_loss_ci(q_served: np.ndarray, q_full: np.ndarray, session_id: np.ndarray, n_boot: int = 2000,
-                   seed: int = 0) -> tuple[float, float, float]:
-    """Effect loss % on the same requests = 1 - Σ q_served / Σ q_full, with a 95% CI from
-    resampling whole sessions (Poisson weights)."""
-    _, inv = np.unique(session_id, return_inverse=True)
-    qs, qf = np.bincount(inv, q_served), np.bincount(inv, q_full)
-    w = np.random.default_rng(seed).poisson(1.0, (n_boot, qs.size))
-    lo, hi = np.percentile(100 * (1 - (w @ qs) / (w @ qf)), [2.5, 97.5])
-    return float(100 * (1 - qs.sum() / qf.sum())), float(lo), float(hi)
-
-
 def summarise(routed, full, costs, estimator_cost: float, paired=None) -> dict:
     """paired: (q_served, q_full) of shadow_full_cascade, the loss on the same requests."""
     served = routed.strategy >= 0
@@ -141,7 +126,12 @@ def summarise(routed, full, costs, estimator_cost: float, paired=None) -> dict:
     spent = c[np.maximum(routed.strategy, 0)] + estimator_cost * routed.is_repeat
     saved = 100 * (1 - spent[served].sum() / (c[0] * served.sum()))
     tr_loss, tr_lo, tr_hi = bootstrap_loss_ci(routed, full)
-    loss, lo, hi = paired_loss_ci(*paired, routed.session_id) if paired is not None else (tr_loss, tr_lo, tr_hi)
+    if paired is not None:
+        from .policy.closed_loop import relative_loss_ci
+        q_served, q_full = paired
+        loss, lo, hi = relative_loss_ci(q_full, q_served, routed.session_id, n_boot=2000, seed=0)
+    else:
+        loss, lo, hi = tr_loss, tr_lo, tr_hi
     mix = {int(j): float(np.mean(routed.strategy[routed.is_repeat] == j)) for j in range(len(c))}
     return {"requests": routed.requests, "repeated_share": float(routed.is_repeat.mean()),
             "errors": {"recycle_router": routed.errors, "cascade": full.errors},

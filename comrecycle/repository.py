@@ -258,6 +258,15 @@ def check_repository_configs(repo: str | Path) -> list[str]:
     return problems
 
 
+def installed_versions(model_dir: str | Path, needs: str) -> list[int]:
+    """Sorted version numbers of a served model whose version dir holds the file `needs`
+    (model.onnx, params.json); [] when the model dir does not exist."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(v.name) for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit() and (v / needs).exists())
+
+
 def install_estimator(repo: str | Path, estimator_dir: str | Path, version: int | None = None) -> Path:
     """Install a trained estimator (comrecycle train-estimator) as a new version of the served
     `estimator` model (version = highest existing + 1 unless given). Returns the version dir."""
@@ -265,7 +274,7 @@ def install_estimator(repo: str | Path, estimator_dir: str | Path, version: int 
     root = repo / "estimator"
     if not (root / "config.pbtxt").exists():
         raise FileNotFoundError(f"{root}/config.pbtxt missing: generate the repository first (build_models.py)")
-    existing = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / "model.onnx").exists()]
+    existing = installed_versions(root, "model.onnx")
     version = version or (max(existing) + 1 if existing else 1)
     dst = root / str(version)
     dst.mkdir(parents=True, exist_ok=True)
@@ -293,14 +302,13 @@ def install_router_params(repo: str | Path, params_path: str | Path, estimator_v
         raise FileNotFoundError(f"{root}/config.pbtxt missing: generate the repository first (build_models.py)")
     p = json.loads(Path(params_path).read_text())
     if estimator_version is None:
-        est = [int(v.name) for v in (repo / "estimator").iterdir()
-               if v.is_dir() and v.name.isdigit() and (v / "model.onnx").exists()]
+        est = installed_versions(repo / "estimator", "model.onnx")
         if not est:
             raise FileNotFoundError(f"{repo}/estimator has no installed version: install an estimator first")
         estimator_version = max(est)
     p["estimator_model_version"] = int(estimator_version)
     RouterParams.from_dict(p, str(params_path))  # fail here, not when Triton loads it
-    existing = [int(v.name) for v in root.iterdir() if v.is_dir() and v.name.isdigit() and (v / PARAMS_FILE).exists()]
+    existing = installed_versions(root, PARAMS_FILE)
     version = version or (max(existing) + 1 if existing else 1)
     dst = root / str(version)
     dst.mkdir(parents=True, exist_ok=True)

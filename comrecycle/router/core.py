@@ -31,6 +31,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from ..policy.decide import decide, depth_guard
 from ..runtime.validation import InputError, check_tensor
 from ..specs import (CACHE_STATE_FIELDS, EXCLUDE_MAX, N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS,
                      STAGES, STRATEGIES, STRATEGY_CANDIDATES, STRATEGY_MODEL)
@@ -293,15 +294,12 @@ class RecycleRouter:
             return
         r.entry, r.request_features, r.cache_state, r.available = apply_feedback(e, viewed, clicked, r.now, self.ttl_s)
         if self.params.max_pages:
-            from ..policy.decide import depth_guard
             r.available = depth_guard(r.available[None], r.cache_state[None], self.params.max_pages)[0]
         r.exposed = r.entry.exposed
         r.repeated = True
 
     # ---- 3. estimator + decision ----------------------------------------------------------------
     async def _decide(self, reqs: list[_Req], report: BatchReport) -> None:
-        from ..policy.decide import decide
-
         # only requests that can recycle need a prediction
         rep = [r for r in reqs if r.repeated and r.available[1:].any()]
         if not rep:

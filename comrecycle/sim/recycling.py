@@ -88,6 +88,16 @@ class StageCache:
         return items
 
 
+def page_expected_clicks(world: World, interests: np.ndarray, pages: list[np.ndarray]) -> np.ndarray:
+    """[B] exact expected clicks of B pages (item ids, best first) for interests [B, D]: the
+    q_j of a strategy's page (no discount for items already exposed in the session)."""
+    mat = np.full((len(pages), 20), -1, np.int64)
+    for r, p in enumerate(pages):
+        ids = world.item_index(np.asarray(p, np.int64)[:20])
+        mat[r, :ids.size] = ids
+    return world.expected_clicks(interests, mat, (mat != -1).sum(axis=1))
+
+
 # assign(batch, available[B, K+1] bool, cache_state[B, 3K]) -> (strategy [B], propensity [B])
 AssignFn = Callable[[RequestBatch, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -185,13 +195,10 @@ class RecyclingServer:
 
     def _page_clicks(self, batch: RequestBatch, idx: np.ndarray, outs: list) -> np.ndarray:
         """Expected clicks of the pages in `outs` (one per request of idx); errors re-raised."""
-        pages = np.full((idx.size, 20), -1, np.int64)
-        for r, o in enumerate(outs):
+        for o in outs:
             if isinstance(o, Exception):
                 raise o
-            p = self.world.item_index(o["rerank_items"][:20])
-            pages[r, :p.size] = p
-        return self.world.expected_clicks(batch.interest[idx], pages, (pages != -1).sum(axis=1))
+        return page_expected_clicks(self.world, batch.interest[idx], [o["rerank_items"] for o in outs])
 
     def _run(self, batch: RequestBatch, idx: np.ndarray, j: int) -> list[dict]:
         ctxs = [batch.context(i) for i in idx]
