@@ -3,6 +3,7 @@
   comrecycle simulate       write a simulated request log (DESIGN.md §7 Parquet schema)
   comrecycle build-models   train the four stages, export ONNX, install the model repository
   comrecycle train-estimator  fit + evaluate the effect-loss estimator on a randomised log
+  comrecycle calibrate-estimator  per-depth calibration of ΔQ̂ on a held-out randomised log
   comrecycle solve          λ for a loss budget (estimator + log) -> params JSON
   comrecycle decide         one strategy per logged request with those params
   comrecycle evaluate       off-policy compute saved / effect loss (IPW, SNIPW, DR, exact)
@@ -126,6 +127,39 @@ def cmd_train_estimator(a) -> int:
 
         dst = install_estimator(a.install, a.out)
         print(f"installed as {dst}")
+    return 0
+
+
+def cmd_calibrate_estimator(a) -> int:
+    import shutil
+
+    from .estimator.estimator import EffectLossEstimator, LogError
+    from .estimator.train_cli import read_training_logs
+
+    src = Path(a.estimator)
+    if not (src / "manifest.json").exists():
+        raise CliError(f"--estimator {src}: expected a directory written by train-estimator (manifest.json)")
+    out = Path(a.out) if a.out else src
+    try:
+        table = read_training_logs(a.logs)
+        est = EffectLossEstimator.load(src).calibrate(table, max_depth=a.max_depth, min_rows=a.min_rows)
+    except (LogError, ValueError) as e:
+        raise CliError(str(e)) from None
+    if out != src:
+        shutil.copytree(src, out, dirs_exist_ok=True)
+    extra = {k: v for k, v in est.manifest_.items() if k not in ("params", "fit", "uses_cache_state", "calibrated")}
+    extra["calibration_log"] = ", ".join(map(str, a.logs))
+    est.save(out, extra=extra)
+    print(f"{'strategy':>8s} {'depth':>5s} {'rows':>7s} {'DR mean':>8s} {'± se':>6s} {'isotonic':>8s} "
+          f"{'ΔQ̂ mean':>8s} {'offset':>7s}")
+    for j, r in est.calibration_.report["strategies"].items():
+        if "skipped" in r:
+            print(f"{j:>8s} skipped: {r['skipped']}")
+            continue
+        for k, d in enumerate(r["depths"]):
+            print(f"{j:>8s} {d:>5d} {r['rows'][k]:>7d} {r['dr_mean'][k]:>8.3f} {r['dr_se'][k]:>6.3f} "
+                  f"{r['isotonic'][k]:>8.3f} {r['predicted_mean'][k]:>8.3f} {r['offset'][k]:>7.3f}")
+    print(f"wrote {out}/calibration.json and the calibrated {out}/estimator.onnx")
     return 0
 
 
@@ -264,6 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--install", metavar="REPO", help="install as a new version of `estimator` in REPO")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_train_estimator)
+
+    s = sub.add_parser("calibrate-estimator",
+                       help="fit the per-depth calibration of ΔQ̂ on a held-out randomised log "
+                            "(doubly-robust, isotonic in depth) and graft it into the ONNX model")
+    s.add_argument("--estimator", required=True, help="directory written by train-estimator")
+    s.add_argument("--logs", required=True, nargs="+",
+                   help="randomised log(s) the estimator was NOT trained on, with cache_state")
+    s.add_argument("--out", help="write the calibrated estimator here (default: in place)")
+    s.add_argument("--max-depth", type=int, default=12, help="deeper cached lists share this depth's offset")
+    s.add_argument("--min-rows", type=int, default=400,
+                   help="depths with fewer usable rows are pooled into the deepest well-measured one")
+    s.set_defaults(func=cmd_calibrate_estimator)
 
     from .policy.commands import add_parsers as add_policy_parsers
     add_policy_parsers(sub, str(default_model_dir("default") / "cost_profile.json"))

@@ -18,6 +18,7 @@ regenerates them and fails on any difference.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .specs import (CONTEXT, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, EXCLUDE_ITEMS,
                     ROUTER_OUTPUTS, STAGES, CascadeSizes, EnsembleSpec, StageSpec, TensorSpec, ensemble_specs,
                     items_out, scores_out, stage_specs)
 
+log = logging.getLogger(__name__)
 VARIANTS = ("cpu", "gpu", "container")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPOSITORY = {"cpu": REPO_ROOT / "model_repository",
@@ -317,6 +319,23 @@ def install_router_params(repo: str | Path, params_path: str | Path, estimator_v
     return dst
 
 
+def sync_installed_code(repo: str | Path) -> list[Path]:
+    """Installed versions of recycle_router and estimator carry a copy of their model.py; bring
+    every copy in line with this checkout (the versions differ in params and weights, not in
+    code), so a server never runs a stale model.py against a newer comrecycle package.
+    Returns the files rewritten."""
+    repo = Path(repo)
+    changed = []
+    for name, src in ((ROUTER, ROUTER_MODEL_PY), ("estimator", ESTIMATOR_MODEL_PY)):
+        code = src.read_bytes()
+        for d in sorted((repo / name).glob("*/")):
+            f = d / "model.py"
+            if d.name.isdigit() and f.exists() and f.read_bytes() != code:
+                f.write_bytes(code)
+                changed.append(f)
+    return changed
+
+
 def _version_ready(cfg: mc.ModelConfig, d: Path) -> bool:
     """A version dir that can load: its model.onnx (params.json for the router)."""
     need = "params.json" if cfg.name == ROUTER else "model.onnx"
@@ -349,6 +368,8 @@ def repository_server(repo: str | Path, **kwargs):
     """A TritonServer on `repo` with explicit model control, loading the loadable models."""
     from .serving.server import TritonServer
 
+    for f in sync_installed_code(repo):
+        log.info("refreshed %s from this checkout", f)
     models = loadable_models(repo)
     if not models:
         raise FileNotFoundError(f"{repo}: no model can load (no model.onnx installed): run build_models.py")

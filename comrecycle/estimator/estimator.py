@@ -25,6 +25,7 @@ from ..models.train import _list_matrix
 from ..models.vocab import Vocab
 from ..sim.logs import LOG_SCHEMA
 from ..specs import CACHE_STATE, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, HISTORY_MAX, N_RECYCLE
+from .calibration import DepthCalibration, fit_depth_calibration, graft_calibration
 from .model import EffectLossNet
 
 TRAIN_COLUMNS = ("session_id", "page", "is_repeat", "gender", "age", "country", "secs_since_prev",
@@ -118,6 +119,7 @@ class EffectLossEstimator:
     # ---- training --------------------------------------------------------------------------
     def fit(self, table: pa.Table) -> "EffectLossEstimator":
         validate_training_log(table)
+        self.calibration_ = None
         rep = table.filter(pa.compute.equal(table["is_repeat"], True))
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
@@ -194,8 +196,9 @@ class EffectLossEstimator:
         return tot / max(1, len(idx))
 
     # ---- prediction ------------------------------------------------------------------------
-    def predict(self, features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Raw served arrays -> (Q [n, K+1], ΔQ [n, K])."""
+    def predict(self, features: dict[str, np.ndarray], raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Raw served arrays -> (Q [n, K+1], ΔQ [n, K]); calibrated when a calibration is
+        attached (`calibrate`), unless raw."""
         X = self._tensors(features)
         qs, dqs = [], []
         with torch.no_grad():
@@ -203,10 +206,28 @@ class EffectLossEstimator:
                 q, dq = self.net_(*[x[b:b + 8192] for x in X])
                 qs.append(q.numpy())
                 dqs.append(dq.numpy())
-        return np.concatenate(qs), np.concatenate(dqs)
+        q, dq = np.concatenate(qs), np.concatenate(dqs)
+        cal = getattr(self, "calibration_", None)
+        if cal is not None and not raw:
+            q, dq = cal.apply(q, dq, features["cache_state"])
+        return q, dq
 
-    def predict_log(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        return self.predict(features_from_log(table))
+    def predict_log(self, table: pa.Table, raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        return self.predict(features_from_log(table), raw=raw)
+
+    def calibrate(self, table: pa.Table, **options) -> "EffectLossEstimator":
+        """Fit the per-depth calibration (calibration.py) on the repeated requests of a
+        randomised log that the estimator was not trained on; replaces any earlier one."""
+        validate_training_log(table, where="calibration log")
+        if not has_cache_state(table):
+            raise LogError("calibration log: needs the cache_state column (depth of the cached lists)")
+        rep = table.filter(pa.compute.equal(table["is_repeat"], True))
+        feats = features_from_log(rep)
+        q, dq = self.predict(feats, raw=True)
+        self.calibration_ = fit_depth_calibration(
+            q, dq, feats["cache_state"], rep["strategy"].to_numpy(), rep["reward"].to_numpy(),
+            rep["propensity"].to_numpy(), **options)
+        return self
 
     # ---- export ----------------------------------------------------------------------------
     def export_onnx(self, path: str | Path) -> Path:
@@ -228,6 +249,8 @@ class EffectLossEstimator:
                                             "delta_q": {0: "batch"}},
                               opset_version=OPSET, dynamo=False)
         model = graft(onnx.load(str(tmp)), ESTIMATOR_INPUTS, {"history": self.vocab_})
+        if getattr(self, "calibration_", None) is not None:
+            model = graft_calibration(model, self.calibration_)
         tmp.unlink()
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(path))
@@ -241,9 +264,14 @@ class EffectLossEstimator:
         np.save(out / "item_vocab.npy", self.vocab_.ids)
         params = {k: getattr(self, k) for k in ("emb", "hidden", "n_experts", "lr", "batch_size", "max_epochs",
                                                  "patience", "min_epochs", "valid_fraction", "ipw", "seed")}
-        (out / "manifest.json").write_text(json.dumps({"params": params, "fit": self.history_,
-                                                       "uses_cache_state": self.use_cache_state_, **(extra or {})},
-                                                      indent=2))
+        cal = getattr(self, "calibration_", None)
+        if cal is not None:
+            (out / "calibration.json").write_text(cal.to_json())
+        elif (out / "calibration.json").exists():
+            (out / "calibration.json").unlink()
+        manifest = {"params": params, "fit": self.history_, "uses_cache_state": self.use_cache_state_,
+                    "calibrated": cal is not None, **(extra or {})}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         return out
 
     @classmethod
@@ -258,4 +286,7 @@ class EffectLossEstimator:
         est.net_.load_state_dict(torch.load(out / "estimator.pt", weights_only=True))  # tensors only, no pickle code
         est.net_.eval()
         est.history_ = m.get("fit", {})
+        cal = out / "calibration.json"
+        est.calibration_ = DepthCalibration.from_json(cal.read_text()) if cal.exists() else None
+        est.manifest_ = m
         return est

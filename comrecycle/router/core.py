@@ -80,6 +80,15 @@ class RouterResult:
                 "strategy_scores": self.strategy_scores[None].astype(np.float32)}
 
 
+PHASES = ("parse", "claim", "decide", "stages", "commit")
+
+
+def _lap(phase: dict, name: str, t0: float) -> float:
+    t = time.perf_counter()
+    phase[name] += t - t0
+    return t
+
+
 @dataclass
 class BatchReport:
     """What one batch did (model.py turns it into Prometheus metrics)."""
@@ -95,6 +104,8 @@ class BatchReport:
     compute_spent: float = 0.0  # in units of one full cascade
     compute_saved: float = 0.0  # versus strategy 0 for every served request
     cache_write_failed: bool = False
+    # wall seconds of each phase of the batch: where a slow request spent its time
+    phase_seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
 
 @dataclass
@@ -228,49 +239,83 @@ class RecycleRouter:
         return req, viewed[viewed != PAD_ID], clicked[clicked != PAD_ID], bool(ns is not None and ns[0, 0] == 1)
 
     # ---- the whole batch ----------------------------------------------------------------------
-    async def serve(self, requests: list[dict[str, np.ndarray]]) -> tuple[list, BatchReport]:
+    async def serve(self, requests: list[dict[str, np.ndarray]],
+                    respond: Callable[[int, object], None] | None = None) -> tuple[list, BatchReport]:
         """requests: one dict of input tensors (batch dim 1) per client request. Returns one
-        RouterResult | InputError | ServingError per request, and the batch's report."""
+        RouterResult | InputError | ServingError per request, and the batch's report.
+
+        respond(i, result), when given, is called once per request as soon as its result is
+        known (invalid ones after the checks, the others when their strategy group is served):
+        the Triton model answers from there, so a recycled request does not wait for a full
+        cascade of its batch, nor for the cache write-back and the metrics that follow."""
         report = BatchReport(requests=len(requests))
         results: list = [None] * len(requests)
+
+        def answer(i: int, result) -> None:
+            results[i] = result
+            if respond is not None:
+                try:
+                    respond(i, result)
+                except Exception:  # noqa: BLE001 - one undeliverable answer must not fail the batch
+                    log.exception("could not send the response of request %d", i)
+
         now = self.clock()
-        reqs: list[tuple[int, _Req, np.ndarray, np.ndarray, bool]] = []
+        phase = report.phase_seconds
+        t = time.perf_counter()
+        reqs: list[tuple[_Req, np.ndarray, np.ndarray, bool]] = []
         for i, tensors in enumerate(requests):
             try:
-                reqs.append((i, *self.parse(tensors, now)))
+                r, viewed, clicked, new_session = self.parse(tensors, now)
             except InputError as e:
-                results[i] = e
                 report.invalid += 1
+                answer(i, e)
+                continue
+            r.index = i
+            reqs.append((r, viewed, clicked, new_session))
+        t = _lap(phase, "parse", t)
         if not reqs:
             return results, report
         token = uuid.uuid4().hex
-        claims = self.cache.claim([r.user_id for _, r, *_ in reqs], token)
+        claims = self.cache.claim([r.user_id for r, *_ in reqs], token)
         initial_scores = np.r_[-self.costs[0], np.full(N_RECYCLE, -np.inf)].astype(np.float32)
-        for (_, r, viewed, clicked, new_session), claim in zip(reqs, claims):
+        for (r, viewed, clicked, new_session), claim in zip(reqs, claims):
             r.scores = initial_scores
             self._filter(r, claim, viewed, clicked, new_session, report)
-        live = [r for _, r, *_ in reqs]
+        t = _lap(phase, "claim", t)
+        live = [r for r, *_ in reqs]
         await self._decide(live, report)
-        await self._run_groups(live, report)
+        t = _lap(phase, "decide", t)
+        pages: dict[int, np.ndarray] = {}
+
+        def done(group: list[_Req]) -> None:
+            for r in group:
+                if r.outputs is None:  # could not be served at all
+                    report.failed += 1
+                    answer(r.index, ServingError(r.error))
+                    continue
+                page, page_scores = _row(r.outputs["rerank_items"], r.outputs["rerank_scores"])
+                page, page_scores = page[:PAGE_SIZE], page_scores[:PAGE_SIZE]
+                pages[r.index] = page
+                report.strategies[r.strategy] += 1
+                spent = self.costs[r.strategy] + (self.params.estimator_cost if r.estimated else 0.0)
+                report.compute_spent += spent
+                report.compute_saved += self.costs[0] - spent
+                answer(r.index, RouterResult(page, page_scores, r.strategy, r.scores))
+
+        await self._run_groups(live, report, done)
+        t = _lap(phase, "stages", t)
         writes, release = {}, []
-        for i, r, *_ in reqs:
-            if r.outputs is None:  # could not be served at all
-                results[i] = ServingError(r.error)
-                report.failed += 1
-                if r.writable:
-                    release.append(r.user_id)
+        for r in live:
+            if not r.writable:
                 continue
-            page, page_scores = _row(r.outputs["rerank_items"], r.outputs["rerank_scores"])
-            page, page_scores = page[:PAGE_SIZE], page_scores[:PAGE_SIZE]
-            results[i] = RouterResult(page, page_scores, r.strategy, r.scores)
-            report.strategies[r.strategy] += 1
-            spent = self.costs[r.strategy] + (self.params.estimator_cost if r.estimated else 0.0)
-            report.compute_spent += spent
-            report.compute_saved += self.costs[0] - spent
-            if r.writable:
-                writes[r.user_id] = next_entry(r.entry, r.strategy, r.outputs, page, r.now, self.model_version)
+            if r.index in pages:
+                writes[r.user_id] = next_entry(r.entry, r.strategy, r.outputs, pages[r.index], r.now,
+                                               self.model_version)
+            else:
+                release.append(r.user_id)
         if writes or release:
             report.cache_write_failed = not self.cache.commit(writes, token, release=release)
+        _lap(phase, "commit", t)
         return results, report
 
     # ---- 2. request filter ----------------------------------------------------------------------
@@ -357,26 +402,37 @@ class RecycleRouter:
             for row, r in enumerate(chunk):
                 r.outputs = {name: out[name][row] for name in STRATEGY_OUTPUTS[j]}
 
-    async def _run_groups(self, reqs: list[_Req], report: BatchReport) -> None:
+    async def _run_groups(self, reqs: list[_Req], report: BatchReport,
+                          done: Callable[[list[_Req]], None] = lambda g: None) -> None:
+        """One concurrent BLS call per strategy group; `done(group)` as soon as a group is served
+        (so a recycled request never waits for a full cascade of the same batch); a failed
+        recycling group is re-served by strategy 0."""
         groups = {j: [r for r in reqs if r.strategy == j] for j in STRATEGIES}
         groups = {j: g for j, g in groups.items() if g}
-        done = await asyncio.gather(*[self._call(g, j) for j, g in groups.items()], return_exceptions=True)
+
+        async def run(j: int, g: list[_Req]) -> None:
+            await self._call(g, j)
+            done(g)
+
+        results = await asyncio.gather(*[run(j, g) for j, g in groups.items()], return_exceptions=True)
         retry = []
-        for (j, g), res in zip(groups.items(), done):
-            if isinstance(res, BaseException):
-                if not isinstance(res, BackendError):
-                    log.exception("strategy %d call raised", j, exc_info=res)
-                if j == 0:
-                    for r in g:
-                        r.outputs = None
-                        r.error = f"{ROUTER}: the full cascade failed: {res}"
-                else:
-                    log.warning("strategy %d call failed for %d requests; re-serving them by strategy 0: %s",
-                                j, len(g), res)
-                    report.fallbacks += len(g)
-                    for r in g:
-                        r.strategy, r.outputs = 0, None
-                    retry += g
+        for (j, g), res in zip(groups.items(), results):
+            if not isinstance(res, BaseException):
+                continue
+            if not isinstance(res, BackendError):
+                log.exception("strategy %d call raised", j, exc_info=res)
+            if j == 0:
+                for r in g:
+                    r.outputs = None
+                    r.error = f"{ROUTER}: the full cascade failed: {res}"
+                done(g)
+            else:
+                log.warning("strategy %d call failed for %d requests; re-serving them by strategy 0: %s",
+                            j, len(g), res)
+                report.fallbacks += len(g)
+                for r in g:
+                    r.strategy, r.outputs = 0, None
+                retry += g
         if retry:
             try:
                 await self._call(retry, 0)
@@ -384,3 +440,4 @@ class RecycleRouter:
                 for r in retry:
                     r.outputs = None
                     r.error = f"{ROUTER}: the full cascade failed: {e}"
+            done(retry)

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..specs import STRATEGIES
 from .cache import RedisStageCache, redact_url
-from .core import CACHE_TTL_S, SESSION_TTL_S, RecycleRouter
+from .core import CACHE_TTL_S, PHASES, SESSION_TTL_S, RecycleRouter
 from .params import PARAMS_FILE, RouterParams
 
 log = logging.getLogger("comrecycle.router")
@@ -92,10 +92,13 @@ class RouterMetrics:
                MF.GAUGE),
             MF("comrecycle_router_events_total", "invalid requests, failed requests, estimator failures, "
                "fallbacks to strategy 0, failed cache writes", MF.COUNTER),
-            MF("comrecycle_router_latency_seconds", "router batch latency seen by each request, by strategy",
-               MF.HISTOGRAM),
+            MF("comrecycle_router_latency_seconds", "time from the start of the router batch to the "
+               "request's answer, by strategy", MF.HISTOGRAM),
+            MF("comrecycle_router_phase_seconds", "wall time of each phase of a router batch: parse (input "
+               "checks), claim (Redis read + lock, request filter), decide (estimator call + scores), stages "
+               "(the BLS calls of the strategy groups), commit (Redis write-back)", MF.HISTOGRAM),
         ]
-        req, cache, compute, saved, events, latency = self._families
+        req, cache, compute, saved, events, latency, phases = self._families
         self.requests = {j: req.Metric(labels={**labels, "strategy": str(j)}) for j in STRATEGIES}
         self.cache = {k: cache.Metric(labels={**labels, "result": k}) for k in
                       ("hit", "miss", "busy", "corrupt", "error", "stale_version", "expired", "new_session")}
@@ -106,8 +109,11 @@ class RouterMetrics:
                        ("invalid", "failed", "estimator_failure", "fallback", "cache_write_failure")}
         self.latency = {j: latency.Metric(labels={**labels, "strategy": str(j)}, buckets=LATENCY_BUCKETS_S)
                         for j in STRATEGIES}
+        self.phases = {k: phases.Metric(labels={**labels, "phase": k}, buckets=LATENCY_BUCKETS_S) for k in PHASES}
 
-    def record(self, report, results, seconds: float) -> None:
+    def record(self, report, latencies) -> None:
+        """report: the batch's BatchReport; latencies: (strategy, seconds from the start of the
+        batch to the request's answer) per answered request (strategy -1 for errors)."""
         for j, n in enumerate(report.strategies):
             if n:
                 self.requests[j].increment(float(n))
@@ -126,7 +132,8 @@ class RouterMetrics:
                      ("cache_write_failure", int(report.cache_write_failed))):
             if n:
                 self.events[k].increment(float(n))
-        strategies = np.array([getattr(r, "strategy", -1) for r in results])
-        for j in STRATEGIES:
-            for _ in range(int((strategies == j).sum())):
-                self.latency[j].observe(seconds)
+        for k, sec in report.phase_seconds.items():
+            self.phases[k].observe(float(sec))
+        for j, seconds in latencies:
+            if j in self.latency:
+                self.latency[j].observe(float(seconds))

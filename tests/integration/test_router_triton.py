@@ -251,6 +251,9 @@ def test_metrics_are_exported_and_move(stack):
     assert spent == pytest.approx(1.0 + 2 * (0.05 + 0.02), rel=1e-5) and full == pytest.approx(3.0)
     assert metric(stack, "comrecycle_router_latency_seconds_count", strategy=3) >= 2
     assert metric(stack, "comrecycle_cache_lookups_total", result="hit") >= 2
+    for phase in ("parse", "claim", "decide", "stages", "commit"):
+        assert metric(stack, "comrecycle_router_phase_seconds_count", phase=phase) >= 3
+    assert metric(stack, "comrecycle_router_phase_seconds_sum", phase="stages") > 0
 
 
 def test_version_switch_under_load_fails_no_request(stack):

@@ -301,3 +301,49 @@ def test_short_list_membership_matches_numpy():
     for n in (0, 1, 7, 64, 65, 200):
         small = rng.integers(0, 50, n)
         np.testing.assert_array_equal(isin(items, small), np.isin(items, small))
+
+
+class SlowCascade:
+    """The full cascade takes 0.3 s; recycling suffixes answer at once."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def infer(self, model, inputs, outputs, version=-1):
+        if model == "cascade":
+            await asyncio.sleep(0.3)
+        return await self.inner.infer(model, inputs, outputs, version)
+
+
+def test_each_request_is_answered_once_as_soon_as_its_group_is_served(backend):
+    import time
+
+    router = make_router(SlowCascade(backend))
+    serve(router, [request(u, t=0.0) for u in (60, 61)])
+    answers = []
+    t0 = time.perf_counter()
+    bad = request(62, t=3.0)
+    bad["user_features"] = np.array([[0, 1]], np.int64)
+    reqs = [request(60, t=3.0), request(63, t=3.0), bad, request(61, t=3.0)]
+    results, rep = asyncio.run(router.serve(reqs, lambda i, r: answers.append((i, r, time.perf_counter() - t0))))
+    assert sorted(i for i, *_ in answers) == [0, 1, 2, 3]  # every request, exactly once
+    assert [r for _, r, _ in sorted(answers, key=lambda a: a[0])] == results
+    when = {i: dt for i, _, dt in answers}
+    assert answers[0][0] == 2 and isinstance(answers[0][1], InputError)  # the bad input: right after the checks
+    # the two recycled requests are answered before the initial one's slow cascade is done
+    assert results[0].strategy == 3 and results[3].strategy == 3 and results[1].strategy == 0
+    assert max(when[0], when[3]) < 0.25 <= when[1]
+    # ... and the write-back still happens for all three after the answers
+    assert router.cache.entry(63) is not None and router.cache.entry(60).page == 2 and router.cache.locks == {}
+
+
+def test_an_answer_that_cannot_be_sent_does_not_fail_the_batch(backend):
+    router = make_router(backend)
+
+    def respond(i, r):
+        if i == 0:
+            raise RuntimeError("client went away")
+
+    results, rep = asyncio.run(router.serve([request(70, t=0.0), request(71, t=0.0)], respond))
+    assert all(isinstance(r, RouterResult) for r in results) and rep.strategies[0] == 2
+    assert router.cache.entry(70) is not None and router.cache.entry(71) is not None

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from comrecycle.repository import install_router_params, loadable_models, write_configs
+from comrecycle.repository import (ROUTER_MODEL_PY, install_router_params, loadable_models, sync_installed_code,
+                                   write_configs)
 from comrecycle.router.params import ParamsError, RouterParams
 from comrecycle.router.serving import model_set_fingerprint, settings
 from comrecycle.specs import CascadeSizes
@@ -51,6 +52,13 @@ def test_install_router_params_makes_versions_and_the_router_loadable(tmp_path):
     # no ONNX installed: nothing loads, the router neither (it needs the estimator and suffixes)
     assert "recycle_router" not in loadable_models(repo)
     assert RouterParams.load(v1 / "params.json").estimator_version == 3
+    # an installed copy of model.py from an older checkout is refreshed; params stay as they were
+    (v1 / "model.py").write_text("# stale\n")
+    changed = sync_installed_code(repo)
+    assert changed == [v1 / "model.py"]
+    assert (v1 / "model.py").read_bytes() == ROUTER_MODEL_PY.read_bytes()
+    assert json.loads((v1 / "params.json").read_text())["estimator_model_version"] == 3
+    assert sync_installed_code(repo) == []
 
 
 def test_settings_environment_overrides_config_and_fingerprint_tracks_the_manifest(tmp_path):
