@@ -41,10 +41,11 @@ ROUTER_MODEL_PY = REPO_ROOT / "python_backends" / "recycle_router" / "model.py"
 ESTIMATOR_MAX_BATCH = 64
 ROUTER_MAX_BATCH = 16  # = the ensembles' max batch: one BLS call per strategy group
 ROUTER_QUEUE_DELAY_US = 100  # short: at low load a batch of one should not wait
-# two instances: while one awaits a long full-cascade group, the other serves the next batch
-# (a non-decoupled Python model answers a whole batch at once, so a batch is as slow as its
-# slowest strategy group)
-ROUTER_INSTANCES = 2
+# A non-decoupled Python model holds its instance until execute returns, i.e. until the
+# slowest strategy group (a full cascade) of the batch is done, even though the answers go
+# out earlier. The instance count therefore bounds the batches in flight, and the four-stage
+# cascade behind the router needs several batches in flight to keep its stages busy.
+ROUTER_INSTANCES = 4
 # old and new versions stay loaded together while a router/estimator update rolls out
 ROLLOUT_VERSIONS = 2
 # Largest batch per stage call. Ranking's target attention is [batch, 300, 50, 4*emb] floats.

@@ -15,7 +15,11 @@ measures over gRPC:
 The strategy mix the router chose during each run is read from its Prometheus counters.
 Writes results.csv, results.md and results.json in --out.
 
-    python -m perf.router_perf --concurrency 1 4 16 --out runs/router_perf
+Every load point runs --rounds times; within a round the cascade run and the router runs of
+that concurrency are back to back, and the report gives each target's ratio per round and
+its median (this shared 2-core machine drifts by +-20% over minutes).
+
+    python -m perf.router_perf --concurrency 1 4 16 --rounds 3 --out runs/router_perf
 """
 from __future__ import annotations
 
@@ -81,7 +85,8 @@ def _strategy_counts(metrics_url: str) -> np.ndarray:
     return counts
 
 
-def run(repo: Path, out: Path, concurrency: list[int], measurement_ms: int, n_users: int) -> dict:
+def run(repo: Path, out: Path, concurrency: list[int], measurement_ms: int, n_users: int,
+        rounds: int = 1) -> dict:
     from comrecycle.repository import repository_server
     from comrecycle.serving.redis_server import RedisServer
 
@@ -107,24 +112,31 @@ def run(repo: Path, out: Path, concurrency: list[int], measurement_ms: int, n_us
                      {**{k: c[k] for k in ("user_id", "user_features", "request_features")},
                       "history": c["history"] if c["history"].size else np.array([0], np.int64),
                       "exclude_items": np.array([0], np.int64)} for c in warm + cold])}
-        plan = [("router_mix74", ROUTER, concurrency), ("cascade", "cascade", concurrency),
-                ("router_repeat", ROUTER, [concurrency[0], concurrency[-1]]),
-                ("router_initial", ROUTER, [concurrency[0], concurrency[-1]])]
-        for label, model, levels in plan:
-            for level in levels:
-                print(f"perf_analyzer {label} concurrency {level} ...", flush=True)
-                before = _strategy_counts(srv.metrics_endpoint) if model == ROUTER else None
-                # the router's mix drifts as the warmed caches age (the depth guard refreshes
-                # every few pages), so perf_analyzer's stability check can fail: every run
-                # measures a fixed number of requests instead, the same for both paths
-                got = run_perf(model, srv.grpc_url, "grpc", [level], input_data=str(files[label]),
-                               request_count=requests_per_level(level, measurement_ms), label=label)
-                rows += got
-                if before is not None:
-                    d = _strategy_counts(srv.metrics_endpoint) - before
-                    mixes[f"{label}@{level}"] = (d / max(d.sum(), 1)).round(4).tolist()
+        # rounds x levels, each level's runs back to back (cascade first): the ratios compare
+        # runs minutes apart at most, so the machine's drift (+-20% on this shared box) cancels
+        plan = []
+        for rnd in range(rounds):
+            for level in concurrency:
+                plan += [(rnd, "cascade", "cascade", level), (rnd, "router_mix74", ROUTER, level)]
+                if level in (concurrency[0], concurrency[-1]):
+                    plan += [(rnd, "router_repeat", ROUTER, level), (rnd, "router_initial", ROUTER, level)]
+        for rnd, label, model, level in plan:
+            print(f"[round {rnd + 1}/{rounds}] perf_analyzer {label} concurrency {level} ...", flush=True)
+            before = _strategy_counts(srv.metrics_endpoint) if model == ROUTER else None
+            # the router's mix drifts as the warmed caches age (the depth guard refreshes
+            # every few pages), so perf_analyzer's stability check can fail: every run
+            # measures a fixed number of requests instead, the same for both paths
+            got = run_perf(model, srv.grpc_url, "grpc", [level], input_data=str(files[label]),
+                           request_count=requests_per_level(level, measurement_ms), label=label)
+            for r in got:
+                r["round"] = rnd
+            rows += got
+            if before is not None:
+                d = _strategy_counts(srv.metrics_endpoint) - before
+                mixes[f"{label}@{level}#{rnd}"] = (d / max(d.sum(), 1)).round(4).tolist()
     write_rows_csv(rows, out / "results.csv")
-    res = {"rows": rows, "strategy_mix": mixes, "users": {"repeated": len(warm), "initial": len(cold)},
+    res = {"rows": rows, "strategy_mix": mixes, "rounds": rounds,
+           "users": {"repeated": len(warm), "initial": len(cold)},
            "requests_per_level": {c: requests_per_level(c, measurement_ms) for c in concurrency}}
     (out / "results.json").write_text(json.dumps(res, indent=2, default=float))
     (out / "results.md").write_text(markdown(res))
@@ -138,29 +150,40 @@ def requests_per_level(concurrency: int, measurement_ms: int) -> int:
     return int(max(300, measurement_ms / 10) + 100 * concurrency)
 
 
+TARGETS = {  # label -> (what, metric, goal text)
+    "router_mix74": ("throughput, 74% repeated mix / always-full", "throughput_infer_per_s", ">= 1.5x"),
+    "router_repeat": ("p50 of a repeated request (74% recycled) / full cascade", "p50_us", "<= 0.3x"),
+    "router_initial": ("p50 of an initial request via the router / cascade directly", "p50_us", "<= 1.15x"),
+}
+
+
+def ratios(res: dict) -> dict:
+    """(label, concurrency) -> the router/cascade ratio of each round (same round and level)."""
+    by = {(r["label"], r["concurrency"], r.get("round", 0)): r for r in res["rows"]}
+    out: dict = {}
+    for (label, c, rnd), r in sorted(by.items()):
+        f = by.get(("cascade", c, rnd))
+        if f is None or label not in TARGETS:
+            continue
+        key = TARGETS[label][1]
+        out.setdefault((label, c), []).append(r[key] / f[key])
+    return out
+
+
 def markdown(res: dict) -> str:
     rows = res["rows"]
-    by = {(r["label"], r["concurrency"]): r for r in rows}
-    lines = ["| run | concurrency | infer/s | p50 ms | p99 ms | strategy mix 0/1/2/3 |", "|---|---|---|---|---|---|"]
+    lines = ["| round | run | concurrency | infer/s | p50 ms | p99 ms | strategy mix 0/1/2/3 |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        mix = res["strategy_mix"].get(f"{r['label']}@{r['concurrency']}")
-        lines.append(f"| {r['label']} | {r['concurrency']} | {r['throughput_infer_per_s']:.1f} | "
+        rnd = r.get("round", 0)
+        mix = res["strategy_mix"].get(f"{r['label']}@{r['concurrency']}#{rnd}")
+        lines.append(f"| {rnd + 1} | {r['label']} | {r['concurrency']} | {r['throughput_infer_per_s']:.1f} | "
                      f"{r['p50_us'] / 1e3:.2f} | {r['p99_us'] / 1e3:.2f} | "
                      f"{'/'.join(f'{100 * m:.0f}%' for m in mix) if mix else '—'} |")
-    lines += ["", "| target | concurrency | measured | goal |", "|---|---|---|---|"]
-    for (label, c), r in sorted(by.items()):
-        f = by.get(("cascade", c))
-        if f is None:
-            continue
-        if label == "router_mix74":
-            lines.append(f"| throughput, 74% repeated mix / always-full | {c} | "
-                         f"{r['throughput_infer_per_s'] / f['throughput_infer_per_s']:.2f}x | >= 1.5x |")
-        elif label == "router_repeat":
-            lines.append(f"| p50 of a repeated (recycled) request / full cascade | {c} | "
-                         f"{r['p50_us'] / f['p50_us']:.2f}x | <= 0.3x |")
-        elif label == "router_initial":
-            lines.append(f"| p50 of an initial request via the router / cascade directly | {c} | "
-                         f"{r['p50_us'] / f['p50_us']:.2f}x | <= 1.15x |")
+    lines += ["", "| target | concurrency | median over rounds | each round | goal |", "|---|---|---|---|---|"]
+    for (label, c), rs in sorted(ratios(res).items(), key=lambda kv: (list(TARGETS).index(kv[0][0]), kv[0][1])):
+        what, _, goal = TARGETS[label]
+        lines.append(f"| {what} | {c} | {np.median(rs):.2f}x | {', '.join(f'{x:.2f}' for x in rs)} | {goal} |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measurement-ms", type=int, default=24000,
                     help="sets the requests measured per load point (measurement_ms / 10 + 100 x concurrency)")
     ap.add_argument("--users", type=int, default=400, help="distinct users in the input data")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="repeat every load point; each ratio pairs runs of the same round, back to back")
     a = ap.parse_args(argv)
     repo = Path(a.repository)
     if not (repo / "manifest.json").exists():
@@ -186,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_router(repo, Path(a.models))
     t0 = time.time()
-    res = run(repo, Path(a.out), sorted(a.concurrency), a.measurement_ms, a.users)
+    res = run(repo, Path(a.out), sorted(a.concurrency), a.measurement_ms, a.users, a.rounds)
     print(format_rows(res["rows"]))
     print(markdown(res))
     print(f"wrote {Path(a.out) / 'results.md'} in {time.time() - t0:.0f}s")

@@ -56,8 +56,16 @@ class PolicyAssignment:
     """An `assign(batch, available, cache_state)` for RecyclingServer: the estimator's ΔQ̂ on
     the live cache state, then the params' decision rule (λ from the params or a controller)."""
 
-    def __init__(self, estimator, params: dict, controller: LambdaController | None = None):
+    def __init__(self, estimator, params: dict, controller: LambdaController | None = None,
+                 explore: float = 0.0, explore_arms: tuple[int, ...] | None = None, seed: int = 0):
+        """explore = ε: each repeated request is served, with probability ε, by a uniformly
+        random available strategy among explore_arms (default: all) instead of the policy's
+        choice, and its logging propensity is recorded. Such a log of the deployed policy's
+        own states is what calibrate-estimator needs: the loss at a given cache depth depends
+        on the policy that aged the cache (docs/RESULTS.md)."""
         self.estimator, self.params, self.controller = estimator, dict(params), controller
+        self.explore, self.explore_arms = float(explore), explore_arms
+        self.rng = np.random.default_rng([seed, 23])
         self.pred_loss: list[float] = []
         self.pred_effect: list[float] = []
 
@@ -78,7 +86,31 @@ class PolicyAssignment:
         self.pred_effect.append(float(q[:, 0].sum()))
         if self.controller is not None:
             self.controller.update(chosen_loss, q[:, 0])
-        return s.astype(np.int8), np.ones(len(s), np.float32)
+        propensity = np.ones(len(s), np.float32)
+        if self.explore > 0:
+            s, propensity = explore(s, available, rep, self.explore, self.explore_arms, self.rng)
+        return s.astype(np.int8), propensity
+
+
+def explore(choice: np.ndarray, available: np.ndarray, repeat: np.ndarray, eps: float,
+            arms: tuple[int, ...] | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """ε-exploration around a deterministic choice [n]: with probability ε a uniformly random
+    strategy among the available `arms` (the choice is always one of them when it is
+    available); returns the served strategies and their propensities under this rule."""
+    n = len(choice)
+    allowed = available.copy()
+    if arms is not None:
+        mask = np.zeros(available.shape[1], bool)
+        mask[list(arms)] = True
+        allowed &= mask[None, :]
+    allowed[np.arange(n), choice] = True  # the policy's own choice stays possible
+    k = allowed.sum(1)
+    u = rng.random(allowed.shape) * allowed
+    random_arm = u.argmax(1)
+    go = repeat & (rng.random(n) < eps)
+    served = np.where(go, random_arm, choice)
+    p = np.where(repeat, eps / k + (served == choice) * (1 - eps), 1.0)
+    return served, p.astype(np.float32)
 
 
 class OracleAssignment:
@@ -148,16 +180,24 @@ def closed_loop_metrics(table, costs, estimator_cost: float = 0.0) -> dict:
 def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=None, params: dict | None = None,
                     controller: LambdaController | None = None, strategy: int | None = None,
                     concurrency: int = 256, progress: bool = True, sim_options: dict | None = None,
-                    oracle: bool = False, max_pages: int | None = None):
+                    oracle: bool = False, max_pages: int | None = None, random_p: float | None = None,
+                    explore: float = 0.0, explore_arms: tuple[int, ...] | None = None):
     """Run the policy (or a fixed `strategy` for every repeated request) in the simulator.
     Returns (log table with q_0 and the served q_j, the PolicyAssignment or None).
     max_pages: the depth guard for a fixed strategy (a policy takes it from its params).
-    sim_options: SessionSimulator keyword overrides (e.g. continue_prob) for shifted traffic."""
+    sim_options: SessionSimulator keyword overrides (e.g. continue_prob) for shifted traffic.
+    random_p: the random-recycling baseline (recycle with probability p, random strategy)."""
     from ..sim.env import SessionSimulator
-    from ..sim.recycling import RecyclingServer, fixed_assignment, load_model_set
+    from ..sim.recycling import RecyclingServer, fixed_assignment, load_model_set, random_assignment
 
     world, cascade, costs = load_model_set(model_dir)
-    if strategy is not None:
+    if random_p is not None:
+        rand = random_assignment(random_p, seed)
+        policy = None
+
+        def assign(batch, available, cache_state):
+            return rand(batch, depth_guard(available, cache_state, max_pages), cache_state)
+    elif strategy is not None:
         fixed = fixed_assignment(strategy)
         policy = None
 
@@ -168,11 +208,12 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
     else:
         from ..estimator.estimator import EffectLossEstimator
 
-        policy = assign = PolicyAssignment(EffectLossEstimator.load(estimator_dir), params, controller)
+        policy = assign = PolicyAssignment(EffectLossEstimator.load(estimator_dir), params, controller,
+                                           explore=explore, explore_arms=explore_arms, seed=seed)
     server = RecyclingServer(world, cascade, assign, costs, counterfactuals=(0,))
     if oracle:
         policy.server = server
     sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2), **(sim_options or {}))
-    name = ("full" if strategy == 0 else f"strategy {strategy}" if strategy is not None
+    name = (f"random p={random_p:g}" if random_p is not None else "full" if strategy == 0 else f"strategy {strategy}" if strategy is not None
             else "oracle" if oracle else "policy")
     return sim.run(n_requests, server, progress=progress, desc=f"closed loop ({name})").table(), policy

@@ -184,7 +184,13 @@ def cmd_closed_loop(a) -> int:
             raise CommandError(f"--max-pages must be >= 1, got {a.max_pages}")
         if params is not None:
             params["max_pages"] = a.max_pages
-    if a.strategy is None and (params is None or not (a.estimator or a.oracle)):
+    if a.budget is not None:
+        if params is None or not 0 <= a.budget < 1:
+            raise CommandError(f"--budget needs --params and a value in [0, 1), got {a.budget}")
+        params["budget"] = a.budget
+    if a.random is not None and not 0 <= a.random <= 1:
+        raise CommandError(f"--random must be a probability in [0, 1], got {a.random}")
+    if a.strategy is None and a.random is None and (params is None or not (a.estimator or a.oracle)):
         raise CommandError("the policy needs --estimator and --params (or --oracle with --params, "
                            "or --strategy J for a fixed rule)")
     controller = None
@@ -192,12 +198,25 @@ def cmd_closed_loop(a) -> int:
         controller = LambdaController(lam=max(float(params["lambda"]), 0.01), budget=float(params["budget"]))
     costs = (np.asarray(params["costs"]) if params else
              np.array([float(v) for v in json.loads((models / "cost_profile.json").read_text())["strategy_cost"].values()]))
-    est_cost = float(params.get("estimator_cost", 0.0)) if params and a.strategy is None and not a.oracle else 0.0
+    arms = None
+    if a.explore:
+        if not 0 < a.explore <= 1 or a.strategy is not None or a.random is not None or a.oracle:
+            raise CommandError(f"--explore is ε in (0, 1] for the estimator policy, got {a.explore}")
+        try:
+            arms = tuple(sorted({int(x) for x in a.explore_arms.split(",")})) if a.explore_arms else None
+        except ValueError:
+            raise CommandError(f"--explore-arms: expected strategy ids like 0,3, got {a.explore_arms!r}") from None
+        if arms is not None and (not arms or min(arms) < 0 or max(arms) > N_RECYCLE):
+            raise CommandError(f"--explore-arms: strategy ids must be in 0..{N_RECYCLE}, got {a.explore_arms!r}")
+    fixed = a.strategy is not None or a.random is not None
+    est_cost = float(params.get("estimator_cost", 0.0)) if params and not fixed and not a.oracle else 0.0
     table, policy = simulate_policy(models, a.requests, seed=a.seed, estimator_dir=a.estimator, params=params,
                                     controller=controller, strategy=a.strategy, progress=not a.quiet,
-                                    sim_options=sim_options, oracle=a.oracle, max_pages=a.max_pages)
+                                    sim_options=sim_options, oracle=a.oracle, max_pages=a.max_pages,
+                                    random_p=a.random, explore=a.explore, explore_arms=arms)
     res = closed_loop_metrics(table, costs, est_cost)
-    res.update({"policy": f"strategy {a.strategy}" if a.strategy is not None else
+    res.update({"policy": f"random p={a.random:g}" if a.random is not None else
+                f"strategy {a.strategy}" if a.strategy is not None else
                 ("oracle" if a.oracle else "comrecycle") + (" + λ controller" if controller else ", fixed λ"),
                 "budget_pct": 100 * float(params["budget"]) if params else None, "seed": a.seed,
                 "continue_prob": a.continue_prob, "lambda_start": float(params["lambda"]) if params else None,
@@ -213,6 +232,25 @@ def cmd_closed_loop(a) -> int:
         Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     if a.log_out:
         pq.write_table(table, a.log_out)
+    return 0
+
+
+def cmd_closed_loop_frontier(a) -> int:
+    from .closed_loop_frontier import closed_loop_frontier
+
+    models = Path(a.models)
+    if not (models / "manifest.json").exists():
+        raise CommandError(f"{models}: not a model set (no manifest.json); build one with build_models.py")
+    if (a.estimator or a.oracle_budgets) and not a.params:
+        raise CommandError("--estimator and --oracle-budgets need --params (c_j, estimator cost, starting λ)")
+    oracle = [float(x) for x in a.oracle_budgets.split(",")] if a.oracle_budgets else []
+    try:
+        closed_loop_frontier(str(models), a.out, a.seeds, estimator=a.estimator, params=a.params,
+                             requests=a.requests, workers=a.workers, oracle_budgets_pct=oracle, progress=not a.quiet)
+    except RuntimeError as e:
+        raise CommandError(str(e)) from None
+    print(Path(a.out, "frontier.md").read_text())
+    print(f"wrote {a.out}/frontier.md, frontier.csv, frontier.json, frontier.png")
     return 0
 
 
@@ -271,6 +309,13 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--strategy", type=int, choices=range(N_RECYCLE + 1), help="a fixed rule instead of the policy")
     s.add_argument("--controller", action="store_true", help="near-line λ: keep the predicted loss at the budget")
     s.add_argument("--oracle", action="store_true", help="decide with the true ΔQ (runs every strategy per request)")
+    s.add_argument("--random", type=float, metavar="P", help="random recycling baseline: recycle a repeated "
+                                                               "request with probability P by a random strategy")
+    s.add_argument("--budget", type=float, help="override the params' loss budget b (0.01 = 1%%)")
+    s.add_argument("--explore", type=float, default=0.0, metavar="EPS",
+                   help="serve a random available strategy with probability EPS (propensities logged): "
+                        "an on-policy log for calibrate-estimator")
+    s.add_argument("--explore-arms", help="strategies exploration draws from (comma separated; default all)")
     s.add_argument("--requests", type=int, default=20_000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--continue-prob", type=float, help="shifted traffic: probability a session continues")
@@ -281,3 +326,17 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--log-out", help="also write the closed-loop log (Parquet)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_closed_loop)
+
+    s = sub.add_parser("closed-loop-frontier",
+                       help="closed-loop runs of every policy family over their knob and several seeds: "
+                            "table, CSV and PNG of compute saved vs realised loss")
+    s.add_argument("--models", required=True, help="model set directory (artifacts/models/default)")
+    s.add_argument("--estimator", help="estimator directory (adds ComRecycle at each budget)")
+    s.add_argument("--params", help="params JSON from comrecycle solve (c_j, estimator cost, starting λ)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[5, 7])
+    s.add_argument("--requests", type=int, default=12_000, help="requests per run")
+    s.add_argument("--workers", type=int, default=2, help="runs at a time (one core each)")
+    s.add_argument("--oracle-budgets", help="budgets in %% for the oracle (comma separated; ~15 min per run)")
+    s.add_argument("--out", required=True, help="output directory (runs/ is kept: re-running resumes)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_closed_loop_frontier)

@@ -3,6 +3,7 @@ Triton models run, chained like the ensembles. The reference for the router's pa
 and a Triton-free way to run the router logic (replays, unit tests)."""
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +23,8 @@ _CHAINS["rerank"] = (("rerank",), "candidates")
 class InProcessBackend:
     def __init__(self, stages: dict[str, StageRuntime], estimator: EstimatorRuntime | None = None):
         self.stages, self.estimator = stages, estimator
-        self.calls: list[tuple[str, int]] = []  # (model, batch size) of every call, for tests
+        # (model, batch size) of the recent calls, for tests; bounded for long-running use
+        self.calls: deque[tuple[str, int]] = deque(maxlen=10_000)
 
     @classmethod
     def load(cls, model_dir: str | Path, estimator_dir: str | Path | None = None) -> "InProcessBackend":

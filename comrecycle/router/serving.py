@@ -37,7 +37,13 @@ SETTINGS = {  # parameter -> (environment variable, default)
     "redis_timeout_ms": ("COMRECYCLE_REDIS_TIMEOUT_MS", "50"),
     "lock_ms": ("COMRECYCLE_LOCK_MS", "2000"),
     "retry_after_s": ("COMRECYCLE_REDIS_RETRY_S", "1.0"),
+    # stages the router runs in its own process instead of a BLS call (comma-separated, or
+    # "none"). Re-ranking the cached rank list is the whole of strategy 3: in-process it skips
+    # a BLS round trip (two inter-process hops, ~2 ms at concurrency 1 on 2 cores), which is
+    # most of a recycled request's latency (docs/RESULTS.md).
+    "local_stages": ("COMRECYCLE_ROUTER_LOCAL_STAGES", "rerank"),
 }
+LOCAL_STAGES_ALLOWED = ("rerank",)  # the only stage the router calls on its own (strategy 3)
 LATENCY_BUCKETS_S = [0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0]
 
 
@@ -69,11 +75,56 @@ def build_router(args: dict, backend) -> RecycleRouter:
                             timeout_s=float(s["redis_timeout_ms"]) / 1e3, retry_after_s=float(s["retry_after_s"]),
                             password=s["redis_password"] or None)
     fingerprint = model_set_fingerprint(model_dir.parent)
+    local = [x.strip() for x in s["local_stages"].split(",") if x.strip() and x.strip() != "none"]
+    if local:
+        backend = LocalStagesBackend(backend, local_stage_runtimes(model_dir.parent, local))
+        log.info("recycle_router v%s runs %s in-process (the latest installed version)", args["model_version"],
+                 ", ".join(local))
     log.info("recycle_router v%s: λ=%.4g ω=%g costs=%s estimator v%s, model set %s, Redis %s (reachable: %s)",
              args["model_version"], router_params.lam, router_params.omega, router_params.costs,
              router_params.estimator_version, fingerprint, redact_url(s["redis_url"]), cache.ping())
     return RecycleRouter(cache, backend, router_params, fingerprint, ttl_s=float(s["cache_ttl_s"]),
                          session_ttl_s=session_ttl)
+
+
+def local_stage_runtimes(repo: str | Path, stages: list[str]):
+    """In-process runtimes of `stages` from the repository: the latest installed version of
+    each, with the sizes and settings of its Triton config (the same StageModel code)."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from ..repository import installed_versions
+    from ..serving.stage_model import StageModel
+
+    bad = [x for x in stages if x not in LOCAL_STAGES_ALLOWED]
+    if bad:
+        raise ValueError(f"local_stages: expected a subset of {list(LOCAL_STAGES_ALLOWED)}, got {bad}")
+    runtimes = {}
+    for name in stages:
+        root = Path(repo) / name
+        versions = installed_versions(root, "model.onnx")
+        if not versions:
+            raise FileNotFoundError(f"local stage {name}: no installed version with model.onnx under {root}")
+        cfg = text_format.Parse((root / "config.pbtxt").read_text(), mc.ModelConfig())
+        args = {"model_config": json.dumps(json_format.MessageToDict(cfg, preserving_proto_field_name=True)),
+                "model_repository": str(root), "model_version": str(versions[-1])}
+        runtimes[name] = StageModel.from_triton_args(args).runtime
+    return runtimes
+
+
+class LocalStagesBackend:
+    """Calls of the local stages run in this process (onnxruntime, like InProcessBackend);
+    everything else goes to the wrapped backend (BLS)."""
+
+    def __init__(self, remote, runtimes: dict):
+        from .inprocess import InProcessBackend
+
+        self.remote, self.local, self.names = remote, InProcessBackend(runtimes), set(runtimes)
+
+    async def infer(self, model, inputs, outputs, version=-1):
+        if model in self.names:
+            return await self.local.infer(model, inputs, outputs, version)
+        return await self.remote.infer(model, inputs, outputs, version)
 
 
 class RouterMetrics:

@@ -160,6 +160,20 @@ def fixed_assignment(strategy: int) -> AssignFn:
     return assign
 
 
+def random_assignment(p: float, seed: int = 0) -> AssignFn:
+    """The random-recycling baseline: each repeated request recycles with probability p, by a
+    uniformly random available recycling strategy; otherwise (or when none is available) 0."""
+    rng = np.random.default_rng([seed, 17])
+
+    def assign(batch: RequestBatch, available: np.ndarray, cache_state: np.ndarray | None = None):
+        avail = available[:, 1:] & np.asarray(batch.is_repeat)[:, None]
+        u = rng.random(avail.shape) * avail  # a random available one: the largest draw
+        pick = np.where(avail.any(1) & (rng.random(len(batch)) < p), 1 + u.argmax(1), 0)
+        return pick.astype(np.int8), np.ones(len(batch), np.float32)
+
+    return assign
+
+
 class RecyclingServer:
     """A simulator `serve` function with a per-user stage cache.
 

@@ -285,3 +285,25 @@ def test_version_switch_under_load_fails_no_request(stack):
     assert len(results) > 20 and not errors, errors[:3]
     import tritonclient.http as http
     assert http.InferenceServerClient(stack["triton"].http_url).is_model_ready(ROUTER, str(version))
+
+
+def test_strategy_three_over_bls_matches_the_local_rerank(tiny_repository, tiny_model_set, tiny_estimator,
+                                                          tmp_path):
+    """COMRECYCLE_ROUTER_LOCAL_STAGES=none: re-ranking goes through the Triton `rerank` model;
+    the pages are the same as the in-process (local) re-ranking."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repo)
+    install_router_params(repo, write_params(tmp_path / "p.json", forcing(3)), version=1)
+    with RedisServer() as redis_srv:
+        env = {"COMRECYCLE_REDIS_URL": redis_srv.url, "COMRECYCLE_ROUTER_LOCAL_STAGES": "none"}
+        with repository_server(repo, startup_timeout=180, env=env) as srv:
+            import tritonclient.http as http
+
+            before = http.InferenceServerClient(srv.http_url).get_inference_statistics("rerank")
+            st = {"triton": srv}
+            ref = in_process_router(tiny_model_set, tiny_estimator, forcing(3), repo)
+            pages = session(st, 300, 3, reference=ref)
+            assert [int(p["strategy"][0]) for p in pages] == [0, 3, 3]
+            after = http.InferenceServerClient(srv.http_url).get_inference_statistics("rerank")
+    count = lambda s: int(s["model_stats"][0]["inference_stats"]["success"]["count"])  # noqa: E731
+    assert count(after) - count(before) == 3  # 1 inside the full cascade + 2 BLS calls for strategy 3

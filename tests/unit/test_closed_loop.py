@@ -50,3 +50,70 @@ def test_policy_in_the_closed_loop(tiny_model_set, tiny_estimator):
     full, _ = simulate_policy(tiny_model_set, 600, seed=3, strategy=0, progress=False)
     mf = closed_loop_metrics(full, costs)
     assert mf["compute_saved_pct"] == 0.0 and abs(mf["effect_loss_pct"]) < 1e-9
+
+
+def test_random_recycling_baseline_recycles_about_p_of_the_usable_repeats(tiny_model_set):
+    import json
+
+    costs = [float(v) for v in json.loads((tiny_model_set / "cost_profile.json").read_text())["strategy_cost"].values()]
+    mixes = {}
+    for p in (0.0, 0.5, 1.0):
+        t, pol = simulate_policy(tiny_model_set, 500, seed=4, random_p=p, progress=False)
+        assert pol is None
+        s, rep = t["strategy"].to_numpy(), t["is_repeat"].to_numpy()
+        assert (s[~rep] == 0).all()
+        mixes[p] = float(np.mean(s[rep] > 0))
+        if p == 0.0:
+            assert closed_loop_metrics(t, costs)["compute_saved_pct"] == 0.0
+    assert mixes[0.0] == 0.0 and 0.3 < mixes[0.5] / mixes[1.0] < 0.7 and mixes[1.0] > 0.5
+
+
+def test_frontier_summary_compares_families_at_equal_realised_loss():
+    from comrecycle.policy.closed_loop_frontier import Job, markdown, plan, summarise
+
+    rows = []
+    for seed, shift in ((5, 0.0), (7, 0.2)):
+        for m, saved, loss in ((3, 48.0, -0.9), (4, 54.0, -0.2), (5, 57.0, 0.9), (None, 60.0, 5.0)):
+            rows.append({"family": "static-3", "knob": m, "seed": seed, "saved_pct": saved, "loss_pct": loss + shift,
+                         "loss_lo": loss - 1, "loss_hi": loss + 1, "predicted_loss_pct": None, "lambda_end": None})
+        for b, saved, loss in ((1.0, 58.0, 4.8), (5.0, 60.0, 6.0)):
+            rows.append({"family": "comrecycle", "knob": b, "seed": seed, "saved_pct": saved, "loss_pct": loss,
+                         "loss_lo": loss - 1, "loss_hi": loss + 1, "predicted_loss_pct": b, "lambda_end": 0.3})
+    s = summarise(rows, budgets_pct=(0.5, 1.0, 5.0))
+    at = {r["budget_pct"]: r for r in s["at_budget"]}
+    # static: at b = 0.5% only M <= 4 qualifies (mean loss -0.1%); at 1%, M = 5 (mean loss 1.0%)
+    assert at[0.5]["static-3"]["knob"] == 4 and at[1.0]["static-3"]["knob"] == 5
+    assert at[5.0]["static-3"]["knob"] == 5  # guard off: mean loss 5.1% > 5%
+    assert at[1.0]["comrecycle"]["within_budget"] is False and at[5.0]["comrecycle"]["within_budget"] is False
+    md = markdown(s, rows)
+    assert "| static-3 | M = 4 | 54.0 | -0.10 |" in md and "✗" in md
+    jobs = plan([5], with_estimator=False)
+    assert {j.family for j in jobs} == {"static-3", "random"} and len({j.name for j in jobs}) == len(jobs)
+    args = Job("comrecycle", 1.0, 5).args("m", "est", "p.json", 100)
+    assert args[-7:] == ["--estimator", "est", "--params", "p.json", "--controller", "--budget", "0.01"]
+
+
+def test_exploration_propensities_are_the_probabilities_of_the_served_arms():
+    from comrecycle.policy.closed_loop import explore
+
+    rng = np.random.default_rng(0)
+    n = 40000
+    avail = np.ones((n, 4), bool)
+    avail[: n // 2, 1:3] = False  # half the rows: only 0 and 3 available
+    choice = np.full(n, 3)
+    rep = np.ones(n, bool)
+    rep[-100:] = False
+    s, p = explore(choice, avail, rep, 0.3, None, rng)
+    assert (p[~rep] == 1).all()
+    # rows with {0, 3}: P(0) = 0.15, P(3) = 0.85; rows with all four: P(0) = 0.075, P(3) = 0.775
+    a, b = slice(0, n // 2), slice(n // 2, n - 100)
+    assert abs(np.mean(s[a] == 0) - 0.15) < 0.01 and np.allclose(p[a][s[a] == 0], 0.15)
+    assert np.allclose(p[a][s[a] == 3], 0.85) and abs(np.mean(s[b] == 0) - 0.075) < 0.01
+    assert np.allclose(p[b][s[b] == 3], 0.775) and np.allclose(p[b][s[b] == 1], 0.075)
+    # restricted to arms 0 and 3: never 1 or 2, even where available
+    s2, p2 = explore(choice, avail, rep, 0.3, (0, 3), rng)
+    assert not np.isin(s2, [1, 2]).any() and np.allclose(p2[s2 == 0], 0.15)
+    # an unbiased IPW mean of an arm-dependent reward
+    reward = np.array([2.0, 1.9, 1.8, 1.5])[s]
+    ipw0 = np.mean((s == 0) * reward / p)
+    assert abs(ipw0 - 2.0) < 0.1

@@ -70,3 +70,31 @@ def test_settings_environment_overrides_config_and_fingerprint_tracks_the_manife
     f1 = model_set_fingerprint(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"versions": {"rank": 2}, "built_at": "a"}))
     assert model_set_fingerprint(tmp_path) != f1 and len(f1) == 16
+
+
+def test_local_stages_run_the_installed_rerank_like_the_in_process_backend(tiny_repository, tiny_model_set, tmp_path):
+    import asyncio
+
+    import numpy as np
+
+    from comrecycle.router.inprocess import InProcessBackend
+    from comrecycle.router.serving import LocalStagesBackend, local_stage_runtimes
+
+    class NoRemote:
+        async def infer(self, model, inputs, outputs, version=-1):
+            raise AssertionError(f"{model} should not leave the process")
+
+    local = LocalStagesBackend(NoRemote(), local_stage_runtimes(tiny_repository, ["rerank"]))
+    inputs = {"user_id": np.array([[1], [2]], np.int64), "user_features": np.array([[0, 1, 2], [1, 0, 3]], np.int64),
+              "history": np.array([[3, 4], [5, -1]], np.int64),
+              "request_features": np.array([[10.0, 1, 5, 1], [3.0, 2, 0, 0]], np.float32),
+              "candidates": np.array([list(range(30)), list(range(40, 60)) + [-1] * 10], np.int64)}
+    outs = ["rerank_items", "rerank_scores"]
+    got = asyncio.run(local.infer("rerank", inputs, outs))
+    ref = asyncio.run(InProcessBackend.load(tiny_model_set).infer("rerank", inputs, outs))
+    np.testing.assert_array_equal(got["rerank_items"], ref["rerank_items"])
+    np.testing.assert_allclose(got["rerank_scores"], ref["rerank_scores"], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"expected a subset of \['rerank'\], got \['rank'\]"):
+        local_stage_runtimes(tiny_repository, ["rank"])
+    with pytest.raises(FileNotFoundError, match="no installed version"):
+        local_stage_runtimes(tmp_path, ["rerank"])

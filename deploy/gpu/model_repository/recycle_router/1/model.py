@@ -34,7 +34,14 @@ class TritonPythonModel:
         self.metrics = RouterMetrics(pb_utils, args["model_name"], args["model_version"])
 
     async def execute(self, requests):
+        # Each request is answered through its response sender as soon as its strategy group
+        # is served (non-decoupled models may do so since Triton 24.07; execute then returns
+        # None): a recycled request does not wait for the full cascades of its batch, and the
+        # cache write-back and the metrics run after the answers are out.
         t0 = time.perf_counter()
+        senders = [request.get_response_sender() for request in requests]
+        answered = [False] * len(requests)
+        latencies = []
         inputs = []
         for request in requests:
             tensors = {}
@@ -43,20 +50,29 @@ class TritonPythonModel:
                 if t is not None:
                     tensors[spec.name] = t.as_numpy()
             inputs.append(tensors)
-        results, report = await self.router.serve(inputs)
-        responses = []
-        for result in results:
-            if isinstance(result, InputError):
-                err = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=err))
-            elif isinstance(result, ServingError):
-                err = pb_utils.TritonError(str(result), pb_utils.TritonError.INTERNAL)
-                responses.append(pb_utils.InferenceResponse(error=err))
-            else:
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(k, v) for k, v in result.tensors().items()]))
-        self.metrics.record(report, results, time.perf_counter() - t0)
-        return responses
+
+        def respond(i, result):
+            senders[i].send(self._response(result), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            answered[i] = True
+            latencies.append((getattr(result, "strategy", -1), time.perf_counter() - t0))
+
+        try:
+            _, report = await self.router.serve(inputs, respond)
+        finally:
+            for i, sent in enumerate(answered):  # never leave a client waiting
+                if not sent:
+                    senders[i].send(self._response(ServingError("recycle_router: internal error, see the server log")),
+                                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self.metrics.record(report, latencies)
+        return None
+
+    @staticmethod
+    def _response(result):
+        if isinstance(result, InputError):
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG))
+        if isinstance(result, ServingError):
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result), pb_utils.TritonError.INTERNAL))
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in result.tensors().items()])
 
     def finalize(self):
         self.router.close()
