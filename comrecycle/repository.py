@@ -117,9 +117,10 @@ def estimator_config(variant: str = "cpu") -> mc.ModelConfig:
     return cfg
 
 
-def router_config() -> mc.ModelConfig:
+def router_config(variant: str = "cpu") -> mc.ModelConfig:
     """recycle_router: Python-backend BLS model on CPU in every variant (it does I/O and
-    bookkeeping; the stages it calls run where their own configs say)."""
+    bookkeeping; the stages it calls run where their own configs say). On CPU it re-ranks
+    strategy 3 in its own process (no BLS hop); with GPU stages it leaves that to the GPU."""
     from .router.serving import SETTINGS
 
     cfg = mc.ModelConfig(name=ROUTER, backend="python", max_batch_size=ROUTER_MAX_BATCH)
@@ -131,6 +132,8 @@ def router_config() -> mc.ModelConfig:
     for k, (_, default) in sorted(SETTINGS.items()):
         if k != "redis_password":  # never in a committed file: environment only
             cfg.parameters[k].string_value = default
+    if variant != "cpu":
+        cfg.parameters["local_stages"].string_value = "none"
     return cfg
 
 
@@ -162,7 +165,7 @@ def all_configs(sizes: CascadeSizes, variant: str = "cpu") -> dict[str, mc.Model
     for name, ens in ensemble_specs().items():
         cfgs[name] = ensemble_config(ens, stages)
     cfgs["estimator"] = estimator_config(variant)
-    cfgs[ROUTER] = router_config()
+    cfgs[ROUTER] = router_config(variant)
     return cfgs
 
 

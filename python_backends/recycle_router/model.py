@@ -5,6 +5,7 @@ decision and the cache logic are comrecycle.router (tested without Triton).
 Copied into model_repository/recycle_router/<version>/ by comrecycle.repository.
 """
 import asyncio
+import logging
 import time
 
 import triton_python_backend_utils as pb_utils
@@ -13,6 +14,8 @@ from comrecycle.router.core import BackendError, ServingError
 from comrecycle.router.serving import RouterMetrics, build_router
 from comrecycle.runtime.validation import InputError
 from comrecycle.specs import ROUTER_INPUTS
+
+log = logging.getLogger("comrecycle.router")
 
 
 class BlsBackend:
@@ -56,14 +59,17 @@ class TritonPythonModel:
             answered[i] = True
             latencies.append((getattr(result, "strategy", -1), time.perf_counter() - t0))
 
+        report = None
         try:
             _, report = await self.router.serve(inputs, respond)
-        finally:
-            for i, sent in enumerate(answered):  # never leave a client waiting
-                if not sent:
-                    senders[i].send(self._response(ServingError("recycle_router: internal error, see the server log")),
-                                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        self.metrics.record(report, latencies)
+        except Exception:  # noqa: BLE001 - answered below; raising after answering would answer twice
+            log.exception("recycle_router: a batch of %d requests failed", len(requests))
+        for i, sent in enumerate(answered):  # never leave a client waiting
+            if not sent:
+                senders[i].send(self._response(ServingError("recycle_router: internal error, see the server log")),
+                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if report is not None:
+            self.metrics.record(report, latencies)
         return None
 
     @staticmethod
