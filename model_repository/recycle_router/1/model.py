@@ -4,7 +4,6 @@ Thin by design: Triton tensors <-> numpy, BLS calls and metrics. The request fil
 decision and the cache logic are comrecycle.router (tested without Triton).
 Copied into model_repository/recycle_router/<version>/ by comrecycle.repository.
 """
-import asyncio
 import logging
 import time
 
