@@ -7,6 +7,9 @@
   comrecycle solve          λ for a loss budget (estimator + log) -> params JSON
   comrecycle decide         one strategy per logged request with those params
   comrecycle evaluate       off-policy compute saved / effect loss (IPW, SNIPW, DR, exact)
+  comrecycle frontier       compute saved vs loss of every policy on a log (table + PNG)
+  comrecycle closed-loop    a policy inside the simulator: realised loss on its own cache states
+  comrecycle closed-loop-frontier  every policy family over its knob and seeds, in the closed loop
   comrecycle profile-costs  re-measure per-stage cost and the strategy cost profile c_j
   comrecycle serve          run the embedded tritonserver on a model repository
   comrecycle replay         replay simulated sessions against a running server
