@@ -4,7 +4,8 @@ feedback. Interleaving puts the three paths side by side in time, so the machine
 cancels out of the ratios (perf_analyzer runs each path for tens of seconds in a row).
 
 Prints the p50 of each path and the ratios initial / cascade and strategy 3 / cascade, and
-the router's phase breakdown (comrecycle_router_phase_seconds) of the repeated requests.
+the router's phase breakdown (comrecycle_router_phase_seconds) of the initial and of the
+repeated requests.
 
     python -m perf.router_interleaved --users 100 --rounds 2
 """
@@ -46,7 +47,7 @@ async def measure(url: str, metrics_url: str, contexts, rounds: int) -> dict:
     from client.triton_client import CascadeClient
 
     lat: dict[str, list[float]] = {"cascade": [], "initial": [], "strategy 3": [], "repeated, other": []}
-    phases = {p: np.zeros(2) for p in PHASES}
+    phases = {kind: {p: np.zeros(2) for p in PHASES} for kind in ("initial", "repeated")}
     async with CascadeClient(url, "grpc") as c:
         for ctx in contexts[:10]:  # warm-up
             await c.infer(ROUTER, _router_request(ctx, np.zeros(0, np.int64), 1))
@@ -58,23 +59,27 @@ async def measure(url: str, metrics_url: str, contexts, rounds: int) -> dict:
                 t = time.perf_counter()
                 await c.infer("cascade", req)
                 lat["cascade"].append(time.perf_counter() - t)
+                before = phase_sums(metrics_url)
                 t = time.perf_counter()
                 out = await c.infer(ROUTER, _router_request(ctx, np.zeros(0, np.int64), 1))
                 lat["initial"].append(time.perf_counter() - t)
-                before = phase_sums(metrics_url)
+                await asyncio.sleep(0.01)  # let the write-back and metrics of that batch finish
+                mid = phase_sums(metrics_url)
                 t = time.perf_counter()
                 out = await c.infer(ROUTER, _router_request(ctx, out["page_items"], 0))
                 dt = time.perf_counter() - t
                 lat["strategy 3" if int(np.ravel(out["strategy"])[0]) == 3 else "repeated, other"].append(dt)
-                await asyncio.sleep(0.01)  # let the write-back and metrics of that batch finish
+                await asyncio.sleep(0.01)
                 after = phase_sums(metrics_url)
                 for p in PHASES:
-                    phases[p] += after[p] - before[p]
+                    phases["initial"][p] += mid[p] - before[p]
+                    phases["repeated"][p] += after[p] - mid[p]
     p50 = {k: 1e3 * float(np.median(v)) for k, v in lat.items() if v}
     return {"p50_ms": p50, "n": {k: len(v) for k, v in lat.items()},
             "initial_over_cascade": p50["initial"] / p50["cascade"],
             "strategy3_over_cascade": p50.get("strategy 3", float("nan")) / p50["cascade"],
-            "repeated_phase_ms": {p: 1e3 * v[0] / max(v[1], 1) for p, v in phases.items()}}
+            "phase_ms": {kind: {p: 1e3 * v[0] / max(v[1], 1) for p, v in ph.items()}
+                         for kind, ph in phases.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print("p50 ms: " + ", ".join(f"{k} {v:.2f} (n={res['n'][k]})" for k, v in res["p50_ms"].items()))
     print(f"initial / cascade = {res['initial_over_cascade']:.2f}x (target <= 1.15x); "
           f"strategy 3 / cascade = {res['strategy3_over_cascade']:.2f}x (target <= 0.3x)")
-    print("repeated requests, router phases (ms per batch): "
-          + ", ".join(f"{p} {v:.2f}" for p, v in res["repeated_phase_ms"].items()))
+    for kind, ph in res["phase_ms"].items():
+        print(f"{kind} requests, router phases (ms per batch): " + ", ".join(f"{p} {v:.2f}" for p, v in ph.items()))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))
     return 0

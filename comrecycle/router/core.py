@@ -275,16 +275,7 @@ class RecycleRouter:
         t = _lap(phase, "parse", t)
         if not reqs:
             return results, report
-        token = uuid.uuid4().hex
-        claims = self.cache.claim([r.user_id for r, *_ in reqs], token)
         initial_scores = np.r_[-self.costs[0], np.full(N_RECYCLE, -np.inf)].astype(np.float32)
-        for (r, viewed, clicked, new_session), claim in zip(reqs, claims):
-            r.scores = initial_scores
-            self._filter(r, claim, viewed, clicked, new_session, report)
-        t = _lap(phase, "claim", t)
-        live = [r for r, *_ in reqs]
-        await self._decide(live, report)
-        t = _lap(phase, "decide", t)
         pages: dict[int, np.ndarray] = {}
 
         def done(group: list[_Req]) -> None:
@@ -302,7 +293,32 @@ class RecycleRouter:
                 report.compute_saved += self.costs[0] - spent
                 answer(r.index, RouterResult(page, page_scores, r.strategy, r.scores))
 
-        await self._run_groups(live, report, done)
+        # A new session gets the full cascade whatever its cache holds (its exposed items are
+        # forgotten), so its call goes out now and runs while the cache is claimed: an initial
+        # request does not wait for the Redis round trip. The claim still locks the user for
+        # the write-back.
+        fresh = [r for r, _, _, new_session in reqs if new_session]
+        for r in fresh:
+            r.scores = initial_scores
+        fresh_call = asyncio.ensure_future(self._run_groups(fresh, report, done)) if fresh else None
+        if fresh_call is not None:
+            await asyncio.sleep(0)  # let the call go out before the blocking claim
+        try:
+            token = uuid.uuid4().hex
+            claims = self.cache.claim([r.user_id for r, *_ in reqs], token)
+            for (r, viewed, clicked, new_session), claim in zip(reqs, claims):
+                if not new_session:
+                    r.scores = initial_scores
+                self._filter(r, claim, viewed, clicked, new_session, report)
+            t = _lap(phase, "claim", t)
+            rest = [r for r, _, _, new_session in reqs if not new_session]
+            await self._decide(rest, report)
+            t = _lap(phase, "decide", t)
+            await self._run_groups(rest, report, done)
+        finally:  # the new sessions' answers are out before this batch returns, even if it fails
+            if fresh_call is not None:
+                await fresh_call
+        live = [r for r, *_ in reqs]
         t = _lap(phase, "stages", t)
         writes, release = {}, []
         for r in live:
@@ -414,7 +430,14 @@ class RecycleRouter:
             await self._call(g, j)
             done(g)
 
-        results = await asyncio.gather(*[run(j, g) for j, g in groups.items()], return_exceptions=True)
+        if len(groups) == 1:  # no gather: the call goes out in the caller's step (see serve)
+            (j, g), = groups.items()
+            try:
+                results = [await run(j, g)]
+            except Exception as e:  # noqa: BLE001 - handled below like gather's exceptions
+                results = [e]
+        else:
+            results = await asyncio.gather(*[run(j, g) for j, g in groups.items()], return_exceptions=True)
         retry = []
         for (j, g), res in zip(groups.items(), results):
             if not isinstance(res, BaseException):

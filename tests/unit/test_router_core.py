@@ -347,3 +347,56 @@ def test_an_answer_that_cannot_be_sent_does_not_fail_the_batch(backend):
     results, rep = asyncio.run(router.serve([request(70, t=0.0), request(71, t=0.0)], respond))
     assert all(isinstance(r, RouterResult) for r in results) and rep.strategies[0] == 2
     assert router.cache.entry(70) is not None and router.cache.entry(71) is not None
+
+
+class RecordingCache(MemoryCache):
+    """Records, at each claim, the calls the backend had already received."""
+
+    def __init__(self, backend_calls: list, fail: bool = False):
+        super().__init__()
+        self.backend_calls, self.fail, self.calls_at_claim = backend_calls, fail, []
+
+    def claim(self, user_ids, token):
+        self.calls_at_claim.append(list(self.backend_calls))
+        if self.fail:
+            raise RuntimeError("claim blew up")
+        return super().claim(user_ids, token)
+
+
+class CallLog:
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    async def infer(self, model, inputs, outputs, version=-1):
+        self.calls.append((model, inputs["user_id"][:, 0].tolist() if "user_id" in inputs else None))
+        await asyncio.sleep(0)  # an async BLS call: out at once, answered later
+        return await self.inner.infer(model, inputs, outputs, version)
+
+
+def test_a_new_sessions_cascade_call_goes_out_before_the_cache_claim(backend):
+    log = CallLog(backend)
+    cache = RecordingCache(log.calls)
+    router = make_router(log, cache=cache)
+    serve(router, [request(80, t=0.0), request(81, t=0.0)])
+    log.calls.clear()
+    cache.calls_at_claim.clear()
+    # 80 repeats (cache hit -> strategy 3), 82 starts a new session, 81 starts one over its entry
+    results, rep = serve(router, [request(80, t=5.0), request(82, t=5.0, new_session=1),
+                                  request(81, t=5.0, new_session=1)])
+    assert cache.calls_at_claim == [[("cascade", [82, 81])]]  # the new sessions did not wait for Redis
+    assert [r.strategy for r in results] == [3, 0, 0] and rep.cache["new_session"] == 1
+    # they were still locked and written back: a fresh entry each, one page deep
+    assert cache.entry(82).page == 1 and cache.entry(81).page == 1 and cache.locks == {}
+    np.testing.assert_array_equal(cache.entry(81).last_page, results[2].page_items)
+
+
+def test_a_failing_claim_still_answers_the_new_sessions_once(backend):
+    log = CallLog(backend)
+    router = make_router(log, cache=RecordingCache(log.calls, fail=True))
+    answers = []
+    with pytest.raises(RuntimeError, match="claim blew up"):
+        asyncio.run(router.serve([request(90, t=0.0, new_session=1), request(91, t=0.0)],
+                                 lambda i, r: answers.append((i, r))))
+    # the new session's call was out: it is answered (once) before the error reaches the model,
+    # which answers the other request with INTERNAL
+    assert [i for i, _ in answers] == [0] and isinstance(answers[0][1], RouterResult)
