@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
     contexts = _contexts(repo, a.users, seed=23)
     with RedisServer() as redis_srv, repository_server(
-            repo, env={"COMRECYCLE_REDIS_URL": redis_srv.url}, startup_timeout=300) as srv:
+            repo, env={"COMRECYCLE_REDIS_URL": redis_srv.url,
+                       # phase sums are read after every request: metrics sent after every batch
+                       "COMRECYCLE_ROUTER_METRICS_FLUSH_S": "0"}, startup_timeout=300) as srv:
         res = asyncio.run(measure(srv.grpc_url, srv.metrics_endpoint, contexts, a.rounds))
     print("p50 ms: " + ", ".join(f"{k} {v:.2f} (n={res['n'][k]})" for k, v in res["p50_ms"].items()))
     print(f"initial / cascade = {res['initial_over_cascade']:.2f}x (target <= 1.15x); "

@@ -39,6 +39,7 @@ from .perf_analyzer_run import format_rows, run_perf, write_input_data, write_ro
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPEAT_SHARE = 0.74
+METRICS_LAG_S = 1.2  # > 2 x the router's metrics_flush_s (0.5 s)
 
 
 def _contexts(repo: Path, n: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -76,6 +77,7 @@ def _router_request(ctx, page: np.ndarray, new_session: int) -> dict[str, np.nda
 
 
 def _strategy_counts(metrics_url: str) -> np.ndarray:
+    time.sleep(METRICS_LAG_S)  # the router sends its counters every metrics_flush_s
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
     counts = np.zeros(4)
     for line in text.splitlines():

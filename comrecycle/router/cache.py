@@ -8,8 +8,9 @@ Per user ``uid`` two keys live in Redis:
   the user's request right now, so that two in-flight requests of one user never both recycle
   (and serve) the same cached items.
 
-A batch makes two round trips: :meth:`RedisStageCache.claim` (lock + read, one pipeline) before
-serving and :meth:`RedisStageCache.commit` (write + unlock, one pipeline) after it. Redis is an
+A batch makes two round trips: :meth:`RedisStageCache.claim` (lock + read) before serving and
+:meth:`RedisStageCache.commit` (write + unlock) after it, each one Lua script call for the whole
+batch (one command to pack and one reply to parse, instead of two per user). Redis is an
 optimisation, never a dependency: when it is down or slow every claim answers ``"error"`` (the
 router then runs the full cascade) and a circuit breaker skips Redis for ``retry_after_s`` so
 that a dead server does not add a timeout to every batch.
@@ -294,6 +295,42 @@ end
 return n
 """
 
+# Per user, KEYS holds (lock key, entry key); ARGV[1] is the batch's token, ARGV[2] the lock's
+# lifetime in ms. Takes each free lock and reads the entry under it: per user the entry (a hit),
+# 0 (locked, no entry) or -1 (the lock is someone else's: busy). A user twice in one batch is
+# busy the second time.
+_CLAIM_LUA = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    out[#out + 1] = redis.call('GET', KEYS[i + 1]) or 0
+  else
+    out[#out + 1] = -1
+  end
+end
+return out
+"""
+
+# KEYS: the n entry keys to write (ARGV[3 + i]: the payload, empty = delete), then the lock keys
+# to release if they still hold the token ARGV[1]; ARGV[2]: the entries' TTL in ms, ARGV[3]: n.
+_COMMIT_LUA = """
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  local data = ARGV[3 + i]
+  if data == '' then
+    redis.call('DEL', KEYS[i])
+  else
+    redis.call('SET', KEYS[i], data, 'PX', ARGV[2])
+  end
+end
+for i = n + 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+  end
+end
+return n
+"""
+
 _COUNTERS = ("hits", "misses", "busy", "corrupt", "errors", "write_errors", "writes", "circuit_opens")
 _STATUS_COUNTER = {"hit": "hits", "miss": "misses", "busy": "busy", "corrupt": "corrupt", "error": "errors"}
 
@@ -345,6 +382,8 @@ class RedisStageCache:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False,
             retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self._release_script = self._client.register_script(_RELEASE_LUA)
+        self._claim_script = self._client.register_script(_CLAIM_LUA)
+        self._commit_script = self._client.register_script(_COMMIT_LUA)
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._open_until = 0.0  # time.monotonic() before which Redis is not tried
@@ -362,7 +401,7 @@ class RedisStageCache:
 
     # -- the two round trips of a batch -----------------------------------------------------
     def claim(self, user_ids: Sequence[int], token: str) -> list[Claim]:
-        """Lock and read the users' entries in one pipeline: a :class:`Claim` per user, in order.
+        """Lock and read the users' entries in one script call: a :class:`Claim` per user, in order.
 
         A duplicate user in the batch is "busy" after its first occurrence (its lock is taken).
         "hit"/"miss"/"corrupt" claims hold the lock until commit/release (or ``lock_ms``). After a
@@ -374,20 +413,19 @@ class RedisStageCache:
         if self._circuit_open():
             return self._errors(len(uids))
         try:
-            pipe = self._client.pipeline(transaction=False)
+            keys = []
             for uid in uids:
-                pipe.set(self.lock_key(uid), token, nx=True, px=self.lock_ms)
-                pipe.get(self.entry_key(uid))
-            replies = pipe.execute()
+                keys += (self.lock_key(uid), self.entry_key(uid))
+            replies = self._claim_script(keys=keys, args=[token, self.lock_ms])
         except Exception as exc:  # whatever breaks talking to Redis must not fail the batch
             self._failed("claim", exc)
             return self._errors(len(uids))
         self._recovered()
         claims = []
-        for uid, locked, raw in zip(uids, replies[0::2], replies[1::2]):
-            if not locked:
+        for uid, raw in zip(uids, replies):
+            if raw == -1:
                 claims.append(Claim("busy"))
-            elif raw is None:
+            elif raw == 0:
                 claims.append(Claim("miss"))
             else:
                 try:
@@ -401,7 +439,7 @@ class RedisStageCache:
 
     def commit(self, writes: Mapping[int, CacheEntry | None], token: str, release: Sequence[int] = ()) -> bool:
         """Store (``None``: delete) the users' entries and release their locks held by ``token``,
-        plus those of ``release``, in one pipeline. True when every write was stored.
+        plus those of ``release``, in one script call. True when every write was stored.
 
         An entry that cannot be encoded is logged and its key deleted (the old entry no longer
         matches what was served)."""
@@ -421,17 +459,9 @@ class RedisStageCache:
             self._add(write_errors=len(payloads))
             return False
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for uid, data in payloads.items():
-                if data is None:
-                    pipe.delete(self.entry_key(uid))
-                else:
-                    pipe.set(self.entry_key(uid), data, px=self._ttl_ms)
-            # EVAL with the script text, not a registered script: redis-py would send an extra
-            # SCRIPT EXISTS round trip before a pipeline holding one
-            keys = [self.lock_key(u) for u in unlock]
-            pipe.eval(_RELEASE_LUA, len(keys), *keys, token)
-            pipe.execute()
+            keys = [self.entry_key(u) for u in payloads] + [self.lock_key(u) for u in unlock]
+            self._commit_script(keys=keys, args=[token, self._ttl_ms, len(payloads),
+                                                 *(b"" if d is None else d for d in payloads.values())])
         except Exception as exc:  # see claim()
             self._failed("commit", exc)
             self._add(write_errors=len(payloads))
@@ -453,9 +483,12 @@ class RedisStageCache:
         self._recovered()
 
     def ping(self) -> bool:
-        """True when Redis answers now (ignores and, on success, closes the circuit)."""
+        """True when Redis answers now (ignores and, on success, closes the circuit). Also loads
+        the claim/commit/release scripts, so that the first batches run EVALSHA directly."""
         try:
             self._client.ping()
+            for script in (self._claim_script, self._commit_script, self._release_script):
+                self._client.script_load(script.script)
         except Exception:  # a health probe: any failure is a "no"
             return False
         self._recovered()

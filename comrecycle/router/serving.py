@@ -8,6 +8,9 @@ Configuration (config.pbtxt `parameters`, overridden by the environment of trito
   redis_timeout_ms COMRECYCLE_REDIS_TIMEOUT_MS 50: slower than this = Redis down for the batch
   lock_ms          COMRECYCLE_LOCK_MS          2000: a user's lock expires if a router dies
   retry_after_s    COMRECYCLE_REDIS_RETRY_S    1.0: after a failure, Redis is left alone this long
+  local_stages     COMRECYCLE_ROUTER_LOCAL_STAGES rerank: stages run in the router's process ("none": BLS)
+  metrics_flush_s  COMRECYCLE_ROUTER_METRICS_FLUSH_S 0.5: the custom metrics are sent to Triton this
+                   often by a background thread (0: after every batch, on the serving thread)
 The decision parameters come from `params.json` in the version directory (see params.py); the
 cache entries carry a fingerprint of the model set in the repository manifest, so entries
 written by other model versions are treated as absent.
@@ -18,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,10 @@ SETTINGS = {  # parameter -> (environment variable, default)
     # a BLS round trip (two inter-process hops, ~2 ms at concurrency 1 on 2 cores), which is
     # most of a recycled request's latency (docs/RESULTS.md).
     "local_stages": ("COMRECYCLE_ROUTER_LOCAL_STAGES", "rerank"),
+    # every pb_utils metric update is an inter-process round trip (~65-80 us measured here),
+    # ~13 per batch: they were 10% of a router instance's busy time under load. Counters are
+    # summed locally and histogram observations queued, then sent by a background thread.
+    "metrics_flush_s": ("COMRECYCLE_ROUTER_METRICS_FLUSH_S", "0.5"),
 }
 LOCAL_STAGES_ALLOWED = ("rerank",)  # the only stage the router calls on its own (strategy 3)
 LATENCY_BUCKETS_S = [0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0]
@@ -63,11 +71,15 @@ def model_set_fingerprint(repo: str | Path) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def settings_from_args(args: dict) -> dict[str, str]:
+    """The settings of a router model instance, from Triton's initialize() args."""
+    cfg = json.loads(args["model_config"])
+    return settings({k: v["string_value"] for k, v in cfg.get("parameters", {}).items()})
+
+
 def build_router(args: dict, backend) -> RecycleRouter:
     """The router of one model instance, from Triton's initialize() args."""
-    cfg = json.loads(args["model_config"])
-    params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-    s = settings(params)
+    s = settings_from_args(args)
     model_dir = Path(args["model_repository"])
     router_params = RouterParams.load(model_dir / args["model_version"] / PARAMS_FILE)
     session_ttl = max(float(s["session_ttl_s"]), float(s["cache_ttl_s"]))
@@ -128,9 +140,13 @@ class LocalStagesBackend:
 
 
 class RouterMetrics:
-    """Custom Prometheus metrics on Triton's /metrics endpoint (pb_utils.MetricFamily)."""
+    """Custom Prometheus metrics on Triton's /metrics endpoint (pb_utils.MetricFamily).
 
-    def __init__(self, pb_utils, model: str, version: str):
+    record() only adds to local sums and queues histogram observations; they reach Triton every
+    `flush_s` seconds from a background thread (so /metrics lags by at most ~flush_s), or at
+    once after every batch when flush_s is 0. close() sends what is pending."""
+
+    def __init__(self, pb_utils, model: str, version: str, flush_s: float = 0.5):
         MF = pb_utils.MetricFamily
         labels = {"model": model, "version": str(version)}
         self._families = [
@@ -161,30 +177,64 @@ class RouterMetrics:
         self.latency = {j: latency.Metric(labels={**labels, "strategy": str(j)}, buckets=LATENCY_BUCKETS_S)
                         for j in STRATEGIES}
         self.phases = {k: phases.Metric(labels={**labels, "phase": k}, buckets=LATENCY_BUCKETS_S) for k in PHASES}
+        self.flush_s = float(flush_s)
+        self._mutex = threading.Lock()
+        self._sums: dict = {}  # counter metric -> increment not yet sent
+        self._observed: list = []  # (histogram metric, value) not yet sent
+        self._ratio_changed = False
+        self._stop = threading.Event()
+        self._thread = None
+        if self.flush_s > 0:
+            self._thread = threading.Thread(target=self._flush_loop, name="comrecycle-metrics", daemon=True)
+            self._thread.start()
 
     def record(self, report, latencies) -> None:
         """report: the batch's BatchReport; latencies: (strategy, seconds from the start of the
         batch to the request's answer) per answered request (strategy -1 for errors)."""
-        for j, n in enumerate(report.strategies):
-            if n:
-                self.requests[j].increment(float(n))
-        for k, n in report.cache.items():
-            if n:
-                self.cache[k].increment(float(n))
+        add = []
+        add += [(self.requests[j], n) for j, n in enumerate(report.strategies) if n]
+        add += [(self.cache[k], n) for k, n in report.cache.items() if n]
         full = report.compute_spent + report.compute_saved
-        self.compute["spent"].increment(float(report.compute_spent))
-        self.compute["always_full"].increment(float(full))
-        self._spent += report.compute_spent
-        self._full += full
-        if self._full > 0:
-            self.saved_ratio.set(1.0 - self._spent / self._full)
-        for k, n in (("invalid", report.invalid), ("failed", report.failed),
-                     ("estimator_failure", report.estimator_failures), ("fallback", report.fallbacks),
-                     ("cache_write_failure", int(report.cache_write_failed))):
-            if n:
-                self.events[k].increment(float(n))
-        for k, sec in report.phase_seconds.items():
-            self.phases[k].observe(float(sec))
-        for j, seconds in latencies:
-            if j in self.latency:
-                self.latency[j].observe(float(seconds))
+        add += [(self.compute["spent"], report.compute_spent), (self.compute["always_full"], full)]
+        add += [(self.events[k], n) for k, n in (
+            ("invalid", report.invalid), ("failed", report.failed), ("estimator_failure", report.estimator_failures),
+            ("fallback", report.fallbacks), ("cache_write_failure", int(report.cache_write_failed))) if n]
+        observed = [(self.phases[k], sec) for k, sec in report.phase_seconds.items()]
+        observed += [(self.latency[j], sec) for j, sec in latencies if j in self.latency]
+        with self._mutex:
+            for metric, n in add:
+                self._sums[metric] = self._sums.get(metric, 0.0) + float(n)
+            self._observed += observed
+            self._spent += report.compute_spent
+            self._full += full
+            self._ratio_changed = True
+        if self.flush_s <= 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the pending sums and observations to Triton (never raises)."""
+        with self._mutex:
+            sums, observed, self._sums, self._observed = self._sums, self._observed, {}, []
+            ratio = 1.0 - self._spent / self._full if self._ratio_changed and self._full > 0 else None
+            self._ratio_changed = False
+        try:
+            for metric, n in sums.items():
+                if n:
+                    metric.increment(float(n))
+            for metric, value in observed:
+                metric.observe(float(value))
+            if ratio is not None:
+                self.saved_ratio.set(ratio)
+        except Exception:  # noqa: BLE001 - metrics must never take the router down
+            log.exception("could not update the router's metrics")
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            self.flush()
+
+    def close(self) -> None:
+        """Stop the background thread and send what is pending."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.flush()

@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import shutil
+import time
 import urllib.request
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def stack(tiny_repository, tmp_path_factory):
     install_router_params(repo, write_params(tmp / "p1.json", COSTS), version=1)
     with RedisServer() as redis_srv:
         env = {"COMRECYCLE_REDIS_URL": redis_srv.url, "COMRECYCLE_REDIS_RETRY_S": "0.2",
-               "COMRECYCLE_REDIS_TIMEOUT_MS": "100"}
+               "COMRECYCLE_REDIS_TIMEOUT_MS": "100",
+               # the background thread sends the metrics; short, so metric() need not wait long
+               "COMRECYCLE_ROUTER_METRICS_FLUSH_S": str(METRICS_FLUSH_S)}
         with repository_server(repo, startup_timeout=180, env=env) as srv:
             yield {"repo": repo, "redis": redis_srv, "triton": srv, "tmp": tmp,
                    "cache": RedisStageCache(redis_srv.url, retry_after_s=0.05)}
@@ -80,7 +83,12 @@ def send(stack, reqs, concurrent=False):
     return asyncio.run(_send(stack["triton"].grpc_url, reqs, concurrent))
 
 
+METRICS_FLUSH_S = 0.1
+
+
 def metric(stack, name: str, **labels) -> float:
+    """The sum of the series of `name` with `labels`, after the router's next metrics flush."""
+    time.sleep(3 * METRICS_FLUSH_S)
     text = urllib.request.urlopen(stack["triton"].metrics_endpoint, timeout=5).read().decode()
     total = 0.0
     for line in text.splitlines():

@@ -10,7 +10,7 @@ import time
 import triton_python_backend_utils as pb_utils
 
 from comrecycle.router.core import BackendError, ServingError
-from comrecycle.router.serving import RouterMetrics, build_router
+from comrecycle.router.serving import RouterMetrics, build_router, settings_from_args
 from comrecycle.runtime.validation import InputError
 from comrecycle.specs import ROUTER_INPUTS
 
@@ -33,7 +33,8 @@ class BlsBackend:
 class TritonPythonModel:
     def initialize(self, args):
         self.router = build_router(args, BlsBackend())
-        self.metrics = RouterMetrics(pb_utils, args["model_name"], args["model_version"])
+        self.metrics = RouterMetrics(pb_utils, args["model_name"], args["model_version"],
+                                     flush_s=float(settings_from_args(args)["metrics_flush_s"]))
 
     async def execute(self, requests):
         # Each request is answered through its response sender as soon as its strategy group
@@ -80,4 +81,5 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in result.tensors().items()])
 
     def finalize(self):
+        self.metrics.close()
         self.router.close()
