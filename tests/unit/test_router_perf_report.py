@@ -19,3 +19,12 @@ def test_ratios_pair_runs_of_the_same_round_and_level():
     md = markdown(res)
     assert "| throughput, 74% repeated mix / always-full | 16 | 1.60x | 1.50, 1.70 | >= 1.5x |" in md
     assert "40%/0%/0%/60%" in md
+
+
+def test_load_points_are_timed_windows_without_a_stability_gate():
+    from perf.router_perf import WINDOWS, measurement_args
+
+    a = measurement_args(15000)
+    assert a["measurement_mode"] == "time_windows" and a["measurement_interval_ms"] == 5000
+    assert a["max_trials"] == WINDOWS and a["stability_percentage"] >= 100 and "request_count" not in a
+    assert measurement_args(100)["measurement_interval_ms"] == 1000  # perf_analyzer's windows stay >= 1 s
