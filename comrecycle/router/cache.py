@@ -331,6 +331,25 @@ end
 return n
 """
 
+# Per user, KEYS holds (lock key, entry key) and ARGV[1 + k] the k-th payload (empty = delete);
+# ARGV[1] is the TTL in ms. Stores each entry unless the user's lock is held (a request of that
+# user is being served and will write its own entry). Returns how many were stored.
+_STORE_IF_UNLOCKED_LUA = """
+local n = 0
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local data = ARGV[1 + (i + 1) / 2]
+    if data == '' then
+      redis.call('DEL', KEYS[i + 1])
+    else
+      redis.call('SET', KEYS[i + 1], data, 'PX', ARGV[1])
+    end
+    n = n + 1
+  end
+end
+return n
+"""
+
 _COUNTERS = ("hits", "misses", "busy", "corrupt", "errors", "write_errors", "writes", "circuit_opens")
 _STATUS_COUNTER = {"hit": "hits", "miss": "misses", "busy": "busy", "corrupt": "corrupt", "error": "errors"}
 
@@ -384,6 +403,7 @@ class RedisStageCache:
         self._release_script = self._client.register_script(_RELEASE_LUA)
         self._claim_script = self._client.register_script(_CLAIM_LUA)
         self._commit_script = self._client.register_script(_COMMIT_LUA)
+        self._store_script = self._client.register_script(_STORE_IF_UNLOCKED_LUA)
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._open_until = 0.0  # time.monotonic() before which Redis is not tried
@@ -470,6 +490,37 @@ class RedisStageCache:
         self._add(writes=len(payloads) - invalid, write_errors=invalid)
         return invalid == 0
 
+    def store_if_unlocked(self, writes: Mapping[int, CacheEntry]) -> int | None:
+        """Store the entries of users whose lock is free, without taking it (one script call,
+        atomic per user): the fresh entries of new sessions, which read nothing from the cache.
+        A user whose lock is held is skipped; the request holding it writes its own entry.
+        Returns how many were stored (an invalid entry counts, its key deleted), None when
+        Redis failed."""
+        payloads = {}
+        for uid, entry in writes.items():
+            try:
+                payloads[int(uid)] = encode_entry(entry)
+            except ValueError as exc:
+                LOG.error("user %d: not caching an invalid entry (%s); deleting the cached one", uid, exc)
+                payloads[int(uid)] = b""
+        if not payloads:
+            return 0
+        if self._circuit_open():
+            self._add(write_errors=len(payloads))
+            return None
+        keys = []
+        for uid in payloads:
+            keys += (self.lock_key(uid), self.entry_key(uid))
+        try:
+            stored = int(self._store_script(keys=keys, args=[self._ttl_ms, *payloads.values()]))
+        except Exception as exc:  # see claim()
+            self._failed("store", exc)
+            self._add(write_errors=len(payloads))
+            return None
+        self._recovered()
+        self._add(writes=stored)
+        return stored
+
     def release(self, user_ids: Sequence[int], token: str) -> None:
         """Release the users' locks that still hold ``token`` (an abandoned claim); never raises."""
         keys = [self.lock_key(int(u)) for u in dict.fromkeys(user_ids)]
@@ -487,7 +538,7 @@ class RedisStageCache:
         the claim/commit/release scripts, so that the first batches run EVALSHA directly."""
         try:
             self._client.ping()
-            for script in (self._claim_script, self._commit_script, self._release_script):
+            for script in (self._claim_script, self._commit_script, self._store_script, self._release_script):
                 self._client.script_load(script.script)
         except Exception:  # a health probe: any failure is a "no"
             return False
@@ -589,6 +640,16 @@ class MemoryStageCache:
                 self.data[u] = encode_entry(e)
         self.release(list(writes) + list(release), token)
         return True
+
+    def store_if_unlocked(self, writes: Mapping[int, CacheEntry]) -> int | None:
+        if self.down:
+            return None
+        stored = 0
+        for u, e in writes.items():
+            if u not in self.locks:
+                self.data[u] = encode_entry(e)
+                stored += 1
+        return stored
 
     def release(self, user_ids: Sequence[int], token: str) -> None:
         for u in user_ids:

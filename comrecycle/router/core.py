@@ -294,34 +294,35 @@ class RecycleRouter:
                 answer(r.index, RouterResult(page, page_scores, r.strategy, r.scores))
 
         # A new session gets the full cascade whatever its cache holds (its exposed items are
-        # forgotten), so its call goes out now and runs while the cache is claimed: an initial
-        # request does not wait for the Redis round trip. The claim still locks the user for
-        # the write-back.
+        # forgotten), so its call goes out at once and it never waits for Redis: it reads no
+        # cached items, so it needs no lock while it is served. Its fresh entry is stored after
+        # the answers, only if no other request of the user holds the lock at that moment (that
+        # request then writes its own entry).
         fresh = [r for r, _, _, new_session in reqs if new_session]
         for r in fresh:
             r.scores = initial_scores
+        report.cache["new_session"] += len(fresh)
         fresh_call = asyncio.ensure_future(self._run_groups(fresh, report, done)) if fresh else None
         if fresh_call is not None:
             await asyncio.sleep(0)  # let the call go out before the blocking claim
+        rest = [(r, viewed, clicked) for r, viewed, clicked, new_session in reqs if not new_session]
+        token = uuid.uuid4().hex
         try:
-            token = uuid.uuid4().hex
-            claims = self.cache.claim([r.user_id for r, *_ in reqs], token)
-            for (r, viewed, clicked, new_session), claim in zip(reqs, claims):
-                if not new_session:
+            if rest:
+                claims = self.cache.claim([r.user_id for r, *_ in rest], token)
+                for (r, viewed, clicked), claim in zip(rest, claims):
                     r.scores = initial_scores
-                self._filter(r, claim, viewed, clicked, new_session, report)
-            t = _lap(phase, "claim", t)
-            rest = [r for r, _, _, new_session in reqs if not new_session]
-            await self._decide(rest, report)
-            t = _lap(phase, "decide", t)
-            await self._run_groups(rest, report, done)
+                    self._filter(r, claim, viewed, clicked, report)
+                t = _lap(phase, "claim", t)
+                await self._decide([r for r, *_ in rest], report)
+                t = _lap(phase, "decide", t)
+                await self._run_groups([r for r, *_ in rest], report, done)
         finally:  # the new sessions' answers are out before this batch returns, even if it fails
             if fresh_call is not None:
                 await fresh_call
-        live = [r for r, *_ in reqs]
         t = _lap(phase, "stages", t)
         writes, release = {}, []
-        for r in live:
+        for r, *_ in rest:
             if not r.writable:
                 continue
             if r.index in pages:
@@ -329,13 +330,24 @@ class RecycleRouter:
                                                self.model_version)
             else:
                 release.append(r.user_id)
+        failed = False
         if writes or release:
-            report.cache_write_failed = not self.cache.commit(writes, token, release=release)
+            failed = not self.cache.commit(writes, token, release=release)
+        fresh_writes = {r.user_id: next_entry(None, 0, r.outputs, pages[r.index], r.now, self.model_version)
+                        for r in fresh if r.index in pages}
+        if fresh_writes:
+            stored = self.cache.store_if_unlocked(fresh_writes)
+            if stored is None:
+                failed = True
+            else:
+                report.cache["busy"] += len(fresh_writes) - stored
+        report.cache_write_failed = failed
         _lap(phase, "commit", t)
         return results, report
 
     # ---- 2. request filter ----------------------------------------------------------------------
-    def _filter(self, r: _Req, claim, viewed, clicked, new_session: bool, report: BatchReport) -> None:
+    def _filter(self, r: _Req, claim, viewed, clicked, report: BatchReport) -> None:
+        """A request of an ongoing session (new sessions never claim), after its claim."""
         r.status = claim.status
         report.cache[claim.status] += 1
         if claim.status in ("busy", "error"):
@@ -343,9 +355,6 @@ class RecycleRouter:
         r.writable = True
         e = claim.entry
         if e is None:
-            return
-        if new_session:
-            report.cache["new_session"] += 1
             return
         if e.model_version != self.model_version:
             report.cache["stale_version"] += 1

@@ -49,6 +49,26 @@ def test_miss_commit_hit_returns_the_same_entry(cache):
     assert (s["hits"], s["misses"], s["writes"], s["errors"], s["write_errors"]) == (3, 4, 3, 0, 0)
 
 
+def test_store_if_unlocked_skips_users_whose_lock_is_held(cache, server):
+    assert [c.status for c in cache.claim([7], "in-flight")] == ["miss"]  # user 7 is being served
+    assert cache.store_if_unlocked({7: _entry(7), 8: _entry(8), 9: _entry(9)}) == 2
+    assert [c.status for c in cache.claim([8, 9], "b")] == ["hit", "hit"]
+    assert cache.claim([8], "c")[0].status == "busy"  # store took no lock; b's claim holds it
+    cache.release([8, 9], "b")
+    assert cache.commit({7: _entry(17)}, "in-flight")  # the request in flight writes its own entry
+    claims = cache.claim([7, 8], "d")
+    assert claims[0].entry == _entry(17) and claims[1].entry == _entry(8)
+    ttl_ms = redis.Redis.from_url(server.url).pttl(cache.entry_key(8))
+    assert 0 < ttl_ms <= cache.ttl_s * 1000
+
+
+def test_store_if_unlocked_with_redis_down_reports_failure():
+    cache = RedisStageCache("redis://127.0.0.1:1/0", timeout_s=0.05, retry_after_s=5.0)
+    assert cache.store_if_unlocked({1: _entry()}) is None
+    assert cache.store_if_unlocked({1: _entry()}) is None  # circuit open: no network
+    assert cache.stats["write_errors"] == 2
+
+
 def test_duplicate_user_in_a_batch_is_busy_and_locks_are_released_by_commit(cache):
     assert [c.status for c in cache.claim([5, 6, 5], "a")] == ["miss", "miss", "busy"]
     assert [c.status for c in cache.claim([5], "b")] == ["busy"]  # a concurrent request

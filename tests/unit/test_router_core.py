@@ -354,10 +354,11 @@ class RecordingCache(MemoryCache):
 
     def __init__(self, backend_calls: list, fail: bool = False):
         super().__init__()
-        self.backend_calls, self.fail, self.calls_at_claim = backend_calls, fail, []
+        self.backend_calls, self.fail, self.calls_at_claim, self.claimed = backend_calls, fail, [], []
 
     def claim(self, user_ids, token):
         self.calls_at_claim.append(list(self.backend_calls))
+        self.claimed.append(list(user_ids))
         if self.fail:
             raise RuntimeError("claim blew up")
         return super().claim(user_ids, token)
@@ -373,21 +374,37 @@ class CallLog:
         return await self.inner.infer(model, inputs, outputs, version)
 
 
-def test_a_new_sessions_cascade_call_goes_out_before_the_cache_claim(backend):
+def test_new_sessions_never_wait_for_redis_and_store_their_entry_after_the_answers(backend):
     log = CallLog(backend)
     cache = RecordingCache(log.calls)
     router = make_router(log, cache=cache)
     serve(router, [request(80, t=0.0), request(81, t=0.0)])
     log.calls.clear()
     cache.calls_at_claim.clear()
+    cache.claimed.clear()
     # 80 repeats (cache hit -> strategy 3), 82 starts a new session, 81 starts one over its entry
     results, rep = serve(router, [request(80, t=5.0), request(82, t=5.0, new_session=1),
                                   request(81, t=5.0, new_session=1)])
-    assert cache.calls_at_claim == [[("cascade", [82, 81])]]  # the new sessions did not wait for Redis
-    assert [r.strategy for r in results] == [3, 0, 0] and rep.cache["new_session"] == 1
-    # they were still locked and written back: a fresh entry each, one page deep
+    assert cache.calls_at_claim == [[("cascade", [82, 81])]]  # their call was out before the claim
+    assert cache.claimed == [[80]]  # ... which is only for the ongoing session
+    assert [r.strategy for r in results] == [3, 0, 0] and rep.cache["new_session"] == 2
+    # their fresh entries were stored after the answers: one page deep, nothing exposed
     assert cache.entry(82).page == 1 and cache.entry(81).page == 1 and cache.locks == {}
+    assert cache.entry(81).exposed.size == 0
     np.testing.assert_array_equal(cache.entry(81).last_page, results[2].page_items)
+
+
+def test_a_new_session_does_not_overwrite_the_entry_of_a_request_in_flight(backend):
+    router = make_router(backend)
+    serve(router, [request(85, t=0.0)])
+    before = router.cache.data[85]
+    router.cache.locks[85] = "another batch"  # a request of user 85 is being served elsewhere
+    (res,), rep = serve(router, [request(85, t=5.0, new_session=1)])
+    assert res.strategy == 0 and rep.cache["busy"] == 1 and not rep.cache_write_failed
+    assert router.cache.data[85] == before and router.cache.locks == {85: "another batch"}
+    del router.cache.locks[85]
+    serve(router, [request(85, t=6.0, new_session=1)])
+    assert router.cache.data[85] != before and router.cache.entry(85).page == 1
 
 
 def test_a_failing_claim_still_answers_the_new_sessions_once(backend):
