@@ -15,6 +15,7 @@ from comrecycle.runtime.validation import InputError
 from comrecycle.specs import ROUTER_INPUTS
 
 log = logging.getLogger("comrecycle.router")
+INPUT_NAMES = frozenset(spec.name for spec in ROUTER_INPUTS)
 
 
 class BlsBackend:
@@ -27,7 +28,11 @@ class BlsBackend:
         response = await request.async_exec()
         if response.has_error():
             raise BackendError(f"{model}: {response.error().message()}")
-        return {k: pb_utils.get_output_tensor_by_name(response, k).as_numpy() for k in outputs}
+        got = {t.name(): t for t in response.output_tensors()}
+        missing = [k for k in outputs if k not in got]
+        if missing:
+            raise BackendError(f"{model}: the response lacks the outputs {missing}")
+        return {k: got[k].as_numpy() for k in outputs}
 
 
 class TritonPythonModel:
@@ -45,14 +50,10 @@ class TritonPythonModel:
         senders = [request.get_response_sender() for request in requests]
         answered = [False] * len(requests)
         latencies = []
-        inputs = []
-        for request in requests:
-            tensors = {}
-            for spec in ROUTER_INPUTS:
-                t = pb_utils.get_input_tensor_by_name(request, spec.name)
-                if t is not None:
-                    tensors[spec.name] = t.as_numpy()
-            inputs.append(tensors)
+        # one inputs() call per request (get_input_tensor_by_name fetches the list again for
+        # every name); Triton has already rejected names the config does not declare
+        inputs = [{t.name(): t.as_numpy() for t in request.inputs() if t.name() in INPUT_NAMES}
+                  for request in requests]
 
         def respond(i, result):
             senders[i].send(self._response(result), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
