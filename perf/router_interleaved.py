@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from comrecycle.router.core import PHASES
 from comrecycle.specs import ROUTER
 
 from .router_perf import _contexts, _router_request
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("parse", "claim", "decide", "stages", "commit")
 
 
 def phase_sums(metrics_url: str) -> dict[str, np.ndarray]:

@@ -373,6 +373,21 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+def _payloads(writes: Mapping[int, CacheEntry | None]) -> tuple[dict[int, bytes], int]:
+    """The encoded entries of a write-back (b"" = delete the key) and how many were invalid:
+    an entry that cannot be encoded is logged and its key deleted (the old entry no longer
+    matches what was served)."""
+    payloads, invalid = {}, 0
+    for uid, entry in writes.items():
+        uid = int(uid)
+        try:
+            payloads[uid] = b"" if entry is None else encode_entry(entry)
+        except ValueError as exc:
+            LOG.error("user %d: not caching an invalid entry (%s); deleting the cached one", uid, exc)
+            payloads[uid], invalid = b"", invalid + 1
+    return payloads, invalid
+
+
 class RedisStageCache:
     """The per-user stage cache of one router model instance (thread-safe).
 
@@ -419,6 +434,10 @@ class RedisStageCache:
     def lock_key(self, uid: int) -> str:
         return f"{self.prefix}lock:{uid}"
 
+    def _lock_and_entry_keys(self, uids) -> list[str]:
+        """[lock 1, entry 1, lock 2, entry 2, ...]: the KEYS of the claim and store scripts."""
+        return [k for uid in uids for k in (self.lock_key(uid), self.entry_key(uid))]
+
     # -- the two round trips of a batch -----------------------------------------------------
     def claim(self, user_ids: Sequence[int], token: str) -> list[Claim]:
         """Lock and read the users' entries in one script call: a :class:`Claim` per user, in order.
@@ -433,9 +452,7 @@ class RedisStageCache:
         if self._circuit_open():
             return self._errors(len(uids))
         try:
-            keys = []
-            for uid in uids:
-                keys += (self.lock_key(uid), self.entry_key(uid))
+            keys = self._lock_and_entry_keys(uids)
             replies = self._claim_script(keys=keys, args=[token, self.lock_ms])
         except Exception as exc:  # whatever breaks talking to Redis must not fail the batch
             self._failed("claim", exc)
@@ -463,15 +480,7 @@ class RedisStageCache:
 
         An entry that cannot be encoded is logged and its key deleted (the old entry no longer
         matches what was served)."""
-        payloads: dict[int, bytes | None] = {}
-        invalid = 0
-        for uid, entry in writes.items():
-            uid = int(uid)
-            try:
-                payloads[uid] = None if entry is None else encode_entry(entry)
-            except ValueError as exc:
-                LOG.error("user %d: not caching an invalid entry (%s); deleting the cached one", uid, exc)
-                payloads[uid], invalid = None, invalid + 1
+        payloads, invalid = _payloads(writes)
         unlock = list(dict.fromkeys([*payloads, *(int(u) for u in release)]))
         if not unlock:
             return True
@@ -480,8 +489,7 @@ class RedisStageCache:
             return False
         try:
             keys = [self.entry_key(u) for u in payloads] + [self.lock_key(u) for u in unlock]
-            self._commit_script(keys=keys, args=[token, self._ttl_ms, len(payloads),
-                                                 *(b"" if d is None else d for d in payloads.values())])
+            self._commit_script(keys=keys, args=[token, self._ttl_ms, len(payloads), *payloads.values()])
         except Exception as exc:  # see claim()
             self._failed("commit", exc)
             self._add(write_errors=len(payloads))
@@ -496,21 +504,13 @@ class RedisStageCache:
         A user whose lock is held is skipped; the request holding it writes its own entry.
         Returns how many were stored (an invalid entry counts, its key deleted), None when
         Redis failed."""
-        payloads = {}
-        for uid, entry in writes.items():
-            try:
-                payloads[int(uid)] = encode_entry(entry)
-            except ValueError as exc:
-                LOG.error("user %d: not caching an invalid entry (%s); deleting the cached one", uid, exc)
-                payloads[int(uid)] = b""
+        payloads, _ = _payloads(writes)
         if not payloads:
             return 0
         if self._circuit_open():
             self._add(write_errors=len(payloads))
             return None
-        keys = []
-        for uid in payloads:
-            keys += (self.lock_key(uid), self.entry_key(uid))
+        keys = self._lock_and_entry_keys(payloads)
         try:
             stored = int(self._store_script(keys=keys, args=[self._ttl_ms, *payloads.values()]))
         except Exception as exc:  # see claim()

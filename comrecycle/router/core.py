@@ -306,27 +306,29 @@ class RecycleRouter:
         for r in fresh:
             r.scores = initial_scores
         report.cache["new_session"] += len(fresh)
-        fresh_call = asyncio.ensure_future(self._run_groups(fresh, report, done)) if fresh else None
-        if fresh_call is not None:
+        fresh_call = None
+        if fresh:
+            fresh_call = asyncio.ensure_future(self._run_groups(fresh, report, done))
             await asyncio.sleep(0)  # let the call go out before the blocking claim
-        rest = [(r, viewed, clicked) for r, viewed, clicked, new_session in reqs if not new_session]
+        ongoing = [(r, viewed, clicked) for r, viewed, clicked, new_session in reqs if not new_session]
+        rest = [r for r, *_ in ongoing]
         token = uuid.uuid4().hex
         try:
             if rest:
-                claims = self.cache.claim([r.user_id for r, *_ in rest], token)
-                for (r, viewed, clicked), claim in zip(rest, claims):
+                claims = self.cache.claim([r.user_id for r in rest], token)
+                for (r, viewed, clicked), claim in zip(ongoing, claims):
                     r.scores = initial_scores
                     self._filter(r, claim, viewed, clicked, report)
                 t = _lap(phase, "claim", t)
-                await self._decide([r for r, *_ in rest], report)
+                await self._decide(rest, report)
                 t = _lap(phase, "decide", t)
-                await self._run_groups([r for r, *_ in rest], report, done)
+                await self._run_groups(rest, report, done)
         finally:  # the new sessions' answers are out before this batch returns, even if it fails
             if fresh_call is not None:
                 await fresh_call
         t = _lap(phase, "stages", t)
         writes, release = {}, []
-        for r, *_ in rest:
+        for r in rest:
             if not r.writable:
                 continue
             if r.index in pages:
