@@ -11,6 +11,8 @@ Configuration (config.pbtxt `parameters`, overridden by the environment of trito
   local_stages     COMRECYCLE_ROUTER_LOCAL_STAGES rerank: stages run in the router's process ("none": BLS)
   metrics_flush_s  COMRECYCLE_ROUTER_METRICS_FLUSH_S 0.5: the custom metrics are sent to Triton this
                    often by a background thread (0: after every batch, on the serving thread)
+  max_inflight_batches COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES 1: batches one instance serves at
+                   once (> 1: execute returns at once and the batches overlap; router/runner.py)
 The decision parameters come from `params.json` in the version directory (see params.py); the
 cache entries carry a fingerprint of the model set in the repository manifest, so entries
 written by other model versions are treated as absent.
@@ -50,6 +52,12 @@ SETTINGS = {  # parameter -> (environment variable, default)
     # ~13 per batch: they were 10% of a router instance's busy time under load. Counters are
     # summed locally and histogram observations queued, then sent by a background thread.
     "metrics_flush_s": ("COMRECYCLE_ROUTER_METRICS_FLUSH_S", "0.5"),
+    # batches one router instance serves at once. 1: execute() runs its batch to the end, and
+    # requests queue in Triton meanwhile (larger batches: the most throughput at saturation).
+    # > 1 (router/runner.py): execute() hands the batch to the instance's event loop and
+    # returns, so a batch waiting on a full cascade does not hold the instance: lower latency
+    # at moderate load, but smaller batches cost throughput at saturation (docs/RESULTS.md)
+    "max_inflight_batches": ("COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES", "1"),
 }
 LOCAL_STAGES_ALLOWED = ("rerank",)  # the only stage the router calls on its own (strategy 3)
 LATENCY_BUCKETS_S = [0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0]
@@ -58,6 +66,19 @@ LATENCY_BUCKETS_S = [0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03
 def settings(config_params: dict[str, str], env=None) -> dict[str, str]:
     env = os.environ if env is None else env
     return {k: env.get(var) or config_params.get(k) or default for k, (var, default) in SETTINGS.items()}
+
+
+def max_inflight_batches(s: dict[str, str]) -> int:
+    """The `max_inflight_batches` setting as an integer >= 1 (ValueError naming it otherwise)."""
+    raw = s["max_inflight_batches"]
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"max_inflight_batches (COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES): expected an "
+                         f"integer >= 1, got {raw!r}")
+    return n
 
 
 def model_set_fingerprint(repo: str | Path) -> str:

@@ -68,6 +68,7 @@ DEFAULT_STOP_TIMEOUT_S = 30.0
 # finishes before we resort to SIGKILL.
 DEFAULT_EXIT_TIMEOUT_S = 5
 LOG_TAIL_LINES = 60
+NOT_READY_GRACE_S = 3.0  # live but not ready this long after start-up: a model failed to load
 _PORT_RACE_ATTEMPTS = 3
 
 __all__ = [
@@ -756,6 +757,7 @@ class TritonServer:
             _RUNNING.add(self)
 
         deadline = t0 + self.startup_timeout
+        live_since = None
         while True:
             rc = proc.poll()
             if rc is not None:
@@ -764,6 +766,17 @@ class TritonServer:
                                         "before it was ready")
             if self._http_status("/v2/health/ready", timeout=1.0) == 200:
                 break
+            # Triton opens its HTTP endpoint only after the start-up loads are done: live but
+            # not ready then means a model failed to load (--exit-on-error=false keeps it up),
+            # which no amount of waiting fixes
+            if self._http_status("/v2/health/live", timeout=1.0) == 200:
+                live_since = live_since or time.monotonic()
+                if time.monotonic() - live_since > NOT_READY_GRACE_S:
+                    self.stop()
+                    raise self._start_error(f"tritonserver is live but not ready {NOT_READY_GRACE_S:.0f} s "
+                                            "after its start-up loads: a model failed to load")
+            else:
+                live_since = None
             if time.monotonic() > deadline:
                 self.stop()
                 raise self._start_error(f"tritonserver was not ready (GET /v2/health/ready != 200) "

@@ -53,7 +53,10 @@ def stack(tiny_repository, tmp_path_factory):
         env = {"COMRECYCLE_REDIS_URL": redis_srv.url, "COMRECYCLE_REDIS_RETRY_S": "0.2",
                "COMRECYCLE_REDIS_TIMEOUT_MS": "100",
                # the background thread sends the metrics; short, so metric() need not wait long
-               "COMRECYCLE_ROUTER_METRICS_FLUSH_S": str(METRICS_FLUSH_S)}
+               "COMRECYCLE_ROUTER_METRICS_FLUSH_S": str(METRICS_FLUSH_S),
+               # overlapping batches (router/runner.py): every test here then also checks that
+               # path; the default one-batch-at-a-time path runs in the BLS re-rank test below
+               "COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES": "4"}
         with repository_server(repo, startup_timeout=180, env=env) as srv:
             yield {"repo": repo, "redis": redis_srv, "triton": srv, "tmp": tmp,
                    "cache": RedisStageCache(redis_srv.url, retry_after_s=0.05)}

@@ -349,3 +349,16 @@ def test_cli_help():
                               cwd=REPO_ROOT, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert "usage:" in proc.stdout
+
+
+def test_a_failed_startup_load_is_reported_at_once_not_after_the_timeout(tmp_path):
+    # explicit mode: tritonserver stays up (live, not ready) when a --load-model fails
+    repo = write_floor_repository(tmp_path / "repo")
+    _write_python_model(repo, "broken", BROKEN_MODEL_PY, inputs=[("x", [1])], outputs=[("y", [1])])
+    srv = TritonServer(repo, model_control="explicit", load_models=[FLOOR_MODEL, "broken"], startup_timeout=300)
+    t0 = time.monotonic()
+    with pytest.raises(TritonStartError, match="live but not ready") as info:
+        srv.start()
+    assert time.monotonic() - t0 < 60
+    assert "deliberately broken model: boom-4711" in str(info.value)
+    assert not srv.is_running() and srv.pid is None

@@ -10,7 +10,8 @@ import time
 import triton_python_backend_utils as pb_utils
 
 from comrecycle.router.core import BackendError, ServingError
-from comrecycle.router.serving import RouterMetrics, build_router, settings_from_args
+from comrecycle.router.runner import BatchRunner
+from comrecycle.router.serving import RouterMetrics, build_router, max_inflight_batches, settings_from_args
 from comrecycle.runtime.validation import InputError
 from comrecycle.specs import ROUTER_INPUTS
 
@@ -37,16 +38,29 @@ class BlsBackend:
 
 class TritonPythonModel:
     def initialize(self, args):
+        settings = settings_from_args(args)
         self.router = build_router(args, BlsBackend())
         self.metrics = RouterMetrics(pb_utils, args["model_name"], args["model_version"],
-                                     flush_s=float(settings_from_args(args)["metrics_flush_s"]))
+                                     flush_s=float(settings["metrics_flush_s"]))
+        inflight = max_inflight_batches(settings)
+        self.runner = BatchRunner(inflight, name=f"router-{args['model_instance_name']}") if inflight > 1 else None
 
-    async def execute(self, requests):
+    def execute(self, requests):
         # Each request is answered through its response sender as soon as its strategy group
-        # is served (non-decoupled models may do so since Triton 24.07; execute then returns
-        # None): a recycled request does not wait for the full cascades of its batch, and the
-        # cache write-back and the metrics run after the answers are out.
-        t0 = time.perf_counter()
+        # is served (non-decoupled models may do so since Triton 24.07), so a recycled request
+        # never waits for the full cascades of its batch, nor for the write-back and metrics.
+        serving = self._serve(requests, time.perf_counter())
+        if self.runner is None:
+            # one batch at a time: the stub runs the returned coroutine to completion, and
+            # requests queue in Triton meanwhile, which makes the next batch larger
+            return serving
+        # max_inflight_batches > 1: the batch runs on this instance's event loop and execute
+        # returns at once, so a batch waiting on a full cascade does not hold the instance
+        # (submit blocks while that many batches are unanswered)
+        self.runner.submit(serving)
+        return None
+
+    async def _serve(self, requests, t0):
         senders = [request.get_response_sender() for request in requests]
         answered = [False] * len(requests)
         latencies = []
@@ -82,5 +96,7 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in result.tensors().items()])
 
     def finalize(self):
+        if self.runner is not None:
+            self.runner.close()
         self.metrics.close()
         self.router.close()
