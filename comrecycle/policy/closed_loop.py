@@ -177,16 +177,87 @@ def closed_loop_metrics(table, costs, estimator_cost: float = 0.0) -> dict:
             "expected_clicks_per_request": float(np.mean(served))}
 
 
+class DcafAssignment:
+    """A DCAF-style baseline in the closed loop: the same decision rule and λ controller, but
+    ΔQ comes from a hand-picked feature instead of a learned uplift model, as in the log
+    frontier (policy/frontier.py): ΔQ_ij = mean_loss_j · (0.05 + pages_i / mean_pages), where
+    pages_i is how many pages the live cached lists have served (the most of them),
+    mean_loss_j the IPW mean loss of strategy j in an exploration log, and mean_pages the
+    feature's mean on that log's repeated requests. Strategies the log never served (no
+    estimate) are not used. The controller's effect Q_0 is the log's mean reward per request."""
+
+    def __init__(self, params: dict, mean_loss: np.ndarray, mean_pages: float, mean_effect: float,
+                 controller: LambdaController | None = None):
+        mean_loss = np.asarray(mean_loss, np.float64)
+        if mean_loss.shape != (N_RECYCLE + 1,) or not np.isfinite(mean_loss[0]):
+            raise ValueError(f"mean_loss: expected {N_RECYCLE + 1} values (strategy 0 first), got {mean_loss!r}")
+        if not (mean_pages > 0 and mean_effect > 0):
+            raise ValueError(f"mean_pages and mean_effect must be > 0, got {mean_pages}, {mean_effect}")
+        self.params, self.controller = dict(params), controller
+        self.mean_loss, self.mean_pages, self.mean_effect = mean_loss, float(mean_pages), float(mean_effect)
+        self.usable = np.isfinite(mean_loss)
+        self.pred_loss: list[float] = []
+        self.pred_effect: list[float] = []
+
+    def proxy(self, cache_state: np.ndarray) -> np.ndarray:
+        """[n, K+1] the hand-picked ΔQ (column 0 = 0) from cache_state [n, K * 3]."""
+        from ..specs import CACHE_STATE_FIELDS
+
+        cs = np.asarray(cache_state, np.float64).reshape(len(cache_state), N_RECYCLE, len(CACHE_STATE_FIELDS))
+        pages = np.maximum(cs[:, :, CACHE_STATE_FIELDS.index("pages")].max(axis=1), 0.0)
+        dq = np.where(self.usable, self.mean_loss, 0.0)[None, :] * (0.05 + pages / self.mean_pages)[:, None]
+        dq[:, 0] = 0.0
+        return dq
+
+    def __call__(self, batch, available: np.ndarray, cache_state: np.ndarray):
+        rep = np.asarray(batch.is_repeat)
+        dq = self.proxy(cache_state)
+        available = depth_guard(available, cache_state, self.params.get("max_pages")) & self.usable[None, :]
+        available[:, 0] = True
+        if self.controller is not None:
+            self.params["lambda"] = self.controller.lam
+        s = decide(dq, available, self.params)
+        s[~rep] = 0
+        chosen = dq[np.arange(len(s)), s]
+        effect = np.full(len(s), self.mean_effect)
+        self.pred_loss.append(float(chosen.sum()))
+        self.pred_effect.append(float(effect.sum()))
+        if self.controller is not None:
+            self.controller.update(chosen, effect)
+        return s.astype(np.int8), np.ones(len(s), np.float32)
+
+
+def dcaf_from_logs(table, min_rows: int = 50) -> dict:
+    """DcafAssignment's inputs from an exploration log (propensities logged): mean_loss [K+1]
+    (NaN for strategies with fewer than `min_rows` repeated requests served by them),
+    mean_pages and mean_effect."""
+    from .frontier import feature_values, ipw_mean_loss
+
+    rep = table["is_repeat"].to_numpy()
+    served = table["strategy"].to_numpy()[rep]
+    mean_loss = ipw_mean_loss(table)
+    counts = np.bincount(served.astype(np.int64), minlength=N_RECYCLE + 1)
+    mean_loss = np.where(counts >= min_rows, mean_loss, np.nan)
+    if counts[0] < min_rows:
+        raise ValueError(f"the log has {counts[0]} repeated requests served by strategy 0; the IPW mean "
+                         f"loss needs at least {min_rows} (an exploration log with --explore-arms including 0)")
+    pages = feature_values(table, "cache_pages")[rep]
+    return {"mean_loss": mean_loss, "mean_pages": float(max(pages.mean(), 1e-9)),
+            "mean_effect": float(max(table["reward"].to_numpy().mean(), 1e-9)),
+            "rows": {str(j): int(c) for j, c in enumerate(counts)}}
+
+
 def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=None, params: dict | None = None,
                     controller: LambdaController | None = None, strategy: int | None = None,
                     concurrency: int = 256, progress: bool = True, sim_options: dict | None = None,
                     oracle: bool = False, max_pages: int | None = None, random_p: float | None = None,
-                    explore: float = 0.0, explore_arms: tuple[int, ...] | None = None):
+                    explore: float = 0.0, explore_arms: tuple[int, ...] | None = None, dcaf: dict | None = None):
     """Run the policy (or a fixed `strategy` for every repeated request) in the simulator.
     Returns (log table with q_0 and the served q_j, the PolicyAssignment or None).
     max_pages: the depth guard for a fixed strategy (a policy takes it from its params).
     sim_options: SessionSimulator keyword overrides (e.g. continue_prob) for shifted traffic.
-    random_p: the random-recycling baseline (recycle with probability p, random strategy)."""
+    random_p: the random-recycling baseline (recycle with probability p, random strategy).
+    dcaf: dcaf_from_logs(...) for the DCAF-style baseline (with params and the controller)."""
     from ..sim.env import SessionSimulator
     from ..sim.recycling import RecyclingServer, fixed_assignment, load_model_set, random_assignment
 
@@ -205,6 +276,8 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
             return fixed(batch, depth_guard(available, cache_state, max_pages), cache_state)
     elif oracle:
         policy = assign = OracleAssignment(params, controller)
+    elif dcaf is not None:
+        policy = assign = DcafAssignment(params, dcaf["mean_loss"], dcaf["mean_pages"], dcaf["mean_effect"], controller)
     else:
         from ..estimator.estimator import EffectLossEstimator
 
@@ -215,5 +288,5 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
         policy.server = server
     sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2), **(sim_options or {}))
     name = (f"random p={random_p:g}" if random_p is not None else "full" if strategy == 0 else f"strategy {strategy}" if strategy is not None
-            else "oracle" if oracle else "policy")
+            else "oracle" if oracle else "dcaf" if dcaf is not None else "policy")
     return sim.run(n_requests, server, progress=progress, desc=f"closed loop ({name})").table(), policy

@@ -7,6 +7,9 @@ Families and their knob:
   random (p)           recycle with probability p, a random usable strategy (guard off)
   comrecycle (b)       the estimator + the λ controller holding the predicted loss at budget b
   oracle (b)           true ΔQ, the same controller (4 cascades per request: evaluation only)
+  dcaf (b)             DCAF-style: ΔQ from a hand-picked feature (pages served from the cache)
+                       scaled by the IPW mean loss of each strategy in exploration logs, the
+                       same solver and controller (closed_loop.DcafAssignment)
 
 Policies are compared at equal realised loss: for a budget b, the best mean saving among a
 family's points whose mean realised loss is <= b (for the budget-driven families: the run
@@ -31,6 +34,8 @@ from tqdm import tqdm
 GUARDS = (2, 3, 4, 5, 6, 8, None)
 RANDOM_P = (0.25, 0.5, 0.75, 1.0)
 BUDGETS_PCT = (0.25, 0.5, 1.0, 2.0, 5.0)
+FAMILIES = ("static-3", "random", "dcaf", "comrecycle", "oracle")
+BUDGET_FAMILIES = ("dcaf", "comrecycle", "oracle")  # one run per budget b, held by the controller
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,8 @@ class Job:
         k = "off" if self.knob is None else f"{self.knob:g}"
         return f"{self.family}_{k}_s{self.seed}"
 
-    def args(self, models: str, estimator: str | None, params: str | None, requests: int) -> list[str]:
+    def args(self, models: str, estimator: str | None, params: str | None, requests: int,
+             dcaf_logs: tuple[str, ...] = ()) -> list[str]:
         a = ["closed-loop", "--models", models, "--requests", str(requests), "--seed", str(self.seed), "--quiet"]
         if self.family == "static-3":
             return a + ["--strategy", "3"] + ([] if self.knob is None else ["--max-pages", str(int(self.knob))])
@@ -53,27 +59,31 @@ class Job:
         b = ["--params", params, "--controller", "--budget", str(self.knob / 100)]
         if self.family == "oracle":
             return a + ["--oracle"] + b
+        if self.family == "dcaf":
+            return a + ["--dcaf-logs", *dcaf_logs] + b
         return a + ["--estimator", estimator] + b
 
 
-def plan(seeds, budgets_pct=BUDGETS_PCT, with_estimator=True, oracle_budgets_pct=()) -> list[Job]:
+def plan(seeds, budgets_pct=BUDGETS_PCT, with_estimator=True, oracle_budgets_pct=(), with_dcaf=False) -> list[Job]:
     jobs = [Job("static-3", m, s) for s in seeds for m in GUARDS]
     jobs += [Job("random", p, s) for s in seeds for p in RANDOM_P]
     if with_estimator:
         jobs += [Job("comrecycle", b, s) for s in seeds for b in budgets_pct]
     jobs += [Job("oracle", b, s) for s in seeds for b in oracle_budgets_pct]
+    if with_dcaf:
+        jobs += [Job("dcaf", b, s) for s in seeds for b in budgets_pct]
     return jobs
 
 
 def run_jobs(jobs: list[Job], out: Path, models: str, estimator: str | None, params: str | None,
-             requests: int, workers: int, progress: bool = True) -> list[dict]:
+             requests: int, workers: int, progress: bool = True, dcaf_logs: tuple[str, ...] = ()) -> list[dict]:
     """Run the missing jobs (`workers` at a time); returns every job's metrics."""
     out.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not (out / f"{j.name}.json").exists()]
     failures = []
 
     def one(job: Job) -> None:
-        cmd = [sys.executable, "-m", "comrecycle.cli", *job.args(models, estimator, params, requests),
+        cmd = [sys.executable, "-m", "comrecycle.cli", *job.args(models, estimator, params, requests, dcaf_logs),
                "--out", str(out / f"{job.name}.json")]
         r = subprocess.run(cmd, capture_output=True, text=True)
         (out / f"{job.name}.log").write_text(r.stdout + r.stderr)
@@ -109,12 +119,12 @@ def summarise(rows: list[dict], budgets_pct=BUDGETS_PCT) -> dict:
                       "loss_seed_max": float(max(r["loss_pct"] for r in rs)),
                       "loss_ci_hi_max": float(max(r["loss_hi"] for r in rs))})
     at_budget = []
-    families = sorted({m["family"] for m in means}, key=["static-3", "random", "comrecycle", "oracle"].index)
+    families = sorted({m["family"] for m in means}, key=FAMILIES.index)
     for b in budgets_pct:
         row = {"budget_pct": b}
         for fam in families:
             ms = [m for m in means if m["family"] == fam]
-            if fam in ("comrecycle", "oracle"):
+            if fam in BUDGET_FAMILIES:
                 hit = [m for m in ms if m["knob"] == b]
                 if hit:
                     row[fam] = {"saved_pct": hit[0]["saved_pct"], "loss_pct": hit[0]["loss_pct"],
@@ -167,7 +177,8 @@ def plot(summary: dict, runs: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    colors = {"static-3": "tab:blue", "random": "tab:gray", "comrecycle": "tab:red", "oracle": "tab:green"}
+    colors = {"static-3": "tab:blue", "random": "tab:gray", "comrecycle": "tab:red", "oracle": "tab:green",
+              "dcaf": "tab:orange"}
     for fam in summary["families"]:
         ms = sorted([m for m in summary["points"] if m["family"] == fam], key=lambda m: m["loss_pct"])
         ax.plot([m["loss_pct"] for m in ms], [m["saved_pct"] for m in ms], "o-", color=colors[fam], label=fam,
@@ -176,7 +187,7 @@ def plot(summary: dict, runs: list[dict], path: Path) -> Path:
         ax.scatter([r["loss_pct"] for r in rs], [r["saved_pct"] for r in rs], s=10, color=colors[fam], alpha=0.35)
         last_x = None
         for m in sorted(ms, key=lambda m: -1 if m["knob"] is None else m["knob"]):
-            if fam in ("comrecycle", "oracle") and last_x is not None and abs(m["loss_pct"] - last_x) < 0.4:
+            if fam in BUDGET_FAMILIES and last_x is not None and abs(m["loss_pct"] - last_x) < 0.4:
                 continue  # budget runs that landed on the same point: label the first only
             last_x = m["loss_pct"]
             ax.annotate(_knob(fam, m["knob"]).replace("guard off", "no guard"), (m["loss_pct"], m["saved_pct"]),
@@ -196,10 +207,14 @@ def plot(summary: dict, runs: list[dict], path: Path) -> Path:
 
 
 def closed_loop_frontier(models: str, out: str | Path, seeds, estimator: str | None = None, params: str | None = None,
-                         requests: int = 12_000, workers: int = 2, oracle_budgets_pct=(), progress: bool = True) -> dict:
+                         requests: int = 12_000, workers: int = 2, oracle_budgets_pct=(), progress: bool = True,
+                         dcaf_logs=()) -> dict:
+    """dcaf_logs: exploration logs (absolute or relative paths) that add the DCAF-style family."""
     out = Path(out)
-    jobs = plan(seeds, with_estimator=estimator is not None, oracle_budgets_pct=oracle_budgets_pct)
-    runs = run_jobs(jobs, out / "runs", models, estimator, params, requests, workers, progress)
+    dcaf_logs = tuple(str(Path(p).resolve()) for p in dcaf_logs)
+    jobs = plan(seeds, with_estimator=estimator is not None, oracle_budgets_pct=oracle_budgets_pct,
+                with_dcaf=bool(dcaf_logs))
+    runs = run_jobs(jobs, out / "runs", models, estimator, params, requests, workers, progress, dcaf_logs)
     summary = summarise(runs)
     (out / "frontier.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=2, default=float))
     with open(out / "frontier.csv", "w") as f:

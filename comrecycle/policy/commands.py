@@ -169,7 +169,7 @@ def cmd_frontier(a) -> int:
 def cmd_closed_loop(a) -> int:
     import torch
 
-    from .closed_loop import LambdaController, closed_loop_metrics, simulate_policy
+    from .closed_loop import LambdaController, closed_loop_metrics, dcaf_from_logs, simulate_policy
     from .decide import load_params
 
     torch.set_num_threads(1)  # several closed-loop runs share the cores
@@ -189,9 +189,21 @@ def cmd_closed_loop(a) -> int:
         params["budget"] = a.budget
     if a.random is not None and not 0 <= a.random <= 1:
         raise CommandError(f"--random must be a probability in [0, 1], got {a.random}")
-    if a.strategy is None and a.random is None and (params is None or not (a.estimator or a.oracle)):
-        raise CommandError("the policy needs --estimator and --params (or --oracle with --params, "
+    if a.strategy is None and a.random is None and (params is None or not (a.estimator or a.oracle or a.dcaf_logs)):
+        raise CommandError("the policy needs --estimator and --params (or --oracle or --dcaf-logs with --params, "
                            "or --strategy J for a fixed rule)")
+    dcaf = None
+    if a.dcaf_logs:
+        if a.estimator or a.oracle or a.strategy is not None or a.random is not None:
+            raise CommandError("--dcaf-logs is its own policy: not with --estimator, --oracle, --strategy or --random")
+        missing = [p for p in a.dcaf_logs if not Path(p).is_file()]
+        if missing:
+            raise CommandError(f"--dcaf-logs: no such file(s) {missing}")
+        try:
+            dcaf = dcaf_from_logs(pa.concat_tables([pq.read_table(p) for p in a.dcaf_logs], promote_options="default"))
+        except (KeyError, ValueError) as e:
+            raise CommandError(f"--dcaf-logs: expected an exploration log of `comrecycle closed-loop --explore` "
+                               f"(columns is_repeat, strategy, reward, propensity, cache state): {e}") from None
     controller = None
     if a.controller:
         controller = LambdaController(lam=max(float(params["lambda"]), 0.01), budget=float(params["budget"]))
@@ -208,18 +220,22 @@ def cmd_closed_loop(a) -> int:
         if arms is not None and (not arms or min(arms) < 0 or max(arms) > N_RECYCLE):
             raise CommandError(f"--explore-arms: strategy ids must be in 0..{N_RECYCLE}, got {a.explore_arms!r}")
     fixed = a.strategy is not None or a.random is not None
-    est_cost = float(params.get("estimator_cost", 0.0)) if params and not fixed and not a.oracle else 0.0
+    est_cost = float(params.get("estimator_cost", 0.0)) if params and not fixed and not a.oracle and not dcaf else 0.0
     table, policy = simulate_policy(models, a.requests, seed=a.seed, estimator_dir=a.estimator, params=params,
                                     controller=controller, strategy=a.strategy, progress=not a.quiet,
                                     sim_options=sim_options, oracle=a.oracle, max_pages=a.max_pages,
-                                    random_p=a.random, explore=a.explore, explore_arms=arms)
+                                    random_p=a.random, explore=a.explore, explore_arms=arms, dcaf=dcaf)
     res = closed_loop_metrics(table, costs, est_cost)
     res.update({"policy": f"random p={a.random:g}" if a.random is not None else
                 f"strategy {a.strategy}" if a.strategy is not None else
-                ("oracle" if a.oracle else "comrecycle") + (" + λ controller" if controller else ", fixed λ"),
+                ("oracle" if a.oracle else "dcaf-cache_pages" if dcaf else "comrecycle")
+                + (" + λ controller" if controller else ", fixed λ"),
                 "budget_pct": 100 * float(params["budget"]) if params else None, "seed": a.seed,
                 "continue_prob": a.continue_prob, "lambda_start": float(params["lambda"]) if params else None,
                 "max_pages": a.max_pages if a.max_pages is not None else (params or {}).get("max_pages")})
+    if dcaf is not None:
+        res["dcaf"] = {"mean_loss_ipw": [None if not np.isfinite(v) else float(v) for v in dcaf["mean_loss"]],
+                       "mean_pages": dcaf["mean_pages"], "mean_effect": dcaf["mean_effect"], "rows": dcaf["rows"]}
     if policy is not None:
         res["predicted_loss_pct"] = 100 * float(np.sum(policy.pred_loss) / np.sum(policy.pred_effect))
     if controller is not None:
@@ -240,12 +256,16 @@ def cmd_closed_loop_frontier(a) -> int:
     models = Path(a.models)
     if not (models / "manifest.json").exists():
         raise CommandError(f"{models}: not a model set (no manifest.json); build one with build_models.py")
-    if (a.estimator or a.oracle_budgets) and not a.params:
-        raise CommandError("--estimator and --oracle-budgets need --params (c_j, estimator cost, starting λ)")
+    if (a.estimator or a.oracle_budgets or a.dcaf_logs) and not a.params:
+        raise CommandError("--estimator, --oracle-budgets and --dcaf-logs need --params (c_j, estimator cost, starting λ)")
+    missing = [p for p in (a.dcaf_logs or []) if not Path(p).is_file()]
+    if missing:
+        raise CommandError(f"--dcaf-logs: no such file(s) {missing}")
     oracle = [float(x) for x in a.oracle_budgets.split(",")] if a.oracle_budgets else []
     try:
         closed_loop_frontier(str(models), a.out, a.seeds, estimator=a.estimator, params=a.params,
-                             requests=a.requests, workers=a.workers, oracle_budgets_pct=oracle, progress=not a.quiet)
+                             requests=a.requests, workers=a.workers, oracle_budgets_pct=oracle, progress=not a.quiet,
+                             dcaf_logs=a.dcaf_logs or ())
     except RuntimeError as e:
         raise CommandError(str(e)) from None
     print(Path(a.out, "frontier.md").read_text())
@@ -308,6 +328,9 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--strategy", type=int, choices=range(N_RECYCLE + 1), help="a fixed rule instead of the policy")
     s.add_argument("--controller", action="store_true", help="near-line λ: keep the predicted loss at the budget")
     s.add_argument("--oracle", action="store_true", help="decide with the true ΔQ (runs every strategy per request)")
+    s.add_argument("--dcaf-logs", nargs="+", metavar="LOG",
+                   help="DCAF-style baseline: ΔQ from a hand-picked feature (pages served from the cache) scaled by "
+                        "each strategy's IPW mean loss in these exploration logs (Parquet), same solver and controller")
     s.add_argument("--random", type=float, metavar="P", help="random recycling baseline: recycle a repeated "
                                                                "request with probability P by a random strategy")
     s.add_argument("--budget", type=float, help="override the params' loss budget b (0.01 = 1%%)")
@@ -336,6 +359,8 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--requests", type=int, default=12_000, help="requests per run")
     s.add_argument("--workers", type=int, default=2, help="runs at a time (one core each)")
     s.add_argument("--oracle-budgets", help="budgets in %% for the oracle (comma separated; ~15 min per run)")
+    s.add_argument("--dcaf-logs", nargs="+", metavar="LOG",
+                   help="exploration logs (closed-loop --explore --log-out): adds the DCAF-style family at each budget")
     s.add_argument("--out", required=True, help="output directory (runs/ is kept: re-running resumes)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_closed_loop_frontier)

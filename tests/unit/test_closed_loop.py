@@ -117,3 +117,75 @@ def test_exploration_propensities_are_the_probabilities_of_the_served_arms():
     reward = np.array([2.0, 1.9, 1.8, 1.5])[s]
     ipw0 = np.mean((s == 0) * reward / p)
     assert abs(ipw0 - 2.0) < 0.1
+
+
+def _exploration_log(n=4000, seed=0, loss3=0.3):
+    """A synthetic exploration log: repeated requests served 0 or 3 at random (propensity 0.5),
+    strategy 3 losing `loss3` clicks on average; pages served from the cache in 0..4."""
+    import pyarrow as pa
+
+    from comrecycle.specs import CACHE_STATE_FIELDS
+
+    rng = np.random.default_rng(seed)
+    rep = rng.random(n) < 0.75
+    s = np.where(rep, rng.choice([0, 3], n), 0)
+    reward = rng.poisson(2.0, n) - np.where(s == 3, rng.binomial(1, loss3, n), 0)
+    cs = np.full((n, 3, len(CACHE_STATE_FIELDS)), -1.0, np.float32)
+    cs[rep, :, 1] = rng.integers(0, 5, (rep.sum(), 1))
+    return pa.table({"is_repeat": rep, "strategy": s.astype(np.int8), "reward": reward.astype(np.float32),
+                     "propensity": np.where(rep, 0.5, 1.0).astype(np.float32),
+                     "cache_state": pa.FixedSizeListArray.from_arrays(pa.array(cs.reshape(-1)), 3 * len(CACHE_STATE_FIELDS))})
+
+
+def test_dcaf_inputs_from_an_exploration_log():
+    import pytest
+
+    from comrecycle.policy.closed_loop import dcaf_from_logs
+
+    d = dcaf_from_logs(_exploration_log(loss3=0.3))
+    assert d["mean_loss"][0] == 0.0 and abs(d["mean_loss"][3] - 0.3) < 0.12
+    assert np.isnan(d["mean_loss"][1]) and np.isnan(d["mean_loss"][2])  # never served: no estimate
+    assert 1.5 < d["mean_pages"] < 2.5 and 1.5 < d["mean_effect"] < 2.2
+    log = _exploration_log()
+    only3 = log.filter(np.asarray(log["strategy"]) != 0)
+    with pytest.raises(ValueError, match="served by strategy 0"):
+        dcaf_from_logs(only3)
+
+
+def test_dcaf_assignment_uses_the_hand_picked_feature_and_the_controller():
+    from types import SimpleNamespace
+
+    from comrecycle.policy.closed_loop import DcafAssignment, LambdaController
+    from comrecycle.specs import CACHE_STATE_FIELDS
+
+    mean_loss = np.array([0.0, np.nan, np.nan, 0.2])
+    params = {"lambda": 1.0, "omega": 0.0, "choice": "argmax", "costs": [1.0, 0.9, 0.8, 0.05], "budget": 0.01}
+    ctl = LambdaController(lam=1.0, budget=0.01)
+    pol = DcafAssignment(params, mean_loss, mean_pages=2.0, mean_effect=2.0, controller=ctl)
+    pages = np.array([0, 1, 2, 4, 8, 16, 0])
+    n = len(pages)
+    cs = np.full((n, 3, len(CACHE_STATE_FIELDS)), -1.0, np.float32)
+    cs[:, :, 1] = pages[:, None]
+    dq = pol.proxy(cs.reshape(n, -1))
+    np.testing.assert_allclose(dq[:, 3], 0.2 * (0.05 + pages / 2.0))
+    assert (dq[:, :3] == 0).all()  # strategy 0, and the strategies without an estimate
+    batch = SimpleNamespace(is_repeat=np.array([True] * 6 + [False]))
+    avail = np.ones((n, 4), bool)
+    s, p = pol(batch, avail, cs.reshape(n, -1))
+    assert s[-1] == 0 and not np.isin(s, [1, 2]).any() and (p == 1).all()
+    # λ = 1: recycle while 0.05 + 0.2·(0.05 + pages/2) < 1, i.e. the deepest cache is refreshed
+    assert list(s) == [3, 3, 3, 3, 3, 0, 0]
+    assert ctl.lam != 1.0  # the controller saw the proxy loss of the decisions
+    with np.testing.assert_raises(ValueError):
+        DcafAssignment(params, np.array([0.0, 0.1]), 2.0, 2.0)
+
+
+def test_the_frontier_plans_the_dcaf_family_with_its_logs():
+    from comrecycle.policy.closed_loop_frontier import Job, plan
+
+    jobs = plan([5, 7], with_estimator=False, with_dcaf=True)
+    dcaf = [j for j in jobs if j.family == "dcaf"]
+    assert len(dcaf) == 10 and {j.knob for j in dcaf} == {0.25, 0.5, 1.0, 2.0, 5.0}
+    args = Job("dcaf", 2.0, 5).args("m", None, "p.json", 100, ("/a.parquet", "/b.parquet"))
+    assert args[-8:] == ["--dcaf-logs", "/a.parquet", "/b.parquet", "--params", "p.json", "--controller",
+                         "--budget", "0.02"]

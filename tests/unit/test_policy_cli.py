@@ -119,3 +119,22 @@ def test_depth_guard_switches_off_deep_lists():
     assert got[0].all() and got[1].tolist() == [True, False, False, False]
     assert got[2].tolist() == [True, True, True, True]  # absent lists are another rule's business
     assert depth_guard(avail, cs, None) is avail
+
+
+def test_closed_loop_dcaf_arguments_are_checked(files, tiny_model_set, tmp_path):
+    params = tmp_path / "p.json"
+    params.write_text(json.dumps({"lambda": 0.0, "omega": 0.0, "choice": "argmax", "costs": [1, 0.9, 0.8, 0.05],
+                                  "budget": 0.01}))
+    common = ["closed-loop", "--models", tiny_model_set, "--params", params, "--requests", 50, "--quiet"]
+    r = cli(*common, "--dcaf-logs", tmp_path / "missing.parquet")
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    r = cli(*common, "--dcaf-logs", files["log"], "--oracle")
+    assert r.returncode == 2 and "--dcaf-logs is its own policy" in r.stderr
+    r = cli("closed-loop-frontier", "--models", tiny_model_set, "--out", tmp_path / "f", "--dcaf-logs", files["log"])
+    assert r.returncode == 2 and "need --params" in r.stderr
+    out = tmp_path / "dcaf.json"
+    r = cli(*common, "--dcaf-logs", files["log"], "--controller", "--seed", 3, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = json.loads(out.read_text())
+    assert m["policy"] == "dcaf-cache_pages + λ controller" and m["dcaf"]["mean_loss_ipw"][0] == 0.0
+    assert m["requests"] == 50 and "lambda_end" in m
