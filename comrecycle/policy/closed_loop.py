@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..specs import N_RECYCLE
+from ..specs import CACHE_STATE_FIELDS, N_RECYCLE
 from .decide import decide, depth_guard
 
 
@@ -52,6 +52,23 @@ class LambdaController:
         return self.lam
 
 
+def _controlled_choice(policy, dq: np.ndarray, available: np.ndarray, rep: np.ndarray,
+                       effect: np.ndarray) -> np.ndarray:
+    """The shared decision step of the budget-driven policies: λ from the policy's controller
+    (if any), the params' rule on ΔQ [n, K+1], strategy 0 for initial requests, then the
+    predicted loss of the choice and the effect `effect` [n] recorded and fed to the controller."""
+    if policy.controller is not None:
+        policy.params["lambda"] = policy.controller.lam
+    s = decide(dq, available, policy.params)
+    s[~rep] = 0
+    chosen = dq[np.arange(len(s)), s]
+    policy.pred_loss.append(float(chosen.sum()))
+    policy.pred_effect.append(float(np.sum(effect)))
+    if policy.controller is not None:
+        policy.controller.update(chosen, effect)
+    return s
+
+
 class PolicyAssignment:
     """An `assign(batch, available, cache_state)` for RecyclingServer: the estimator's ΔQ̂ on
     the live cache state, then the params' decision rule (λ from the params or a controller)."""
@@ -75,17 +92,9 @@ class PolicyAssignment:
                  "request_features": batch.request_features, "cache_state": cache_state.astype(np.float32)}
         q, dq = self.estimator.predict(feats)
         dq = np.concatenate([np.zeros((len(dq), 1)), dq], 1)
-        if self.controller is not None:
-            self.params["lambda"] = self.controller.lam
         rep = np.asarray(batch.is_repeat)
         available = depth_guard(available, cache_state, self.params.get("max_pages"))
-        s = decide(dq, available, self.params)
-        s[~rep] = 0
-        chosen_loss = dq[np.arange(len(s)), s]
-        self.pred_loss.append(float(chosen_loss.sum()))
-        self.pred_effect.append(float(q[:, 0].sum()))
-        if self.controller is not None:
-            self.controller.update(chosen_loss, q[:, 0])
+        s = _controlled_choice(self, dq, available, rep, q[:, 0])
         propensity = np.ones(len(s), np.float32)
         if self.explore > 0:
             s, propensity = explore(s, available, rep, self.explore, self.explore_arms, self.rng)
@@ -133,15 +142,7 @@ class OracleAssignment:
                 q[idx, j] = self.server.expected_clicks(batch, idx, j)
         rep = np.asarray(batch.is_repeat)
         dq = np.where(available, q[:, :1] - q, 0.0)
-        if self.controller is not None:
-            self.params["lambda"] = self.controller.lam
-        s = decide(dq, available, self.params)
-        s[~rep] = 0
-        chosen = dq[np.arange(B), s]
-        self.pred_loss.append(float(chosen.sum()))
-        self.pred_effect.append(float(q[:, 0].sum()))
-        if self.controller is not None:
-            self.controller.update(chosen, q[:, 0])
+        s = _controlled_choice(self, dq, available, rep, q[:, 0])
         return s.astype(np.int8), np.ones(B, np.float32)
 
 
@@ -196,16 +197,15 @@ class DcafAssignment:
         self.params, self.controller = dict(params), controller
         self.mean_loss, self.mean_pages, self.mean_effect = mean_loss, float(mean_pages), float(mean_effect)
         self.usable = np.isfinite(mean_loss)
+        self._loss = np.where(self.usable, mean_loss, 0.0)  # strategies without an estimate are masked
         self.pred_loss: list[float] = []
         self.pred_effect: list[float] = []
 
     def proxy(self, cache_state: np.ndarray) -> np.ndarray:
         """[n, K+1] the hand-picked ΔQ (column 0 = 0) from cache_state [n, K * 3]."""
-        from ..specs import CACHE_STATE_FIELDS
-
         cs = np.asarray(cache_state, np.float64).reshape(len(cache_state), N_RECYCLE, len(CACHE_STATE_FIELDS))
         pages = np.maximum(cs[:, :, CACHE_STATE_FIELDS.index("pages")].max(axis=1), 0.0)
-        dq = np.where(self.usable, self.mean_loss, 0.0)[None, :] * (0.05 + pages / self.mean_pages)[:, None]
+        dq = self._loss[None, :] * (0.05 + pages / self.mean_pages)[:, None]
         dq[:, 0] = 0.0
         return dq
 
@@ -214,16 +214,7 @@ class DcafAssignment:
         dq = self.proxy(cache_state)
         available = depth_guard(available, cache_state, self.params.get("max_pages")) & self.usable[None, :]
         available[:, 0] = True
-        if self.controller is not None:
-            self.params["lambda"] = self.controller.lam
-        s = decide(dq, available, self.params)
-        s[~rep] = 0
-        chosen = dq[np.arange(len(s)), s]
-        effect = np.full(len(s), self.mean_effect)
-        self.pred_loss.append(float(chosen.sum()))
-        self.pred_effect.append(float(effect.sum()))
-        if self.controller is not None:
-            self.controller.update(chosen, effect)
+        s = _controlled_choice(self, dq, available, rep, np.full(len(rep), self.mean_effect))
         return s.astype(np.int8), np.ones(len(s), np.float32)
 
 

@@ -166,6 +166,12 @@ def cmd_frontier(a) -> int:
     return 0
 
 
+def _require_files(paths, flag: str) -> None:
+    missing = [str(p) for p in paths or () if not Path(p).is_file()]
+    if missing:
+        raise CommandError(f"{flag}: no such file(s) {missing}")
+
+
 def cmd_closed_loop(a) -> int:
     import torch
 
@@ -196,9 +202,7 @@ def cmd_closed_loop(a) -> int:
     if a.dcaf_logs:
         if a.estimator or a.oracle or a.strategy is not None or a.random is not None:
             raise CommandError("--dcaf-logs is its own policy: not with --estimator, --oracle, --strategy or --random")
-        missing = [p for p in a.dcaf_logs if not Path(p).is_file()]
-        if missing:
-            raise CommandError(f"--dcaf-logs: no such file(s) {missing}")
+        _require_files(a.dcaf_logs, "--dcaf-logs")
         try:
             dcaf = dcaf_from_logs(pa.concat_tables([pq.read_table(p) for p in a.dcaf_logs], promote_options="default"))
         except (KeyError, ValueError) as e:
@@ -258,9 +262,7 @@ def cmd_closed_loop_frontier(a) -> int:
         raise CommandError(f"{models}: not a model set (no manifest.json); build one with build_models.py")
     if (a.estimator or a.oracle_budgets or a.dcaf_logs) and not a.params:
         raise CommandError("--estimator, --oracle-budgets and --dcaf-logs need --params (c_j, estimator cost, starting λ)")
-    missing = [p for p in (a.dcaf_logs or []) if not Path(p).is_file()]
-    if missing:
-        raise CommandError(f"--dcaf-logs: no such file(s) {missing}")
+    _require_files(a.dcaf_logs, "--dcaf-logs")
     oracle = [float(x) for x in a.oracle_budgets.split(",")] if a.oracle_budgets else []
     try:
         closed_loop_frontier(str(models), a.out, a.seeds, estimator=a.estimator, params=a.params,
