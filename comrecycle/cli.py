@@ -113,7 +113,7 @@ def cmd_train_estimator(a) -> int:
     try:
         res = train_and_evaluate(a.logs, a.out, eval_logs=a.eval_logs, holdout=a.holdout, seed=a.seed,
                                  max_epochs=a.max_epochs, progress=not a.quiet, baselines=not a.no_baselines,
-                                 min_epochs=a.min_epochs)
+                                 min_epochs=a.min_epochs, list_origin=not a.no_list_origin)
     except LogError as e:
         raise CliError(str(e)) from None
     for name, m in res["metrics"].items():
@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train at least this many epochs before early stopping may stop or pick an epoch "
                         "(the validation loss favours epoch 2-5, before the uplift towers learn the depth "
                         "effect; 8 learns it on the 520k-request logs, docs/RESULTS.md)")
+    s.add_argument("--no-list-origin", action="store_true",
+                   help="leave out the list-origin feature (the session page each cached list was computed "
+                        "for), as estimators trained before it (docs/RESULTS.md, session 7)")
     s.add_argument("--no-baselines", action="store_true", help="skip the T-learner and constant baselines")
     s.add_argument("--install", metavar="REPO", help="install as a new version of `estimator` in REPO")
     s.add_argument("--quiet", action="store_true")

@@ -113,6 +113,9 @@ class EffectLossEstimator:
     valid_fraction: float = 0.1
     ipw: bool = True
     seed: int = 0
+    # the session page each cached list was computed for, as a feature (model.py); estimators
+    # saved before it existed load without it
+    list_origin: bool = True
     progress: bool = True
     history_: dict = field(default_factory=dict, init=False)
 
@@ -128,7 +131,7 @@ class EffectLossEstimator:
         self.vocab_ = Vocab(hist[hist >= 0])
         self.use_cache_state_ = has_cache_state(rep)
         self.net_ = EffectLossNet(len(self.vocab_), self.emb, self.hidden, self.n_experts,
-                                  use_cache_state=self.use_cache_state_)
+                                  use_cache_state=self.use_cache_state_, list_origin=self.list_origin)
         X = self._tensors(feats)
         t = torch.from_numpy(rep["strategy"].to_numpy().astype(np.int64))
         y = torch.from_numpy(rep["reward"].to_numpy().astype(np.float32))
@@ -263,7 +266,8 @@ class EffectLossEstimator:
         torch.save(self.net_.state_dict(), out / "estimator.pt")
         np.save(out / "item_vocab.npy", self.vocab_.ids)
         params = {k: getattr(self, k) for k in ("emb", "hidden", "n_experts", "lr", "batch_size", "max_epochs",
-                                                 "patience", "min_epochs", "valid_fraction", "ipw", "seed")}
+                                                 "patience", "min_epochs", "valid_fraction", "ipw", "seed",
+                                                 "list_origin")}
         cal = getattr(self, "calibration_", None)
         if cal is not None:
             (out / "calibration.json").write_text(cal.to_json())
@@ -278,11 +282,11 @@ class EffectLossEstimator:
     def load(cls, out_dir: str | Path) -> "EffectLossEstimator":
         out = Path(out_dir)
         m = json.loads((out / "manifest.json").read_text())
-        est = cls(**m["params"])
+        est = cls(**{"list_origin": False, **m["params"]})
         est.vocab_ = Vocab(np.load(out / "item_vocab.npy"))
         est.use_cache_state_ = bool(m.get("uses_cache_state", False))
         est.net_ = EffectLossNet(len(est.vocab_), est.emb, est.hidden, est.n_experts,
-                                 use_cache_state=est.use_cache_state_)
+                                 use_cache_state=est.use_cache_state_, list_origin=est.list_origin)
         est.net_.load_state_dict(torch.load(out / "estimator.pt", weights_only=True))  # tensors only, no pickle code
         est.net_.eval()
         est.history_ = m.get("fit", {})

@@ -12,6 +12,13 @@ Raw inputs, as served (batch first):
     cache_state [B,3K] float32: per cached list read by strategy j: age s, pages served, items left
         (-1 = absent). Multiplied by a constant 0 when the training logs had no cache state, so
         such a model ignores it.
+    With list_origin, each present list also gets its origin, the session page it was computed
+    for (request page - pages served). A list computed for a session's first page knows none of
+    the session's clicks and loses more per page than one refreshed later in the session; which
+    of the two a cache holds at a given depth depends on the policy that aged it (a recycling
+    policy keeps first-page lists, a randomised log refreshes), so without the origin an
+    estimator trained on randomised logs underestimates the loss of deep caches in deployment
+    (docs/RESULTS.md, session 7).
 Outputs: q [B,K+1] float32, delta_q [B,K] float32.
 The module itself takes vocabulary indices for the history (see export.graft).
 """
@@ -30,12 +37,15 @@ COUNT_BUCKETS = 21
 
 class EffectLossNet(nn.Module):
     def __init__(self, n_items: int, emb: int = 16, hidden: int = 32, n_experts: int = 4,
-                 expert_dim: int = 32, k: int = K, use_cache_state: bool = True):
+                 expert_dim: int = 32, k: int = K, use_cache_state: bool = True, list_origin: bool = False):
         super().__init__()
         self.k = k
+        self.list_origin = bool(list_origin)
         self.register_buffer("cache_mask", torch.tensor(1.0 if use_cache_state else 0.0))
         # pages served from a cached list: 0 = absent, 1..COUNT_BUCKETS-1
         self.cache_pages = nn.ModuleList([nn.Embedding(COUNT_BUCKETS, 4) for _ in range(k)])
+        if self.list_origin:  # origin page of a list: 0..COUNT_BUCKETS-2, COUNT_BUCKETS-1 = absent
+            self.cache_origin = nn.ModuleList([nn.Embedding(COUNT_BUCKETS, 4) for _ in range(k)])
         self.item_emb = nn.Embedding(n_items + 2, emb, padding_idx=0)
         self.gru = nn.GRU(emb, hidden, batch_first=True)
         self.codes = nn.ModuleList([nn.Embedding(CODE_BUCKETS, 8) for _ in range(3)])
@@ -43,7 +53,7 @@ class EffectLossNet(nn.Module):
         self.page = nn.Embedding(COUNT_BUCKETS, 4)
         self.expo = nn.Embedding(COUNT_BUCKETS, 8)
         self.clicks = nn.Embedding(COUNT_BUCKETS, 8)
-        d_in = hidden + 3 * 8 + 8 + 4 + 8 + 8 + 3 + k * (4 + 4)
+        d_in = hidden + 3 * 8 + 8 + 4 + 8 + 8 + 3 + k * (4 + 4) + (k * (4 + 1) if self.list_origin else 0)
         self.experts = nn.ModuleList([nn.Sequential(nn.Linear(d_in, 64), nn.ReLU(), nn.Linear(64, expert_dim),
                                                     nn.ReLU()) for _ in range(n_experts)])
         self.gates = nn.ModuleList([nn.Linear(d_in, n_experts) for _ in range(k + 1)])
@@ -57,6 +67,16 @@ class EffectLossNet(nn.Module):
         dense = torch.stack([present, torch.log1p(age) / 5.0, pages / 5.0, torch.log1p(items) / 5.0], dim=2)
         buckets = pages.clamp(0, COUNT_BUCKETS - 1).long()
         return [dense.reshape(-1, self.k * 4)] + [emb(buckets[:, j]) for j, emb in enumerate(self.cache_pages)]
+
+    def origin_features(self, cache_state: torch.Tensor, page: torch.Tensor) -> list[torch.Tensor]:
+        """The session page each present list was computed for (page [B] - pages served), as an
+        embedding and a dense value per list; absent lists get their own bucket and 0."""
+        cs = cache_state.reshape(-1, self.k, 3) * self.cache_mask
+        present = cs[:, :, 0] >= 0
+        origin = (page.unsqueeze(1) - cs[:, :, 1]).clamp(0, COUNT_BUCKETS - 2)
+        buckets = torch.where(present, origin, torch.full_like(origin, COUNT_BUCKETS - 1)).long()
+        dense = torch.where(present, origin / 5.0, torch.zeros_like(origin))
+        return [dense] + [emb(buckets[:, j]) for j, emb in enumerate(self.cache_origin)]
 
     def features(self, user_features: torch.Tensor, history_idx: torch.Tensor, request_features: torch.Tensor,
                  cache_state: torch.Tensor):
@@ -75,9 +95,10 @@ class EffectLossNet(nn.Module):
                              torch.floor(torch.log2(1.0 + secs.clamp(min=0.0))).clamp(0, SECS_BUCKETS - 1))
         counts = rf[:, 1:4].clamp(0, COUNT_BUCKETS - 1).long()
         dense = torch.stack([torch.log1p(secs.clamp(min=0.0)) / 5.0, rf[:, 2] / 20.0, rf[:, 3] / 5.0], dim=1)
+        origin = self.origin_features(cache_state, rf[:, 1].clamp(min=0.0)) if self.list_origin else []
         return torch.cat([hist, *codes, self.secs(secs_b.long()), self.page(counts[:, 0]),
                           self.expo(counts[:, 1]), self.clicks(counts[:, 2]), dense,
-                          *self.cache_features(cache_state)], dim=1)
+                          *self.cache_features(cache_state), *origin], dim=1)
 
     def logits(self, user_features, history_idx, request_features, cache_state) -> torch.Tensor:
         """[B, K+1]: column 0 = l_ctrl, column j = l_j^treat = l_ctrl + l_j^uplift."""

@@ -36,6 +36,15 @@ def test_train_estimator_writes_model_manifest_and_report(log_path, tmp_path):
         assert set(m[name]["per_treatment"]) == {"1", "2", "3"}
     report = (out / "report.md").read_text()
     assert "T-learner" in report and "uplift_curves.png" in report
+    assert json.loads((out / "manifest.json").read_text())["params"]["list_origin"] is True
+
+
+def test_train_estimator_without_the_list_origin(log_path, tmp_path):
+    out = tmp_path / "est"
+    r = cli("train-estimator", "--logs", str(log_path), "--out", str(out), "--max-epochs", "1", "--no-baselines",
+            "--no-list-origin", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "manifest.json").read_text())["params"]["list_origin"] is False
 
 
 def _write(table, tmp_path, name="bad.parquet"):

@@ -107,7 +107,9 @@ def test_router_cache_numbers_match_the_simulator_stage_cache():
     rng = np.random.default_rng(0)
     sim, entry = StageCache(ttl_s=900.0), None
     t = 0.0
+    rank_page = None
     for step, j in enumerate([0, 3, 3, 1, 2, 3, 0, 3]):
+        rank_page = step if j <= 2 else rank_page  # the session page the rank list was computed for
         computed = {f"{s}_items": rng.permutation(500)[:n] for s, n in (("retrieval", 100), ("prerank", 60), ("rank", 30))
                     if ("retrieval", "prerank", "rank").index(s) >= j}
         page = rng.permutation(500)[:20]
@@ -119,6 +121,8 @@ def test_router_cache_numbers_match_the_simulator_stage_cache():
         entry, feats, state, avail = apply_feedback(entry, viewed, viewed[:1], t, 900.0)
         np.testing.assert_allclose(state, sim.state(1, t))
         assert feats[1] == step + 1 and feats[2] == np.unique(viewed).size
+        # the estimator's list origin (model.py): request page - pages served
+        assert feats[1] - state[7] == rank_page
         for k in (1, 2, 3):
             c = sim.candidates(1, k, t)
             assert avail[k] == (c is not None)
