@@ -64,6 +64,7 @@ def _controlled_choice(policy, dq: np.ndarray, available: np.ndarray, rep: np.nd
     chosen = dq[np.arange(len(s)), s]
     policy.pred_loss.append(float(chosen.sum()))
     policy.pred_effect.append(float(np.sum(effect)))
+    policy.pred_n.append(len(s))
     if policy.controller is not None:
         policy.controller.update(chosen, effect)
     return s
@@ -85,6 +86,7 @@ class PolicyAssignment:
         self.rng = np.random.default_rng([seed, 23])
         self.pred_loss: list[float] = []
         self.pred_effect: list[float] = []
+        self.pred_n: list[int] = []  # requests per decision batch
 
     def __call__(self, batch, available: np.ndarray, cache_state: np.ndarray):
         feats = {"user_features": batch.user_features.astype(np.int64),
@@ -132,6 +134,7 @@ class OracleAssignment:
         self.server = None  # set by simulate_policy (the RecyclingServer that calls us)
         self.pred_loss: list[float] = []
         self.pred_effect: list[float] = []
+        self.pred_n: list[int] = []  # requests per decision batch
 
     def __call__(self, batch, available: np.ndarray, cache_state: np.ndarray):
         B = len(batch)
@@ -200,6 +203,7 @@ class DcafAssignment:
         self._loss = np.where(self.usable, mean_loss, 0.0)  # strategies without an estimate are masked
         self.pred_loss: list[float] = []
         self.pred_effect: list[float] = []
+        self.pred_n: list[int] = []  # requests per decision batch
 
     def proxy(self, cache_state: np.ndarray) -> np.ndarray:
         """[n, K+1] the hand-picked ΔQ (column 0 = 0) from cache_state [n, K * 3]."""

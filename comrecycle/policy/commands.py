@@ -189,6 +189,8 @@ def cmd_closed_loop(a) -> int:
             raise CommandError(f"--max-pages must be >= 1, got {a.max_pages}")
         if params is not None:
             params["max_pages"] = a.max_pages
+    if a.warmup < 0:
+        raise CommandError(f"--warmup must be >= 0 requests, got {a.warmup}")
     if a.budget is not None:
         if params is None or not 0 <= a.budget < 1:
             raise CommandError(f"--budget needs --params and a value in [0, 1), got {a.budget}")
@@ -225,10 +227,13 @@ def cmd_closed_loop(a) -> int:
             raise CommandError(f"--explore-arms: strategy ids must be in 0..{N_RECYCLE}, got {a.explore_arms!r}")
     fixed = a.strategy is not None or a.random is not None
     est_cost = float(params.get("estimator_cost", 0.0)) if params and not fixed and not a.oracle and not dcaf else 0.0
-    table, policy = simulate_policy(models, a.requests, seed=a.seed, estimator_dir=a.estimator, params=params,
-                                    controller=controller, strategy=a.strategy, progress=not a.quiet,
+    table, policy = simulate_policy(models, a.warmup + a.requests, seed=a.seed, estimator_dir=a.estimator,
+                                    params=params, controller=controller, strategy=a.strategy, progress=not a.quiet,
                                     sim_options=sim_options, oracle=a.oracle, max_pages=a.max_pages,
                                     random_p=a.random, explore=a.explore, explore_arms=arms, dcaf=dcaf)
+    # the warm-up's requests run the policy (the controller adapts, the caches age) but are not
+    # measured; rows are in serving order
+    table = table.slice(a.warmup)
     res = closed_loop_metrics(table, costs, est_cost)
     res.update({"policy": f"random p={a.random:g}" if a.random is not None else
                 f"strategy {a.strategy}" if a.strategy is not None else
@@ -236,12 +241,15 @@ def cmd_closed_loop(a) -> int:
                 + (" + λ controller" if controller else ", fixed λ"),
                 "budget_pct": 100 * float(params["budget"]) if params else None, "seed": a.seed,
                 "continue_prob": a.continue_prob, "lambda_start": float(params["lambda"]) if params else None,
-                "max_pages": a.max_pages if a.max_pages is not None else (params or {}).get("max_pages")})
+                "max_pages": a.max_pages if a.max_pages is not None else (params or {}).get("max_pages"),
+                "warmup_requests": a.warmup})
     if dcaf is not None:
         res["dcaf"] = {"mean_loss_ipw": [None if not np.isfinite(v) else float(v) for v in dcaf["mean_loss"]],
                        "mean_pages": dcaf["mean_pages"], "mean_effect": dcaf["mean_effect"], "rows": dcaf["rows"]}
     if policy is not None:
-        res["predicted_loss_pct"] = 100 * float(np.sum(policy.pred_loss) / np.sum(policy.pred_effect))
+        measured = np.cumsum(policy.pred_n) > a.warmup  # the batches that end after the warm-up
+        res["predicted_loss_pct"] = 100 * float(np.sum(np.asarray(policy.pred_loss)[measured])
+                                                / np.sum(np.asarray(policy.pred_effect)[measured]))
     if controller is not None:
         res["lambda_end"] = controller.lam
         res["lambda_trace"] = controller.trace[:: max(1, len(controller.trace) // 50)]
@@ -340,7 +348,10 @@ def add_parsers(sub, default_cost_profile: str) -> None:
                    help="serve a random available strategy with probability EPS (propensities logged): "
                         "an on-policy log for calibrate-estimator")
     s.add_argument("--explore-arms", help="strategies exploration draws from (comma separated; default all)")
-    s.add_argument("--requests", type=int, default=20_000)
+    s.add_argument("--requests", type=int, default=20_000, help="measured requests (after --warmup)")
+    s.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="first serve N requests that are not measured: the λ controller settles and the caches "
+                        "age under the policy, as in a deployment that carries λ over")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--continue-prob", type=float, help="shifted traffic: probability a session continues")
     s.add_argument("--max-pages", type=int, default=None, metavar="M",

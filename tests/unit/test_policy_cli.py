@@ -138,3 +138,26 @@ def test_closed_loop_dcaf_arguments_are_checked(files, tiny_model_set, tmp_path)
     m = json.loads(out.read_text())
     assert m["policy"] == "dcaf-cache_pages + λ controller" and m["dcaf"]["mean_loss_ipw"][0] == 0.0
     assert m["requests"] == 50 and "lambda_end" in m
+
+
+def test_closed_loop_warmup_serves_but_does_not_measure(files, tiny_model_set, tmp_path):
+    from comrecycle.policy.closed_loop import closed_loop_metrics
+
+    params = tmp_path / "p.json"
+    params.write_text(json.dumps({"lambda": 0.0, "omega": 0.0, "choice": "argmax", "costs": [1, 0.9, 0.8, 0.05],
+                                  "budget": 0.01, "estimator_cost": 0.01}))
+    common = ["closed-loop", "--models", tiny_model_set, "--params", params, "--estimator", files["est"],
+              "--controller", "--seed", 4, "--quiet"]
+    r = cli(*common, "--requests", 40, "--warmup", -1)
+    assert r.returncode == 2 and "--warmup must be >= 0" in r.stderr
+    full_log, warm = tmp_path / "full.parquet", tmp_path / "warm.json"
+    # the tiny world's first simulator batch is all first pages: the measured part must hold repeats
+    assert cli(*common, "--requests", 600, "--log-out", full_log).returncode == 0
+    r = cli(*common, "--requests", 400, "--warmup", 200, "--out", warm)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(warm.read_text())
+    assert m["requests"] == 400 and m["warmup_requests"] == 200 and m["repeated"] > 100
+    # the same run (same seed, same controller path) measured from its 201st request on
+    want = closed_loop_metrics(pq.read_table(full_log).slice(200), [1, 0.9, 0.8, 0.05], 0.01)
+    assert m["effect_loss_pct"] == pytest.approx(want["effect_loss_pct"])
+    assert m["compute_saved_pct"] == pytest.approx(want["compute_saved_pct"])
