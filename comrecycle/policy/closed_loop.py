@@ -52,6 +52,21 @@ class LambdaController:
         return self.lam
 
 
+class _RecordsDecisions:
+    """The predicted loss and effect of every decision batch of a budget-driven policy."""
+
+    def _init_records(self) -> None:
+        self.pred_loss: list[float] = []
+        self.pred_effect: list[float] = []
+        self.pred_n: list[int] = []  # requests per decision batch
+
+    def predicted_loss_pct(self, skip_requests: int = 0) -> float:
+        """Predicted loss % over the batches that end after the first `skip_requests` requests
+        (a warm-up that is not measured)."""
+        measured = np.cumsum(self.pred_n) > skip_requests
+        return 100 * float(np.sum(np.asarray(self.pred_loss)[measured]) / np.sum(np.asarray(self.pred_effect)[measured]))
+
+
 def _controlled_choice(policy, dq: np.ndarray, available: np.ndarray, rep: np.ndarray,
                        effect: np.ndarray) -> np.ndarray:
     """The shared decision step of the budget-driven policies: λ from the policy's controller
@@ -70,7 +85,7 @@ def _controlled_choice(policy, dq: np.ndarray, available: np.ndarray, rep: np.nd
     return s
 
 
-class PolicyAssignment:
+class PolicyAssignment(_RecordsDecisions):
     """An `assign(batch, available, cache_state)` for RecyclingServer: the estimator's ΔQ̂ on
     the live cache state, then the params' decision rule (λ from the params or a controller)."""
 
@@ -84,9 +99,7 @@ class PolicyAssignment:
         self.estimator, self.params, self.controller = estimator, dict(params), controller
         self.explore, self.explore_arms = float(explore), explore_arms
         self.rng = np.random.default_rng([seed, 23])
-        self.pred_loss: list[float] = []
-        self.pred_effect: list[float] = []
-        self.pred_n: list[int] = []  # requests per decision batch
+        self._init_records()
 
     def __call__(self, batch, available: np.ndarray, cache_state: np.ndarray):
         feats = {"user_features": batch.user_features.astype(np.int64),
@@ -124,7 +137,7 @@ def explore(choice: np.ndarray, available: np.ndarray, repeat: np.ndarray, eps: 
     return served, p.astype(np.float32)
 
 
-class OracleAssignment:
+class OracleAssignment(_RecordsDecisions):
     """The oracle in the closed loop: the true ΔQ of every available strategy (each one run
     on the live state, exact expected clicks), then the same decision rule and controller.
     Costs 4 cascades per repeated request, so it is for evaluation only."""
@@ -132,9 +145,7 @@ class OracleAssignment:
     def __init__(self, params: dict, controller: LambdaController | None = None):
         self.params, self.controller = dict(params), controller
         self.server = None  # set by simulate_policy (the RecyclingServer that calls us)
-        self.pred_loss: list[float] = []
-        self.pred_effect: list[float] = []
-        self.pred_n: list[int] = []  # requests per decision batch
+        self._init_records()
 
     def __call__(self, batch, available: np.ndarray, cache_state: np.ndarray):
         B = len(batch)
@@ -181,7 +192,7 @@ def closed_loop_metrics(table, costs, estimator_cost: float = 0.0) -> dict:
             "expected_clicks_per_request": float(np.mean(served))}
 
 
-class DcafAssignment:
+class DcafAssignment(_RecordsDecisions):
     """A DCAF-style baseline in the closed loop: the same decision rule and λ controller, but
     ΔQ comes from a hand-picked feature instead of a learned uplift model, as in the log
     frontier (policy/frontier.py): ΔQ_ij = mean_loss_j · (0.05 + pages_i / mean_pages), where
@@ -201,9 +212,7 @@ class DcafAssignment:
         self.mean_loss, self.mean_pages, self.mean_effect = mean_loss, float(mean_pages), float(mean_effect)
         self.usable = np.isfinite(mean_loss)
         self._loss = np.where(self.usable, mean_loss, 0.0)  # strategies without an estimate are masked
-        self.pred_loss: list[float] = []
-        self.pred_effect: list[float] = []
-        self.pred_n: list[int] = []  # requests per decision batch
+        self._init_records()
 
     def proxy(self, cache_state: np.ndarray) -> np.ndarray:
         """[n, K+1] the hand-picked ΔQ (column 0 = 0) from cache_state [n, K * 3]."""

@@ -247,9 +247,7 @@ def cmd_closed_loop(a) -> int:
         res["dcaf"] = {"mean_loss_ipw": [None if not np.isfinite(v) else float(v) for v in dcaf["mean_loss"]],
                        "mean_pages": dcaf["mean_pages"], "mean_effect": dcaf["mean_effect"], "rows": dcaf["rows"]}
     if policy is not None:
-        measured = np.cumsum(policy.pred_n) > a.warmup  # the batches that end after the warm-up
-        res["predicted_loss_pct"] = 100 * float(np.sum(np.asarray(policy.pred_loss)[measured])
-                                                / np.sum(np.asarray(policy.pred_effect)[measured]))
+        res["predicted_loss_pct"] = policy.predicted_loss_pct(skip_requests=a.warmup)
     if controller is not None:
         res["lambda_end"] = controller.lam
         res["lambda_trace"] = controller.trace[:: max(1, len(controller.trace) // 50)]
