@@ -113,8 +113,8 @@ def cmd_train_estimator(a) -> int:
     try:
         res = train_and_evaluate(a.logs, a.out, eval_logs=a.eval_logs, holdout=a.holdout, seed=a.seed,
                                  max_epochs=a.max_epochs, progress=not a.quiet, baselines=not a.no_baselines,
-                                 min_epochs=a.min_epochs, list_origin=not a.no_list_origin)
-    except LogError as e:
+                                 min_epochs=a.min_epochs, list_origin=not a.no_list_origin, label=a.label)
+    except (LogError, ValueError) as e:
         raise CliError(str(e)) from None
     for name, m in res["metrics"].items():
         parts = []
@@ -248,6 +248,7 @@ def cmd_demo(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .estimator.labels import LABELS
     ap = argparse.ArgumentParser(prog="comrecycle", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -300,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-list-origin", action="store_true",
                    help="leave out the list-origin feature (the session page each cached list was computed "
                         "for), as estimators trained before it (docs/RESULTS.md, session 7)")
+    s.add_argument("--label", choices=LABELS, default="clicks",
+                   help="what the estimator learns from: the logged clicks, or view-adjusted clicks (the "
+                        "scrolling-depth noise removed by a control variate, unbiased under position-based "
+                        "examination; needs the n_viewed, page_items and clicked_items columns; "
+                        "docs/RESULTS.md, session 8)")
     s.add_argument("--no-baselines", action="store_true", help="skip the T-learner and constant baselines")
     s.add_argument("--install", metavar="REPO", help="install as a new version of `estimator` in REPO")
     s.add_argument("--quiet", action="store_true")

@@ -25,6 +25,7 @@ from ..models.train import _list_matrix
 from ..models.vocab import Vocab
 from ..sim.logs import LOG_SCHEMA
 from ..specs import CACHE_STATE, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, HISTORY_MAX, N_RECYCLE
+from .labels import training_labels
 from .calibration import DepthCalibration, fit_depth_calibration, graft_calibration
 from .model import EffectLossNet
 
@@ -116,6 +117,9 @@ class EffectLossEstimator:
     # the session page each cached list was computed for, as a feature (model.py); estimators
     # saved before it existed load without it
     list_origin: bool = True
+    # what the towers regress on: "clicks" (the logged reward) or "view-adjusted" clicks, which
+    # remove the noise of how far users scrolled without bias (labels.py)
+    label: str = "clicks"
     progress: bool = True
     history_: dict = field(default_factory=dict, init=False)
 
@@ -123,7 +127,10 @@ class EffectLossEstimator:
     def fit(self, table: pa.Table) -> "EffectLossEstimator":
         validate_training_log(table)
         self.calibration_ = None
-        rep = table.filter(pa.compute.equal(table["is_repeat"], True))
+        # labels over the whole log: the item click rates of the view adjustment use every page
+        y_all, self.label_info_ = training_labels(table, self.label)
+        is_rep = table["is_repeat"].to_numpy(zero_copy_only=False).astype(bool)
+        rep = table.filter(pa.array(is_rep))
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         feats = features_from_log(rep)
@@ -134,7 +141,7 @@ class EffectLossEstimator:
                                   use_cache_state=self.use_cache_state_, list_origin=self.list_origin)
         X = self._tensors(feats)
         t = torch.from_numpy(rep["strategy"].to_numpy().astype(np.int64))
-        y = torch.from_numpy(rep["reward"].to_numpy().astype(np.float32))
+        y = torch.from_numpy(y_all[is_rep].astype(np.float32))
         w = 1.0 / rep["propensity"].to_numpy().astype(np.float32) if self.ipw else np.ones(len(y), np.float32)
         w = torch.from_numpy(w / w.mean())
         sessions = rep["session_id"].to_numpy()
@@ -267,13 +274,14 @@ class EffectLossEstimator:
         np.save(out / "item_vocab.npy", self.vocab_.ids)
         params = {k: getattr(self, k) for k in ("emb", "hidden", "n_experts", "lr", "batch_size", "max_epochs",
                                                  "patience", "min_epochs", "valid_fraction", "ipw", "seed",
-                                                 "list_origin")}
+                                                 "list_origin", "label")}
         cal = getattr(self, "calibration_", None)
         if cal is not None:
             (out / "calibration.json").write_text(cal.to_json())
         elif (out / "calibration.json").exists():
             (out / "calibration.json").unlink()
-        manifest = {"params": params, "fit": self.history_, "uses_cache_state": self.use_cache_state_,
+        manifest = {"params": params, "fit": self.history_,
+                    "label_info": getattr(self, "label_info_", {}), "uses_cache_state": self.use_cache_state_,
                     "calibrated": cal is not None, **(extra or {})}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         return out

@@ -71,7 +71,7 @@ def read_training_logs(paths) -> pa.Table:
 def train_and_evaluate(logs, out: str | Path, eval_logs: str | Path | None = None,
                        holdout: float = 0.2, seed: int = 0, max_epochs: int = 15,
                        progress: bool = True, baselines: bool = True, min_epochs: int = 0,
-                       list_origin: bool = True) -> dict:
+                       list_origin: bool = True, label: str = "clicks") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = read_training_logs(logs)
@@ -81,7 +81,7 @@ def train_and_evaluate(logs, out: str | Path, eval_logs: str | Path | None = Non
         train, held = split_sessions(table, holdout, seed)
     t0 = time.time()
     est = EffectLossEstimator(seed=seed, max_epochs=max_epochs, min_epochs=min_epochs, progress=progress,
-                              list_origin=list_origin).fit(train)
+                              list_origin=list_origin, label=label).fit(train)
     fit_s = time.time() - t0
 
     rep = held.filter(pc.equal(held["is_repeat"], True))
@@ -108,7 +108,7 @@ def train_and_evaluate(logs, out: str | Path, eval_logs: str | Path | None = Non
     details = {"training log": logs_name, "held-out": str(eval_logs) if eval_logs else f"{holdout:.0%} of sessions",
                "train repeated requests": est.history_["train_rows"] + est.history_["valid_rows"],
                "held-out repeated requests": rep.num_rows, "training time (s)": round(fit_s, 1),
-               "epochs": est.history_["epochs"], "seed": seed}
+               "epochs": est.history_["epochs"], "seed": seed, "label": label}
     (out / "report.md").write_text(report_markdown(metrics, details)
                                    + f"\n\n![Qini curves]({png.name})\n")
     (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "details": details}, indent=2, default=float))

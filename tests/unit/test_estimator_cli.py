@@ -47,6 +47,23 @@ def test_train_estimator_without_the_list_origin(log_path, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["params"]["list_origin"] is False
 
 
+def test_train_estimator_on_view_adjusted_clicks(log_path, tmp_path):
+    out = tmp_path / "est"
+    r = cli("train-estimator", "--logs", str(log_path), "--out", str(out), "--max-epochs", "1", "--no-baselines",
+            "--label", "view-adjusted", "--quiet")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["params"]["label"] == "view-adjusted"
+    assert m["label_info"]["label"] == "view-adjusted" and len(m["label_info"]["examination_curve"]) == 20
+
+
+def test_view_adjusted_labels_without_exposure_columns_are_refused(tiny_random_log, tmp_path):
+    p = _write(tiny_random_log.drop_columns(["n_viewed"]), tmp_path)
+    r = cli("train-estimator", "--logs", str(p), "--out", str(tmp_path / "o"), "--label", "view-adjusted", "--quiet")
+    assert r.returncode != 0
+    assert "lacks ['n_viewed']" in r.stderr and "--label clicks" in r.stderr
+
+
 def _write(table, tmp_path, name="bad.parquet"):
     p = tmp_path / name
     pq.write_table(table, p)
