@@ -194,7 +194,13 @@ class EffectLossEstimator:
     def _loss(self, X, t, y, w) -> torch.Tensor:
         logits = self.net_.logits(*X)
         lt = logits.gather(1, t[:, None]).squeeze(1)
-        return (w * (torch.exp(lt) - y * lt)).mean()  # Poisson NLL, log link
+        if self.label == "clicks":
+            return (w * (torch.exp(lt) - y * lt)).mean()  # Poisson NLL, log link
+        # View-adjusted labels can be negative. The Poisson loss is then unbounded below per
+        # row (l -> -inf), and the net memorises those rows (session 8: the validation loss
+        # rose from epoch 3 and blew up at 5). Squared error also has its minimum at E[y | x]
+        # and is bounded.
+        return (w * (torch.exp(lt) - y) ** 2).mean()
 
     def _valid_loss(self, X, t, y, w, idx) -> float:
         self.net_.eval()

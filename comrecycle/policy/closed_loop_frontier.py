@@ -43,15 +43,18 @@ class Job:
     family: str
     knob: float | None  # M, p or b (%); None = guard off
     seed: int
+    warmup: int = 0  # unmeasured requests served first (closed-loop --warmup)
 
     @property
     def name(self) -> str:
         k = "off" if self.knob is None else f"{self.knob:g}"
-        return f"{self.family}_{k}_s{self.seed}"
+        return f"{self.family}_{k}_s{self.seed}" + (f"_w{self.warmup}" if self.warmup else "")
 
     def args(self, models: str, estimator: str | None, params: str | None, requests: int,
              dcaf_logs: tuple[str, ...] = ()) -> list[str]:
         a = ["closed-loop", "--models", models, "--requests", str(requests), "--seed", str(self.seed), "--quiet"]
+        if self.warmup:
+            a += ["--warmup", str(self.warmup)]
         if self.family == "static-3":
             return a + ["--strategy", "3"] + ([] if self.knob is None else ["--max-pages", str(int(self.knob))])
         if self.family == "random":
@@ -64,14 +67,16 @@ class Job:
         return a + ["--estimator", estimator] + b
 
 
-def plan(seeds, budgets_pct=BUDGETS_PCT, with_estimator=True, oracle_budgets_pct=(), with_dcaf=False) -> list[Job]:
-    jobs = [Job("static-3", m, s) for s in seeds for m in GUARDS]
-    jobs += [Job("random", p, s) for s in seeds for p in RANDOM_P]
+def plan(seeds, budgets_pct=BUDGETS_PCT, with_estimator=True, oracle_budgets_pct=(), with_dcaf=False,
+         warmup: int = 0) -> list[Job]:
+    """warmup applies to every family, so that all are measured on the same steady state."""
+    jobs = [Job("static-3", m, s, warmup) for s in seeds for m in GUARDS]
+    jobs += [Job("random", p, s, warmup) for s in seeds for p in RANDOM_P]
     if with_estimator:
-        jobs += [Job("comrecycle", b, s) for s in seeds for b in budgets_pct]
-    jobs += [Job("oracle", b, s) for s in seeds for b in oracle_budgets_pct]
+        jobs += [Job("comrecycle", b, s, warmup) for s in seeds for b in budgets_pct]
+    jobs += [Job("oracle", b, s, warmup) for s in seeds for b in oracle_budgets_pct]
     if with_dcaf:
-        jobs += [Job("dcaf", b, s) for s in seeds for b in budgets_pct]
+        jobs += [Job("dcaf", b, s, warmup) for s in seeds for b in budgets_pct]
     return jobs
 
 
@@ -145,11 +150,13 @@ def _knob(fam: str, k) -> str:
     return f"p = {k:g}" if fam == "random" else f"b = {k:g}%"
 
 
-def markdown(summary: dict, runs: list[dict]) -> str:
+def markdown(summary: dict, runs: list[dict], warmup: int = 0) -> str:
     seeds = sorted({r["seed"] for r in runs})
     lines = [f"# Closed-loop frontier ({len(runs)} runs, seeds {seeds})", "",
              "Mean over seeds; realised loss = Σ(q_0 − q_served) / Σ q_0 on the policy's own cache states; "
-             "compute saved includes the estimator's cost.", "",
+             "compute saved includes the estimator's cost."
+             + (f" Every run first served {warmup} unmeasured requests (controllers settle, caches age)."
+                if warmup else ""), "",
              "| policy | knob | compute saved % | realised loss % | loss range over seeds | max 95% CI upper |",
              "|---|---|---|---|---|---|"]
     for m in summary["points"]:
@@ -208,12 +215,13 @@ def plot(summary: dict, runs: list[dict], path: Path) -> Path:
 
 def closed_loop_frontier(models: str, out: str | Path, seeds, estimator: str | None = None, params: str | None = None,
                          requests: int = 12_000, workers: int = 2, oracle_budgets_pct=(), progress: bool = True,
-                         dcaf_logs=()) -> dict:
-    """dcaf_logs: exploration logs (absolute or relative paths) that add the DCAF-style family."""
+                         dcaf_logs=(), warmup: int = 0) -> dict:
+    """dcaf_logs: exploration logs (absolute or relative paths) that add the DCAF-style family;
+    warmup: requests each run serves unmeasured before its measured `requests`."""
     out = Path(out)
     dcaf_logs = tuple(str(Path(p).resolve()) for p in dcaf_logs)
     jobs = plan(seeds, with_estimator=estimator is not None, oracle_budgets_pct=oracle_budgets_pct,
-                with_dcaf=bool(dcaf_logs))
+                with_dcaf=bool(dcaf_logs), warmup=warmup)
     runs = run_jobs(jobs, out / "runs", models, estimator, params, requests, workers, progress, dcaf_logs)
     summary = summarise(runs)
     (out / "frontier.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=2, default=float))
@@ -223,6 +231,6 @@ def closed_loop_frontier(models: str, out: str | Path, seeds, estimator: str | N
             f.write(f"{r['family']},{'' if r['knob'] is None else r['knob']},{r['seed']},{r['saved_pct']:.4f},"
                     f"{r['loss_pct']:.4f},{r['loss_lo']:.4f},{r['loss_hi']:.4f},"
                     f"{'' if r['predicted_loss_pct'] is None else round(r['predicted_loss_pct'], 4)}\n")
-    (out / "frontier.md").write_text(markdown(summary, runs) + "\n![closed-loop frontier](frontier.png)\n")
+    (out / "frontier.md").write_text(markdown(summary, runs, warmup) + "\n![closed-loop frontier](frontier.png)\n")
     plot(summary, runs, out / "frontier.png")
     return summary

@@ -270,10 +270,12 @@ def cmd_closed_loop_frontier(a) -> int:
         raise CommandError("--estimator, --oracle-budgets and --dcaf-logs need --params (c_j, estimator cost, starting λ)")
     _require_files(a.dcaf_logs, "--dcaf-logs")
     oracle = [float(x) for x in a.oracle_budgets.split(",")] if a.oracle_budgets else []
+    if a.warmup < 0:
+        raise CommandError(f"--warmup must be >= 0 requests, got {a.warmup}")
     try:
         closed_loop_frontier(str(models), a.out, a.seeds, estimator=a.estimator, params=a.params,
                              requests=a.requests, workers=a.workers, oracle_budgets_pct=oracle, progress=not a.quiet,
-                             dcaf_logs=a.dcaf_logs or ())
+                             dcaf_logs=a.dcaf_logs or (), warmup=a.warmup)
     except RuntimeError as e:
         raise CommandError(str(e)) from None
     print(Path(a.out, "frontier.md").read_text())
@@ -369,6 +371,9 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--seeds", type=int, nargs="+", default=[5, 7])
     s.add_argument("--requests", type=int, default=12_000, help="requests per run")
     s.add_argument("--workers", type=int, default=2, help="runs at a time (one core each)")
+    s.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="every run first serves N unmeasured requests (closed-loop --warmup), so that the "
+                        "controllers start from a settled λ as a deployment would; runs are kept per N")
     s.add_argument("--oracle-budgets", help="budgets in %% for the oracle (comma separated; ~15 min per run)")
     s.add_argument("--dcaf-logs", nargs="+", metavar="LOG",
                    help="exploration logs (closed-loop --explore --log-out): adds the DCAF-style family at each budget")

@@ -189,3 +189,14 @@ def test_the_frontier_plans_the_dcaf_family_with_its_logs():
     args = Job("dcaf", 2.0, 5).args("m", None, "p.json", 100, ("/a.parquet", "/b.parquet"))
     assert args[-8:] == ["--dcaf-logs", "/a.parquet", "/b.parquet", "--params", "p.json", "--controller",
                          "--budget", "0.02"]
+
+
+def test_the_frontier_warmup_reaches_every_run_and_keeps_its_runs_apart():
+    from comrecycle.policy.closed_loop_frontier import Job, plan
+
+    jobs = plan([5], with_estimator=True, oracle_budgets_pct=(1.0,), warmup=6000)
+    assert jobs and all(j.warmup == 6000 for j in jobs)
+    assert {j.name for j in jobs}.isdisjoint({Job(j.family, j.knob, j.seed).name for j in jobs})
+    args = Job("oracle", 1.0, 5, 6000).args("m", None, "p.json", 12000)
+    assert args[args.index("--warmup") + 1] == "6000" and args[args.index("--requests") + 1] == "12000"
+    assert "--warmup" not in Job("oracle", 1.0, 5).args("m", None, "p.json", 12000)
