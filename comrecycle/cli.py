@@ -110,10 +110,13 @@ def cmd_train_estimator(a) -> int:
 
     if not 0 <= a.min_epochs <= a.max_epochs:
         raise CliError(f"--min-epochs must be in 0..--max-epochs ({a.max_epochs}), got {a.min_epochs}")
+    if not 0 <= a.average_epochs <= a.max_epochs:
+        raise CliError(f"--average-epochs must be in 0..--max-epochs ({a.max_epochs}), got {a.average_epochs}")
     try:
         res = train_and_evaluate(a.logs, a.out, eval_logs=a.eval_logs, holdout=a.holdout, seed=a.seed,
                                  max_epochs=a.max_epochs, progress=not a.quiet, baselines=not a.no_baselines,
-                                 min_epochs=a.min_epochs, list_origin=not a.no_list_origin, label=a.label)
+                                 min_epochs=a.min_epochs, list_origin=not a.no_list_origin, label=a.label,
+                                 average_epochs=a.average_epochs)
     except (LogError, ValueError) as e:
         raise CliError(str(e)) from None
     for name, m in res["metrics"].items():
@@ -298,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train at least this many epochs before early stopping may stop or pick an epoch "
                         "(the validation loss favours epoch 2-5, before the uplift towers learn the depth "
                         "effect; 8 learns it on the 520k-request logs, docs/RESULTS.md)")
+    s.add_argument("--average-epochs", type=int, default=0, metavar="N",
+                   help="train all --max-epochs and keep the average of the weights of the last N epochs "
+                        "(stochastic weight averaging) instead of the best epoch; for noisy labels")
     s.add_argument("--no-list-origin", action="store_true",
                    help="leave out the list-origin feature (the session page each cached list was computed "
                         "for), as estimators trained before it (docs/RESULTS.md, session 7)")

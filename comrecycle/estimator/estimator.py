@@ -111,6 +111,10 @@ class EffectLossEstimator:
     # stops after 2-5 epochs, before the uplift towers learn the depth effect (docs/RESULTS.md).
     # Epochs before min_epochs neither stop training nor count as the best one.
     min_epochs: int = 0
+    # > 0: the model is the average of the weights at the end of the last `average_epochs`
+    # epochs (stochastic weight averaging) instead of the best epoch; with noisy labels the
+    # single last epoch has memorised rows (session 8)
+    average_epochs: int = 0
     valid_fraction: float = 0.1
     ipw: bool = True
     seed: int = 0
@@ -156,6 +160,8 @@ class EffectLossEstimator:
         bar = tqdm(total=self.max_epochs * steps, desc="train estimator", unit="step",
                    disable=not self.progress, mininterval=1.0)
         epochs_run = 0
+        averaged: dict[str, torch.Tensor] | None = None
+        n_averaged = 0
         for epoch in range(self.max_epochs):
             self.net_.train()
             perm = rng.permutation(tr)
@@ -167,9 +173,14 @@ class EffectLossEstimator:
                 opt.step()
                 bar.update(1)
             epochs_run = epoch + 1
+            if self.average_epochs and epochs_run > self.max_epochs - self.average_epochs:
+                state = self.net_.state_dict()
+                averaged = ({k: v.detach().clone().double() for k, v in state.items()} if averaged is None
+                            else {k: averaged[k] + v.detach().double() for k, v in state.items()})
+                n_averaged += 1
             vl = self._valid_loss(X, t, y, w, va)
             bar.set_postfix(valid=f"{vl:.4f}", refresh=False)
-            if epochs_run < self.min_epochs:
+            if epochs_run < self.min_epochs or self.average_epochs:  # averaging runs every epoch
                 continue
             if vl < best - 1e-5:
                 best, bad_epochs = vl, 0
@@ -179,7 +190,11 @@ class EffectLossEstimator:
                 if bad_epochs >= self.patience:
                     break
         bar.close()
-        if best_state is not None:
+        if averaged is not None:
+            ref = self.net_.state_dict()
+            self.net_.load_state_dict({k: (v / n_averaged).to(ref[k].dtype) for k, v in averaged.items()})
+            best = self._valid_loss(X, t, y, w, va)
+        elif best_state is not None:
             self.net_.load_state_dict(best_state)
         self.net_.eval()
         self.history_ = {"epochs": epochs_run, "best_valid_loss": float(best), "train_rows": int(len(tr)),
@@ -280,7 +295,7 @@ class EffectLossEstimator:
         np.save(out / "item_vocab.npy", self.vocab_.ids)
         params = {k: getattr(self, k) for k in ("emb", "hidden", "n_experts", "lr", "batch_size", "max_epochs",
                                                  "patience", "min_epochs", "valid_fraction", "ipw", "seed",
-                                                 "list_origin", "label")}
+                                                 "list_origin", "label", "average_epochs")}
         cal = getattr(self, "calibration_", None)
         if cal is not None:
             (out / "calibration.json").write_text(cal.to_json())
