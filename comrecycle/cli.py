@@ -148,7 +148,8 @@ def cmd_calibrate_estimator(a) -> int:
     out = Path(a.out) if a.out else src
     try:
         table = read_training_logs(a.logs)
-        est = EffectLossEstimator.load(src).calibrate(table, max_depth=a.max_depth, min_rows=a.min_rows)
+        est = EffectLossEstimator.load(src).calibrate(table, label=a.label, max_depth=a.max_depth,
+                                                      min_rows=a.min_rows)
     except (LogError, ValueError) as e:
         raise CliError(str(e)) from None
     if out != src:
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="randomised log(s) the estimator was NOT trained on, with cache_state")
     s.add_argument("--out", help="write the calibrated estimator here (default: in place)")
     s.add_argument("--max-depth", type=int, default=12, help="deeper cached lists share this depth's offset")
+    s.add_argument("--label", choices=LABELS,
+                   help="reward of the doubly-robust means: clicks or view-adjusted clicks (default: the "
+                        "label the estimator was trained on)")
     s.add_argument("--min-rows", type=int, default=400,
                    help="depths with fewer usable rows are pooled into the deepest well-measured one")
     s.set_defaults(func=cmd_calibrate_estimator)

@@ -246,17 +246,20 @@ class EffectLossEstimator:
     def predict_log(self, table: pa.Table, raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
         return self.predict(features_from_log(table), raw=raw)
 
-    def calibrate(self, table: pa.Table, **options) -> "EffectLossEstimator":
+    def calibrate(self, table: pa.Table, label: str | None = None, **options) -> "EffectLossEstimator":
         """Fit the per-depth calibration (calibration.py) on the repeated requests of a
-        randomised log that the estimator was not trained on; replaces any earlier one."""
+        randomised log that the estimator was not trained on; replaces any earlier one.
+        label: the reward its doubly-robust means use (labels.py); default the training label."""
         validate_training_log(table, where="calibration log")
         if not has_cache_state(table):
             raise LogError("calibration log: needs the cache_state column (depth of the cached lists)")
-        rep = table.filter(pa.compute.equal(table["is_repeat"], True))
+        y_all, _ = training_labels(table, label or self.label)
+        is_rep = table["is_repeat"].to_numpy(zero_copy_only=False).astype(bool)
+        rep = table.filter(pa.array(is_rep))
         feats = features_from_log(rep)
         q, dq = self.predict(feats, raw=True)
         self.calibration_ = fit_depth_calibration(
-            q, dq, feats["cache_state"], rep["strategy"].to_numpy(), rep["reward"].to_numpy(),
+            q, dq, feats["cache_state"], rep["strategy"].to_numpy(), y_all[is_rep],
             rep["propensity"].to_numpy(), **options)
         return self
 

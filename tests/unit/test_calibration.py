@@ -129,3 +129,22 @@ def test_calibrate_estimator_cli(tiny_estimator, tiny_random_log, tmp_path):
                         str(tmp_path / "nope"), "--logs", str(log)], capture_output=True, text=True, timeout=120,
                        cwd=ROOT)
     assert r.returncode != 0 and "expected a directory written by train-estimator" in r.stderr
+
+
+def test_calibration_can_use_the_view_adjusted_label(tiny_estimator, tiny_random_log):
+    from comrecycle.estimator.estimator import EffectLossEstimator, features_from_log
+    from comrecycle.estimator.labels import training_labels
+
+    est = EffectLossEstimator.load(tiny_estimator)
+    assert est.label == "clicks"  # an estimator from before the option: its default
+    adjusted = est.calibrate(tiny_random_log, label="view-adjusted", min_rows=20).calibration_.offsets
+    clicks = est.calibrate(tiny_random_log, min_rows=20).calibration_.offsets
+    rep_mask = tiny_random_log["is_repeat"].to_numpy()
+    rep = tiny_random_log.filter(tiny_random_log["is_repeat"])
+    feats = features_from_log(rep)
+    q, dq = est.predict(feats, raw=True)
+    y = training_labels(tiny_random_log, "view-adjusted")[0][rep_mask]
+    want = fit_depth_calibration(q, dq, feats["cache_state"], rep["strategy"].to_numpy(), y,
+                                 rep["propensity"].to_numpy(), min_rows=20).offsets
+    np.testing.assert_allclose(adjusted, want)
+    assert not np.allclose(adjusted, clicks)
