@@ -132,7 +132,8 @@ def cmd_evaluate(a) -> int:
     if a.estimator:
         from .decide import predict
         q_hat, _ = predict(log, _load_estimator(a.estimator))
-    res = evaluate(log, pi, costs, q_hat=q_hat, estimator_cost=est_cost, n_boot=a.bootstrap, seed=a.seed)
+    res = evaluate(log, pi, costs, q_hat=q_hat, estimator_cost=est_cost, n_boot=a.bootstrap, seed=a.seed,
+                   label=a.label)
     text = report_markdown(res)
     print(text)
     if a.out:
@@ -284,6 +285,8 @@ def cmd_closed_loop_frontier(a) -> int:
 
 
 def add_parsers(sub, default_cost_profile: str) -> None:
+    from ..estimator.labels import LABELS
+
     s = sub.add_parser("solve", help="λ for a loss budget on a log with the estimator -> params JSON")
     s.add_argument("--logs", required=True, help="request log (Parquet, DESIGN.md §7)")
     s.add_argument("--estimator", required=True, help="estimator directory (comrecycle train-estimator --out)")
@@ -316,6 +319,10 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--costs-from-logs", action="store_true")
     s.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over sessions")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--label", choices=LABELS, default="clicks",
+                   help="reward of the IPW/DR estimates: the logged clicks, or view-adjusted clicks (same "
+                        "expectation, the scrolling-depth noise removed; needs n_viewed, page_items, "
+                        "clicked_items)")
     s.add_argument("--out", help="JSON report (and .md next to it)")
     s.set_defaults(func=cmd_evaluate)
 

@@ -76,7 +76,15 @@ class LogArrays:
     q: np.ndarray | None  # [n, K+1] ground truth or None
 
     @classmethod
-    def from_log(cls, log: pa.Table) -> "LogArrays":
+    def from_log(cls, log: pa.Table, label: str = "clicks") -> "LogArrays":
+        """label: the reward, "clicks" (the log's `reward`) or "view-adjusted" (labels.py:
+        the same expectation with the scrolling-depth noise removed)."""
+        from ..estimator.labels import training_labels
+
+        try:
+            r = training_labels(log, label)[0].astype(np.float64)
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
         q_cols = [f"q_{j}" for j in range(N_RECYCLE + 1)]
         q = (np.stack([log[c].to_numpy().astype(np.float64) for c in q_cols], 1)
              if all(c in log.column_names for c in q_cols) else None)
@@ -84,8 +92,7 @@ class LogArrays:
         p = log["propensity"].to_numpy().astype(np.float64)
         if not ((p > 0) & (p <= 1)).all():
             raise EvaluationError("log: propensities must be in (0, 1]")
-        return cls(log["strategy"].to_numpy().astype(np.int64), p, log["reward"].to_numpy().astype(np.float64),
-                   sess, log["is_repeat"].to_numpy(), q)
+        return cls(log["strategy"].to_numpy().astype(np.int64), p, r, sess, log["is_repeat"].to_numpy(), q)
 
 
 def _value_terms(a: LogArrays, pi: np.ndarray, q_hat: np.ndarray | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -108,13 +115,13 @@ def _value_terms(a: LogArrays, pi: np.ndarray, q_hat: np.ndarray | None) -> dict
 
 
 def evaluate(log: pa.Table, pi: np.ndarray, costs: np.ndarray, q_hat: np.ndarray | None = None,
-             estimator_cost: float = 0.0, n_boot: int = 200, seed: int = 0) -> dict:
+             estimator_cost: float = 0.0, n_boot: int = 200, seed: int = 0, label: str = "clicks") -> dict:
     """Compute saved % and effect loss % of π versus always-full on the logged requests.
 
     q_hat: [n, K+1] predicted effects (for DR); estimator_cost: compute units per repeated
     request spent by the estimator (added to π's compute). Returns a dict per method with the
     point estimate and the bootstrap CI of effect loss %, plus the strategy mix."""
-    a = LogArrays.from_log(log)
+    a = LogArrays.from_log(log, label)
     costs = np.asarray(costs, np.float64)
     n = len(pi)
     full = np.zeros(n, np.int64)

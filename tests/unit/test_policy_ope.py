@@ -87,3 +87,30 @@ def test_choosing_an_unavailable_strategy_is_an_error_with_ground_truth():
     pi = align_decisions(log, _decisions(log, np.where(rep, 1, 0)))
     with pytest.raises(EvaluationError, match="unavailable"):
         evaluate(log, pi, COSTS, n_boot=0)
+
+
+def test_view_adjusted_reward_is_what_the_estimates_average(tiny_random_log):
+    # (its lower noise is tested in test_labels.py; on 1 500 rows the propensity weights
+    # dominate the interval widths)
+    from comrecycle.estimator.labels import training_labels
+
+    log = tiny_random_log
+    q3 = log["q_3"].to_numpy()
+    pi = np.where(log["is_repeat"].to_numpy() & np.isfinite(q3), 3, 0)
+    pi = align_decisions(log, _decisions(log, pi))
+    adjusted = evaluate(log, pi, COSTS, n_boot=200, seed=3, label="view-adjusted")["methods"]
+    clicks = evaluate(log, pi, COSTS, n_boot=200, seed=3)["methods"]
+    y = training_labels(log, "view-adjusted")[0]
+    relabelled = log.set_column(log.column_names.index("reward"), "reward", pa.array(y, pa.float32()))
+    same = evaluate(relabelled, pi, COSTS, n_boot=200, seed=3)["methods"]
+    for m in ("ipw", "snipw"):
+        assert adjusted[m]["effect_loss_pct"] == pytest.approx(same[m]["effect_loss_pct"], rel=1e-5)
+        assert adjusted[m]["effect_loss_pct"] != pytest.approx(clicks[m]["effect_loss_pct"], rel=1e-3)
+    assert adjusted["exact"] == clicks["exact"]  # the ground truth does not depend on the label
+
+
+def test_view_adjusted_reward_needs_the_exposure_columns():
+    log, _ = _log(400)
+    pi = align_decisions(log, _decisions(log, np.zeros(log.num_rows)))
+    with pytest.raises(EvaluationError, match="lacks"):
+        evaluate(log, pi, COSTS, n_boot=5, label="view-adjusted")
