@@ -25,8 +25,8 @@ from ..models.train import _list_matrix
 from ..models.vocab import Vocab
 from ..sim.logs import LOG_SCHEMA
 from ..specs import CACHE_STATE, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, HISTORY_MAX, N_RECYCLE
-from .labels import training_labels
 from .calibration import DepthCalibration, fit_depth_calibration, graft_calibration
+from .labels import training_labels
 from .model import EffectLossNet
 
 TRAIN_COLUMNS = ("session_id", "page", "is_repeat", "gender", "age", "country", "secs_since_prev",
@@ -98,6 +98,14 @@ def features_from_log(table: pa.Table) -> dict[str, np.ndarray]:
     }
 
 
+def _repeated_with_labels(table: pa.Table, label: str) -> tuple[pa.Table, np.ndarray, dict]:
+    """The repeated requests of a log and their labels [rows]. The labels are computed over the
+    whole log first: the view adjustment's item click rates use every page."""
+    y, info = training_labels(table, label)
+    is_rep = table["is_repeat"].to_numpy(zero_copy_only=False).astype(bool)
+    return table.filter(pa.array(is_rep)), y[is_rep], info
+
+
 @dataclass
 class EffectLossEstimator:
     emb: int = 16
@@ -131,10 +139,7 @@ class EffectLossEstimator:
     def fit(self, table: pa.Table) -> "EffectLossEstimator":
         validate_training_log(table)
         self.calibration_ = None
-        # labels over the whole log: the item click rates of the view adjustment use every page
-        y_all, self.label_info_ = training_labels(table, self.label)
-        is_rep = table["is_repeat"].to_numpy(zero_copy_only=False).astype(bool)
-        rep = table.filter(pa.array(is_rep))
+        rep, y_rep, self.label_info_ = _repeated_with_labels(table, self.label)
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         feats = features_from_log(rep)
@@ -145,7 +150,7 @@ class EffectLossEstimator:
                                   use_cache_state=self.use_cache_state_, list_origin=self.list_origin)
         X = self._tensors(feats)
         t = torch.from_numpy(rep["strategy"].to_numpy().astype(np.int64))
-        y = torch.from_numpy(y_all[is_rep].astype(np.float32))
+        y = torch.from_numpy(y_rep.astype(np.float32))
         w = 1.0 / rep["propensity"].to_numpy().astype(np.float32) if self.ipw else np.ones(len(y), np.float32)
         w = torch.from_numpy(w / w.mean())
         sessions = rep["session_id"].to_numpy()
@@ -253,13 +258,11 @@ class EffectLossEstimator:
         validate_training_log(table, where="calibration log")
         if not has_cache_state(table):
             raise LogError("calibration log: needs the cache_state column (depth of the cached lists)")
-        y_all, _ = training_labels(table, label or self.label)
-        is_rep = table["is_repeat"].to_numpy(zero_copy_only=False).astype(bool)
-        rep = table.filter(pa.array(is_rep))
+        rep, y_rep, _ = _repeated_with_labels(table, label or self.label)
         feats = features_from_log(rep)
         q, dq = self.predict(feats, raw=True)
         self.calibration_ = fit_depth_calibration(
-            q, dq, feats["cache_state"], rep["strategy"].to_numpy(), y_all[is_rep],
+            q, dq, feats["cache_state"], rep["strategy"].to_numpy(), y_rep,
             rep["propensity"].to_numpy(), **options)
         return self
 

@@ -18,8 +18,8 @@ to the true click probability, the more of the scrolling noise goes: on the 280k
 the noise variance drops from 5.25 to 1.92 clicks² (docs/RESULTS.md). What remains is the
 click noise on the viewed items, about Σ_k V_k p_k (1 − p_k).
 
-The correction can make y negative; the estimator's Poisson loss with a log link still has
-its minimum at log E[y | x] as long as that mean is positive.
+The correction can make y negative, so the estimator regresses this label with squared error
+(a Poisson loss is unbounded below on negative labels; estimator.py).
 
 Needs the exposure columns a serving log carries (`n_viewed`, `page_items`, `clicked_items`).
 """
@@ -104,7 +104,7 @@ def _clicked_mask(ids: np.ndarray, row: np.ndarray, clicked_items: list, n: int)
     crow = np.repeat(np.arange(n), clens)
     cids = np.concatenate([np.asarray(c, np.int64) for c in clicked_items if len(c)])
     # (row, item) as one int64 key: items by their rank among all ids seen (< 2^31)
-    vocab, inv = np.unique(np.concatenate([ids, cids]), return_inverse=True)
+    _, inv = np.unique(np.concatenate([ids, cids]), return_inverse=True)
     slot_key = row * (1 << 31) + inv[:ids.size]
     click_key = np.unique(crow * (1 << 31) + inv[ids.size:])
     hit = np.isin(slot_key, click_key)
