@@ -119,8 +119,10 @@ def estimator_config(variant: str = "cpu") -> mc.ModelConfig:
 
 def router_config(variant: str = "cpu") -> mc.ModelConfig:
     """recycle_router: Python-backend BLS model on CPU in every variant (it does I/O and
-    bookkeeping; the stages it calls run where their own configs say). On CPU it re-ranks
-    strategy 3 in its own process (no BLS hop); with GPU stages it leaves that to the GPU."""
+    bookkeeping). With the CPU model set it runs the stages in its own process (`local_stages:
+    all`; the Python-backend stages' inter-process hops cost more than the stages); in the GPU
+    and container variants Triton serves the stages (GPU, onnxruntime backend) and the router
+    calls them by BLS (`local_stages: none`)."""
     from .router.serving import SETTINGS
 
     cfg = mc.ModelConfig(name=ROUTER, backend="python", max_batch_size=ROUTER_MAX_BATCH)

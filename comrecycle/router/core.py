@@ -218,9 +218,10 @@ class RecycleRouter:
         self.uses_estimator = params.lam > 0 or params.omega > 0
 
     def close(self) -> None:
-        close = getattr(self.cache, "close", None)
-        if close is not None:
-            close()
+        for part in (self.cache, self.backend):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
 
     # ---- 1. validation ------------------------------------------------------------------------
     def parse(self, tensors: dict[str, np.ndarray], now: float) -> tuple[_Req, np.ndarray, np.ndarray, bool]:

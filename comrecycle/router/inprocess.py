@@ -35,6 +35,10 @@ class InProcessBackend:
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str],
                     version: int = -1) -> dict[str, np.ndarray]:
+        return self.run(model, inputs, outputs)
+
+    def run(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """infer(), synchronously (safe in a worker thread: the runtimes hold no per-call state)."""
         self.calls.append((model, len(next(iter(inputs.values())))))
         if model == "estimator":
             if self.estimator is None:

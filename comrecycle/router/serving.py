@@ -8,7 +8,8 @@ Configuration (config.pbtxt `parameters`, overridden by the environment of trito
   redis_timeout_ms COMRECYCLE_REDIS_TIMEOUT_MS 50: slower than this = Redis down for the batch
   lock_ms          COMRECYCLE_LOCK_MS          2000: a user's lock expires if a router dies
   retry_after_s    COMRECYCLE_REDIS_RETRY_S    1.0: after a failure, Redis is left alone this long
-  local_stages     COMRECYCLE_ROUTER_LOCAL_STAGES rerank: stages run in the router's process ("none": BLS)
+  local_stages     COMRECYCLE_ROUTER_LOCAL_STAGES all: stages run in the router's process (a list such as
+                   "rank,rerank", "all", or "none": every stage through Triton, by BLS)
   metrics_flush_s  COMRECYCLE_ROUTER_METRICS_FLUSH_S 0.5: the custom metrics are sent to Triton this
                    often by a background thread (0: after every batch, on the serving thread)
   max_inflight_batches COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES 1: batches one instance serves at
@@ -19,6 +20,7 @@ written by other model versions are treated as absent.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..specs import STRATEGIES
+from ..specs import STAGES, STRATEGIES
 from .cache import RedisStageCache, redact_url
 from .core import CACHE_TTL_S, PHASES, SESSION_TTL_S, RecycleRouter
 from .params import PARAMS_FILE, RouterParams
@@ -43,11 +45,13 @@ SETTINGS = {  # parameter -> (environment variable, default)
     "redis_timeout_ms": ("COMRECYCLE_REDIS_TIMEOUT_MS", "50"),
     "lock_ms": ("COMRECYCLE_LOCK_MS", "2000"),
     "retry_after_s": ("COMRECYCLE_REDIS_RETRY_S", "1.0"),
-    # stages the router runs in its own process instead of a BLS call (comma-separated, or
-    # "none"). Re-ranking the cached rank list is the whole of strategy 3: in-process it skips
-    # a BLS round trip (two inter-process hops, ~2 ms at concurrency 1 on 2 cores), which is
-    # most of a recycled request's latency (docs/RESULTS.md).
-    "local_stages": ("COMRECYCLE_ROUTER_LOCAL_STAGES", "rerank"),
+    # stages the router runs in its own process instead of a BLS call (comma-separated, "all"
+    # or "none"). Every BLS call is a round trip to Triton plus one inter-process hop per stage
+    # of the ensemble; on a 2-core machine those hops cost more CPU than the CPU stages
+    # themselves. In-process, a strategy-3 request is a re-rank on the router's own thread and
+    # an initial request costs what calling `cascade` directly costs (docs/RESULTS.md,
+    # session 9). "none" (BLS only) is for stages on a GPU, served by Triton.
+    "local_stages": ("COMRECYCLE_ROUTER_LOCAL_STAGES", "all"),
     # every pb_utils metric update is an inter-process round trip (~65-80 us measured here),
     # ~13 per batch: they were 10% of a router instance's busy time under load. Counters are
     # summed locally and histogram observations queued, then sent by a background thread.
@@ -59,7 +63,9 @@ SETTINGS = {  # parameter -> (environment variable, default)
     # at moderate load, but smaller batches cost throughput at saturation (docs/RESULTS.md)
     "max_inflight_batches": ("COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES", "1"),
 }
-LOCAL_STAGES_ALLOWED = ("rerank",)  # the only stage the router calls on its own (strategy 3)
+# any stage may run in the router's process; a served model (an ensemble suffix) runs there when
+# every stage of its chain does, and goes to Triton (BLS) otherwise
+LOCAL_STAGES_ALLOWED = STAGES
 LATENCY_BUCKETS_S = [0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0]
 
 
@@ -108,7 +114,7 @@ def build_router(args: dict, backend) -> RecycleRouter:
                             timeout_s=float(s["redis_timeout_ms"]) / 1e3, retry_after_s=float(s["retry_after_s"]),
                             password=s["redis_password"] or None)
     fingerprint = model_set_fingerprint(model_dir.parent)
-    local = [x.strip() for x in s["local_stages"].split(",") if x.strip() and x.strip() != "none"]
+    local = local_stage_names(s["local_stages"])
     if local:
         backend = LocalStagesBackend(backend, local_stage_runtimes(model_dir.parent, local))
         log.info("recycle_router v%s runs %s in-process (the latest installed version)", args["model_version"],
@@ -118,6 +124,12 @@ def build_router(args: dict, backend) -> RecycleRouter:
              router_params.estimator_version, fingerprint, redact_url(s["redis_url"]), cache.ping())
     return RecycleRouter(cache, backend, router_params, fingerprint, ttl_s=float(s["cache_ttl_s"]),
                          session_ttl_s=session_ttl)
+
+
+def local_stage_names(setting: str) -> list[str]:
+    """The `local_stages` setting as stage names ("all": every stage; "none" or "": none)."""
+    names = [x.strip() for x in setting.split(",") if x.strip() and x.strip() != "none"]
+    return list(STAGES) if names == ["all"] else names
 
 
 def local_stage_runtimes(repo: str | Path, stages: list[str]):
@@ -146,18 +158,34 @@ def local_stage_runtimes(repo: str | Path, stages: list[str]):
 
 
 class LocalStagesBackend:
-    """Calls of the local stages run in this process (onnxruntime, like InProcessBackend);
-    everything else goes to the wrapped backend (BLS)."""
+    """Calls of models whose every stage is local run in this process (onnxruntime, the same
+    StageRuntime code as the Triton models); everything else goes to the wrapped backend (BLS).
 
-    def __init__(self, remote, runtimes: dict):
-        from .inprocess import InProcessBackend
+    A one-stage call (the re-rank of strategy 3, ~1.6 ms) runs on the event loop. Longer chains
+    (the full cascade, ~10 ms) run in a worker thread (onnxruntime releases the GIL), so the
+    batch's recycled groups are served and answered while they run, as with BLS."""
+
+    def __init__(self, remote, runtimes: dict, threads: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .inprocess import _CHAINS, InProcessBackend
 
         self.remote, self.local, self.names = remote, InProcessBackend(runtimes), set(runtimes)
+        self.chains = {model: stages for model, (stages, _) in _CHAINS.items() if set(stages) <= self.names}
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="comrecycle-stages") \
+            if any(len(st) > 1 for st in self.chains.values()) else None
 
     async def infer(self, model, inputs, outputs, version=-1):
-        if model in self.names:
+        stages = self.chains.get(model)
+        if stages is None:
+            return await self.remote.infer(model, inputs, outputs, version)
+        if len(stages) == 1 or self._pool is None:
             return await self.local.infer(model, inputs, outputs, version)
-        return await self.remote.infer(model, inputs, outputs, version)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.local.run, model, inputs, outputs)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
 
 class RouterMetrics:

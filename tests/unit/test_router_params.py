@@ -94,7 +94,60 @@ def test_local_stages_run_the_installed_rerank_like_the_in_process_backend(tiny_
     ref = asyncio.run(InProcessBackend.load(tiny_model_set).infer("rerank", inputs, outs))
     np.testing.assert_array_equal(got["rerank_items"], ref["rerank_items"])
     np.testing.assert_allclose(got["rerank_scores"], ref["rerank_scores"], rtol=1e-6)
-    with pytest.raises(ValueError, match=r"expected a subset of \['rerank'\], got \['rank'\]"):
-        local_stage_runtimes(tiny_repository, ["rank"])
+    with pytest.raises(ValueError, match=r"expected a subset of \['retrieval', 'prerank', 'rank', 'rerank'\], "
+                                         r"got \['estimator'\]"):
+        local_stage_runtimes(tiny_repository, ["rank", "estimator"])
     with pytest.raises(FileNotFoundError, match="no installed version"):
         local_stage_runtimes(tmp_path, ["rerank"])
+
+
+def test_every_stage_local_serves_each_strategy_model_like_the_in_process_backend(tiny_repository, tiny_model_set):
+    """local_stages = all four: the full cascade and both suffixes run in this process (the
+    chains in a worker thread) and give the in-process reference's outputs; the estimator, not
+    a stage, still goes to the remote backend; with only some stages local, a chain that needs
+    a remote stage goes to the remote backend whole."""
+    import asyncio
+
+    import numpy as np
+
+    from comrecycle.router.inprocess import InProcessBackend
+    from comrecycle.router.serving import LocalStagesBackend, local_stage_runtimes
+    from comrecycle.specs import STAGES, STRATEGY_CANDIDATES, STRATEGY_MODEL
+
+    class Remote:
+        def __init__(self):
+            self.models = []
+
+        async def infer(self, model, inputs, outputs, version=-1):
+            self.models.append(model)
+            return {"remote": np.zeros(1)}
+
+    context = {"user_id": np.array([[1], [2]], np.int64),
+               "user_features": np.array([[0, 1, 2], [1, 0, 3]], np.int64),
+               "history": np.array([[3, 4], [5, -1]], np.int64),
+               "request_features": np.array([[10.0, 1, 5, 1], [3.0, 2, 0, 0]], np.float32)}
+    candidates = np.array([list(range(40)), list(range(40, 70)) + [-1] * 10], np.int64)
+    reference = InProcessBackend.load(tiny_model_set)
+    remote = Remote()
+    local = LocalStagesBackend(remote, local_stage_runtimes(tiny_repository, list(STAGES)))
+    try:
+        for j, model in STRATEGY_MODEL.items():
+            inputs = dict(context)
+            if j == 0:
+                inputs["exclude_items"] = np.array([[7, 8], [-1, -1]], np.int64)
+            else:
+                inputs[STRATEGY_CANDIDATES[j]] = candidates
+            outs = ["rerank_items", "rerank_scores"] + (["rank_items"] if j < 3 else [])
+            got = asyncio.run(local.infer(model, inputs, outs))
+            ref = asyncio.run(reference.infer(model, inputs, outs))
+            for k in outs:
+                np.testing.assert_allclose(got[k], ref[k], rtol=1e-6, err_msg=f"{model}: {k}")
+        assert asyncio.run(local.infer("estimator", context, ["delta_q"])) == {"remote": np.zeros(1)}
+        assert remote.models == ["estimator"]
+    finally:
+        local.close()
+    partial = LocalStagesBackend(remote, local_stage_runtimes(tiny_repository, ["rank", "rerank"]))
+    asyncio.run(partial.infer("cascade_from_prerank", dict(context, retrieval_items=candidates), ["rerank_items"]))
+    asyncio.run(partial.infer("cascade_from_rank", dict(context, prerank_items=candidates), ["rerank_items"]))
+    assert remote.models == ["estimator", "cascade_from_prerank"]
+    partial.close()
