@@ -156,41 +156,34 @@ def measurement_args(measurement_ms: int) -> dict:
             "stability_percentage": 1000, "max_trials": WINDOWS}
 
 
-TARGETS = {  # label -> (what, metric, goal text): the router run against `cascade` called directly
-    "router_mix74": ("throughput, 74% repeated mix / always-full", "throughput_infer_per_s", ">= 1.5x"),
-    "router_repeat": ("p50 of a repeated request (74% recycled) / full cascade", "p50_us", "<= 0.3x"),
-    "router_initial": ("p50 of an initial request via the router / cascade directly", "p50_us", "<= 1.15x"),
+# key -> (router run, baseline run, what, metric, goal text), in the report's order. The
+# baseline is `cascade` called directly, except for the mix against always-full *through the
+# router* (every request a new session, so a full cascade on the router's own stage runtimes):
+# the gain recycling alone brings, apart from the router's cheaper way of running a cascade.
+COMPARISONS = {
+    "router_mix74": ("router_mix74", "cascade", "throughput, 74% repeated mix / always-full",
+                     "throughput_infer_per_s", ">= 1.5x"),
+    "router_mix74/router_initial": ("router_mix74", "router_initial",
+                                    "throughput, 74% repeated mix / always-full through the router",
+                                    "throughput_infer_per_s", "(recycling alone)"),
+    "router_repeat": ("router_repeat", "cascade", "p50 of a repeated request (74% recycled) / full cascade",
+                      "p50_us", "<= 0.3x"),
+    "router_initial": ("router_initial", "cascade", "p50 of an initial request via the router / cascade directly",
+                       "p50_us", "<= 1.15x"),
 }
-# the same mix against the always-full path *through the router* (every request a new session,
-# so a full cascade on the router's own stage runtimes): the gain recycling alone brings, apart
-# from the router's cheaper way of running a cascade
-MIX_VS_ROUTER_FULL = ("router_mix74/router_initial",
-                      "throughput, 74% repeated mix / always-full through the router", "throughput_infer_per_s",
-                      "(recycling alone)")
 
 
 def ratios(res: dict) -> dict:
-    """(label, concurrency) -> the ratio of each round (same round and level): a TARGETS run
-    over the cascade run, and the mix over router_initial (MIX_VS_ROUTER_FULL)."""
+    """(comparison key, concurrency) -> the run / baseline ratio of each round, pairing runs of
+    the same round and level (COMPARISONS)."""
     by = {(r["label"], r["concurrency"], r.get("round", 0)): r for r in res["rows"]}
     out: dict = {}
     for (label, c, rnd), r in sorted(by.items()):
-        f = by.get(("cascade", c, rnd))
-        if f is not None and label in TARGETS:
-            key = TARGETS[label][1]
-            out.setdefault((label, c), []).append(r[key] / f[key])
-        full = by.get(("router_initial", c, rnd))
-        if label == "router_mix74" and full is not None:
-            key = MIX_VS_ROUTER_FULL[2]
-            out.setdefault((MIX_VS_ROUTER_FULL[0], c), []).append(r[key] / full[key])
+        for key, (run, baseline, _, metric, _) in COMPARISONS.items():
+            base = by.get((baseline, c, rnd))
+            if label == run and base is not None:
+                out.setdefault((key, c), []).append(r[metric] / base[metric])
     return out
-
-
-def _describe(label: str) -> tuple[str, str]:
-    if label == MIX_VS_ROUTER_FULL[0]:
-        return MIX_VS_ROUTER_FULL[1], MIX_VS_ROUTER_FULL[3]
-    what, _, goal = TARGETS[label]
-    return what, goal
 
 
 def markdown(res: dict) -> str:
@@ -204,9 +197,8 @@ def markdown(res: dict) -> str:
                      f"{r['p50_us'] / 1e3:.2f} | {r['p99_us'] / 1e3:.2f} | "
                      f"{'/'.join(f'{100 * m:.0f}%' for m in mix) if mix else '—'} |")
     lines += ["", "| target | concurrency | median over rounds | each round | goal |", "|---|---|---|---|---|"]
-    order = list(TARGETS)[:1] + [MIX_VS_ROUTER_FULL[0]] + list(TARGETS)[1:]
-    for (label, c), rs in sorted(ratios(res).items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
-        what, goal = _describe(label)
+    for (key, c), rs in sorted(ratios(res).items(), key=lambda kv: (list(COMPARISONS).index(kv[0][0]), kv[0][1])):
+        _, _, what, _, goal = COMPARISONS[key]
         lines.append(f"| {what} | {c} | {np.median(rs):.2f}x | {', '.join(f'{x:.2f}' for x in rs)} | {goal} |")
     return "\n".join(lines) + "\n"
 

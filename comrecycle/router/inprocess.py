@@ -16,8 +16,8 @@ from ..specs import STAGES, ensemble_specs
 from .core import BackendError
 
 # served model -> the stages it runs and the tensor that feeds the first one its candidates
-_CHAINS = {name: (ens.stages, None if ens.entry is None else ens.entry.name) for name, ens in ensemble_specs().items()}
-_CHAINS["rerank"] = (("rerank",), "candidates")
+CHAINS = {name: (ens.stages, None if ens.entry is None else ens.entry.name) for name, ens in ensemble_specs().items()}
+CHAINS["rerank"] = (("rerank",), "candidates")
 
 
 class InProcessBackend:
@@ -47,9 +47,9 @@ class InProcessBackend:
             if isinstance(res, InputError):
                 raise BackendError(f"estimator: {res}")
             return {k: res[k] for k in outputs}
-        if model not in _CHAINS:
+        if model not in CHAINS:
             raise BackendError(f"unknown model {model!r}")
-        stages, entry = _CHAINS[model]
+        stages, entry = CHAINS[model]
         context = {k: inputs[k] for k in ("user_id", "user_features", "history", "request_features")}
         out: dict[str, np.ndarray] = {}
         cand = None if entry is None else inputs[entry]

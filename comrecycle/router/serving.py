@@ -161,17 +161,18 @@ class LocalStagesBackend:
     """Calls of models whose every stage is local run in this process (onnxruntime, the same
     StageRuntime code as the Triton models); everything else goes to the wrapped backend (BLS).
 
-    A one-stage call (the re-rank of strategy 3, ~1.6 ms) runs on the event loop. Longer chains
-    (the full cascade, ~10 ms) run in a worker thread (onnxruntime releases the GIL), so the
-    batch's recycled groups are served and answered while they run, as with BLS."""
+    A one-stage call (the re-rank of strategy 3, a fraction of a millisecond) runs on the event
+    loop. Longer chains (the full cascade and the suffixes) run in a worker thread
+    (onnxruntime releases the GIL), so the batch's recycled groups are served and answered
+    while they run, as with BLS."""
 
     def __init__(self, remote, runtimes: dict, threads: int = 2):
         from concurrent.futures import ThreadPoolExecutor
 
-        from .inprocess import _CHAINS, InProcessBackend
+        from .inprocess import CHAINS, InProcessBackend
 
-        self.remote, self.local, self.names = remote, InProcessBackend(runtimes), set(runtimes)
-        self.chains = {model: stages for model, (stages, _) in _CHAINS.items() if set(stages) <= self.names}
+        self.remote, self.local = remote, InProcessBackend(runtimes)
+        self.chains = {model: stages for model, (stages, _) in CHAINS.items() if set(stages) <= set(runtimes)}
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="comrecycle-stages") \
             if any(len(st) > 1 for st in self.chains.values()) else None
 
@@ -179,8 +180,8 @@ class LocalStagesBackend:
         stages = self.chains.get(model)
         if stages is None:
             return await self.remote.infer(model, inputs, outputs, version)
-        if len(stages) == 1 or self._pool is None:
-            return await self.local.infer(model, inputs, outputs, version)
+        if len(stages) == 1:
+            return self.local.run(model, inputs, outputs)
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.local.run, model, inputs, outputs)
 
     def close(self) -> None:
