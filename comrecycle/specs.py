@@ -198,10 +198,15 @@ NEW_SESSION = TensorSpec("new_session", "int64", (1,),
                          "optional: 1 = the client starts a new session (the user's cache is dropped "
                          "and the request is initial); default 0", nonnegative=True, optional=True)
 ROUTER_INPUTS = (USER_ID, USER_FEATURES, HISTORY, VIEWED_ITEMS, CLICKED_ITEMS, REQUEST_TIME, NEW_SESSION)
+# The strategy score of an unavailable strategy: the lowest float32, not -inf. Triton writes
+# -inf as `-Infinity` in JSON responses, which strict JSON parsers (JavaScript, Go, Jackson) and
+# perf_analyzer's profile export reject; a finite floor sorts the same.
+UNAVAILABLE_SCORE = float(np.finfo(np.float32).min)
 ROUTER_OUTPUTS = (
     TensorSpec("page_items", "int64", (-1,), f"the page: up to {PAGE_SIZE} item ids, best first"),
     TensorSpec("page_scores", "float32", (-1,), "re-ranking scores of page_items"),
     TensorSpec("strategy", "int64", (1,), "the strategy that served the page (0..K, see STRATEGIES)"),
     TensorSpec("strategy_scores", "float32", (N_RECYCLE + 1,),
-               "-(c_j + λ ΔQ_j) of every strategy; -inf where unavailable (all but 0 for initial requests)"),
+               "-(c_j + λ ΔQ_j) of every strategy; UNAVAILABLE_SCORE (the lowest float32) where "
+               "unavailable (all but 0 for initial requests)"),
 )

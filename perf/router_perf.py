@@ -12,7 +12,10 @@ measures over gRPC:
   * router_repeat  repeated requests only (p50 of strategy-3 requests vs a full cascade)
   * router_initial initial requests only (router overhead vs calling `cascade` directly)
 
-The strategy mix the router chose during each run is read from its Prometheus counters.
+The strategy mix the router chose during each run is read from its Prometheus counters. Every
+router run also writes perf_analyzer's --profile-export-file (each request's timestamps and
+outputs), from which the report takes the client-side latency of each strategy's requests:
+the p50 of a strategy-3 request, as the target defines it, not of a mix of strategies.
 Writes results.csv, results.md and results.json in --out.
 
 Every load point runs --rounds times; within a round the cascade run and the router runs of
@@ -27,6 +30,7 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -76,6 +80,37 @@ def _router_request(ctx, page: np.ndarray, new_session: int) -> dict[str, np.nda
             "new_session": np.array([new_session], np.int64)}
 
 
+def strategy_latencies(export: dict) -> dict[int, np.ndarray]:
+    """Client-side latency (us) of each strategy's requests in a perf_analyzer profile export
+    (--profile-export-file), counting the requests that start and end inside the measurement
+    windows, as perf_analyzer's own statistics do. A request with an error (no outputs) counts
+    under -1."""
+    out: dict[int, list] = {}
+    for exp in export["experiments"]:
+        bounds = exp.get("window_boundaries") or []
+        lo, hi = (int(bounds[0]), int(bounds[-1])) if len(bounds) >= 2 else (-1, 2**63)
+        for req in exp["requests"]:
+            start, ends = int(req["timestamp"]), req.get("response_timestamps") or []
+            if not ends or start < lo or int(ends[-1]) > hi:
+                continue
+            outputs = req.get("response_outputs") or [{}]
+            strategy = outputs[-1].get("strategy", -1)
+            strategy = int(strategy[0] if isinstance(strategy, list) else strategy)
+            out.setdefault(strategy, []).append((int(ends[-1]) - start) / 1e3)
+    return {j: np.asarray(v) for j, v in sorted(out.items())}
+
+
+def strategy_columns(latencies: dict[int, np.ndarray]) -> dict[str, float]:
+    """Row columns s{j}_count, s{j}_p50_us, s{j}_p99_us per strategy (j = -1: errors)."""
+    cols: dict[str, float] = {}
+    for j, v in latencies.items():
+        name = f"s{j}" if j >= 0 else "error"
+        cols[f"{name}_count"] = int(v.size)
+        cols[f"{name}_p50_us"] = float(np.percentile(v, 50))
+        cols[f"{name}_p99_us"] = float(np.percentile(v, 99))
+    return cols
+
+
 def _strategy_counts(metrics_url: str) -> np.ndarray:
     time.sleep(METRICS_LAG_S)  # the router sends its counters every metrics_flush_s
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
@@ -122,17 +157,24 @@ def run(repo: Path, out: Path, concurrency: list[int], measurement_ms: int, n_us
                 plan += [(rnd, "cascade", "cascade", level), (rnd, "router_mix74", ROUTER, level)]
                 if level in (concurrency[0], concurrency[-1]):
                     plan += [(rnd, "router_repeat", ROUTER, level), (rnd, "router_initial", ROUTER, level)]
+        exports = Path(tempfile.mkdtemp(prefix="router_perf-"))  # MBs each: parsed, then removed
         for rnd, label, model, level in plan:
             print(f"[round {rnd + 1}/{rounds}] perf_analyzer {label} concurrency {level} ...", flush=True)
             before = _strategy_counts(srv.metrics_endpoint) if model == ROUTER else None
+            export = exports / f"{label}_c{level}_r{rnd}.json"
             got = run_perf(model, srv.grpc_url, "grpc", [level], input_data=str(files[label]),
-                           label=label, **measurement_args(measurement_ms))
+                           label=label, **measurement_args(measurement_ms),
+                           extra_args=["--profile-export-file", str(export)] if model == ROUTER else ())
             for r in got:
                 r["round"] = rnd
+                if export.is_file():
+                    r.update(strategy_columns(strategy_latencies(json.loads(export.read_text()))))
+                    export.unlink()
             rows += got
             if before is not None:
                 d = _strategy_counts(srv.metrics_endpoint) - before
                 mixes[f"{label}@{level}#{rnd}"] = (d / max(d.sum(), 1)).round(4).tolist()
+        exports.rmdir()
     write_rows_csv(rows, out / "results.csv")
     res = {"rows": rows, "strategy_mix": mixes, "rounds": rounds,
            "users": {"repeated": len(warm), "initial": len(cold)},
@@ -156,8 +198,8 @@ def measurement_args(measurement_ms: int) -> dict:
             "stability_percentage": 1000, "max_trials": WINDOWS}
 
 
-# key -> (router run, baseline run, what, metric, goal text), in the report's order. The
-# baseline is `cascade` called directly, except for the mix against always-full *through the
+# key -> (router run, baseline run, what, metric or (run metric, baseline metric), goal text), in the
+# report's order. The baseline is `cascade` called directly, except for the mix against always-full *through the
 # router* (every request a new session, so a full cascade on the router's own stage runtimes):
 # the gain recycling alone brings, apart from the router's cheaper way of running a cascade.
 COMPARISONS = {
@@ -166,8 +208,12 @@ COMPARISONS = {
     "router_mix74/router_initial": ("router_mix74", "router_initial",
                                     "throughput, 74% repeated mix / always-full through the router",
                                     "throughput_infer_per_s", "(recycling alone)"),
-    "router_repeat": ("router_repeat", "cascade", "p50 of a repeated request (74% recycled) / full cascade",
-                      "p50_us", "<= 0.3x"),
+    "router_repeat/s3": ("router_repeat", "cascade", "p50 of a strategy-3 request / full cascade",
+                         ("s3_p50_us", "p50_us"), "<= 0.3x"),
+    "router_mix74/s3": ("router_mix74", "cascade", "p50 of a strategy-3 request in the 74% mix / full cascade",
+                        ("s3_p50_us", "p50_us"), "(under the mix's load)"),
+    "router_repeat": ("router_repeat", "cascade", "p50 of any repeated request (~75% recycled) / full cascade",
+                      "p50_us", "(strategies 0 and 3 together)"),
     "router_initial": ("router_initial", "cascade", "p50 of an initial request via the router / cascade directly",
                        "p50_us", "<= 1.15x"),
 }
@@ -180,22 +226,26 @@ def ratios(res: dict) -> dict:
     out: dict = {}
     for (label, c, rnd), r in sorted(by.items()):
         for key, (run, baseline, _, metric, _) in COMPARISONS.items():
+            metric, base_metric = (metric, metric) if isinstance(metric, str) else metric
             base = by.get((baseline, c, rnd))
-            if label == run and base is not None:
-                out.setdefault((key, c), []).append(r[metric] / base[metric])
+            if label == run and base is not None and r.get(metric) is not None:
+                out.setdefault((key, c), []).append(r[metric] / base[base_metric])
     return out
 
 
 def markdown(res: dict) -> str:
     rows = res["rows"]
-    lines = ["| round | run | concurrency | infer/s | p50 ms | p99 ms | strategy mix 0/1/2/3 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| round | run | concurrency | infer/s | p50 ms | p99 ms | strategy mix 0/1/2/3 "
+             "| p50 / p99 ms by strategy (client side) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rnd = r.get("round", 0)
         mix = res["strategy_mix"].get(f"{r['label']}@{r['concurrency']}#{rnd}")
+        by = [f"{j}: {r[f'{j}_p50_us'] / 1e3:.2f} / {r[f'{j}_p99_us'] / 1e3:.2f}"
+              for j in [f"s{k}" for k in range(4)] + ["error"] if r.get(f"{j}_p50_us") is not None]
         lines.append(f"| {rnd + 1} | {r['label']} | {r['concurrency']} | {r['throughput_infer_per_s']:.1f} | "
                      f"{r['p50_us'] / 1e3:.2f} | {r['p99_us'] / 1e3:.2f} | "
-                     f"{'/'.join(f'{100 * m:.0f}%' for m in mix) if mix else '—'} |")
+                     f"{'/'.join(f'{100 * m:.0f}%' for m in mix) if mix else '—'} | {', '.join(by) or '—'} |")
     lines += ["", "| target | concurrency | median over rounds | each round | goal |", "|---|---|---|---|---|"]
     for (key, c), rs in sorted(ratios(res).items(), key=lambda kv: (list(COMPARISONS).index(kv[0][0]), kv[0][1])):
         _, _, what, _, goal = COMPARISONS[key]

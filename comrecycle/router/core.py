@@ -34,7 +34,7 @@ import numpy as np
 from ..policy.decide import decide, depth_guard
 from ..runtime.validation import InputError, check_tensor
 from ..specs import (CACHE_STATE_FIELDS, EXCLUDE_MAX, N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS,
-                     STAGES, STRATEGIES, STRATEGY_CANDIDATES, STRATEGY_MODEL)
+                     STAGES, STRATEGIES, STRATEGY_CANDIDATES, STRATEGY_MODEL, UNAVAILABLE_SCORE)
 from .cache import CACHED_STAGES, CacheEntry, StageList
 from .params import RouterParams
 
@@ -70,7 +70,7 @@ class RouterResult:
     page_items: np.ndarray  # [n <= PAGE_SIZE] int64
     page_scores: np.ndarray  # [n] float32
     strategy: int
-    strategy_scores: np.ndarray  # [K+1] float32, -inf where unavailable
+    strategy_scores: np.ndarray  # [K+1] float32, UNAVAILABLE_SCORE where unavailable
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Output tensors with the batch dim of 1 (names from specs.ROUTER_OUTPUTS)."""
@@ -280,7 +280,7 @@ class RecycleRouter:
         t = _lap(phase, "parse", t)
         if not reqs:
             return results, report
-        initial_scores = np.r_[-self.costs[0], np.full(N_RECYCLE, -np.inf)].astype(np.float32)
+        initial_scores = np.r_[-self.costs[0], np.full(N_RECYCLE, UNAVAILABLE_SCORE)].astype(np.float32)
         pages: dict[int, np.ndarray] = {}
 
         def done(group: list[_Req]) -> None:
@@ -385,7 +385,7 @@ class RecycleRouter:
             # λ = 0 and ω = 0: the scores are -c_j whatever ΔQ̂ is, so the estimator is not called
             avail = np.stack([r.available for r in rep])
             choice = decide(np.zeros(avail.shape), avail, self.params.as_decide_params())
-            scores = np.where(avail, -self.costs[None, :], -np.inf).astype(np.float32)
+            scores = np.where(avail, -self.costs[None, :], UNAVAILABLE_SCORE).astype(np.float32)
             for k, r in enumerate(rep):
                 r.strategy, r.scores = int(choice[k]), scores[k]
             return
@@ -410,7 +410,7 @@ class RecycleRouter:
         avail[bad, 1:] = False  # a non-finite prediction never recycles
         dq[bad] = 0.0
         choice = decide(dq, avail, self.params.as_decide_params(), seed=int(self.rng.integers(2**31)))
-        scores = np.where(avail, -(self.costs[None, :] + self.params.lam * dq), -np.inf).astype(np.float32)
+        scores = np.where(avail, -(self.costs[None, :] + self.params.lam * dq), UNAVAILABLE_SCORE).astype(np.float32)
         for k, r in enumerate(rep):
             r.strategy, r.scores = int(choice[k]), scores[k]
 

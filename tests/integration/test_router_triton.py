@@ -22,7 +22,7 @@ from comrecycle.router.inprocess import InProcessBackend
 from comrecycle.router.params import RouterParams
 from comrecycle.router.serving import model_set_fingerprint
 from comrecycle.serving.redis_server import RedisServer
-from comrecycle.specs import ROUTER
+from comrecycle.specs import ROUTER, UNAVAILABLE_SCORE
 
 pytestmark = pytest.mark.integration
 COSTS = [1.0, 0.9, 0.8, 0.05]
@@ -141,7 +141,7 @@ def test_initial_then_repeated_and_viewed_items_never_come_back(stack):
         assert p["page_items"].size == 20
         reported = set(seen)  # the last page's views are reported with the next request
         seen |= set(p["page_items"][:6].tolist())
-    assert np.isneginf(pages[0]["strategy_scores"][1:]).all()
+    assert (pages[0]["strategy_scores"][1:] == UNAVAILABLE_SCORE).all()
     np.testing.assert_allclose(pages[1]["strategy_scores"], [-c for c in COSTS], atol=2e-3)
     e = stack["cache"].claim([101], "peek")[0].entry
     stack["cache"].release([101], "peek")
@@ -164,7 +164,7 @@ def test_ttl_expiry_and_model_version_change_make_the_request_initial(stack):
     session(stack, 301, 2, t0=0.0)
     expired0 = metric(stack, "comrecycle_cache_lookups_total", result="expired")
     (res,) = send(stack, [req(301, t=1000.0)])  # lists > 900 s old: not recycled; the session lives on
-    assert int(res["strategy"][0]) == 0 and np.isneginf(res["strategy_scores"][1:]).all()
+    assert int(res["strategy"][0]) == 0 and (res["strategy_scores"][1:] == UNAVAILABLE_SCORE).all()
     assert metric(stack, "comrecycle_cache_lookups_total", result="expired") == expired0
     (res,) = send(stack, [req(301, t=5000.0)])  # silent > 3900 s: a new session
     assert int(res["strategy"][0]) == 0

@@ -30,3 +30,37 @@ def test_load_points_are_timed_windows_without_a_stability_gate():
     assert a["measurement_mode"] == "time_windows" and a["measurement_interval_ms"] == 5000
     assert a["max_trials"] == WINDOWS and a["stability_percentage"] >= 100 and "request_count" not in a
     assert measurement_args(100)["measurement_interval_ms"] == 1000  # perf_analyzer's windows stay >= 1 s
+
+
+def _request(start_us, latency_us, strategy):
+    t = 1_000_000_000 + int(start_us * 1e3)
+    outputs = [{"strategy": strategy, "strategy_scores": [-1.0, -3.4e38, -3.4e38, -0.04]}] if strategy is not None else []
+    return {"timestamp": t, "response_timestamps": [t + int(latency_us * 1e3)], "response_outputs": outputs}
+
+
+def test_strategy_latencies_come_from_the_export_inside_the_windows():
+    from perf.router_perf import strategy_columns, strategy_latencies
+
+    reqs = [_request(0, 5000, 0),  # starts before the first window: not measured
+            _request(2000, 1000, 3), _request(3000, 1200, 3), _request(4000, 4000, 0), _request(5000, 1400, 3),
+            _request(7000, 800, None),  # an error: no outputs
+            _request(9500, 1000, 3)]  # ends after the last window: not measured
+    export = {"experiments": [{"experiment": {"mode": "concurrency", "value": 1},
+                               "window_boundaries": [1_000_000_000 + 1_000_000, 1_000_000_000 + 10_000_000],
+                               "requests": reqs}]}
+    lat = strategy_latencies(export)
+    assert sorted(lat) == [-1, 0, 3]
+    assert lat[3].tolist() == [1000.0, 1200.0, 1400.0] and lat[0].tolist() == [4000.0] and lat[-1].tolist() == [800.0]
+    cols = strategy_columns(lat)
+    assert cols["s3_count"] == 3 and cols["s3_p50_us"] == 1200.0 and cols["error_count"] == 1
+
+
+def test_the_strategy_3_target_uses_the_strategy_3_latency():
+    rows = [row("cascade", 1, 0, 200.0, 4000), {**row("router_repeat", 1, 0, 400.0, 1600), "s3_p50_us": 1100.0,
+                                                "s3_p99_us": 2000.0, "s0_p50_us": 4200.0, "s0_p99_us": 6000.0}]
+    res = {"rows": rows, "strategy_mix": {}}
+    r = ratios(res)
+    assert r[("router_repeat/s3", 1)] == [0.275] and r[("router_repeat", 1)] == [0.4]
+    md = markdown(res)
+    assert "| p50 of a strategy-3 request / full cascade | 1 | 0.28x | 0.28 | <= 0.3x |" in md
+    assert "s0: 4.20 / 6.00, s3: 1.10 / 2.00" in md
