@@ -43,9 +43,16 @@ ROUTER_MAX_BATCH = 16  # = the ensembles' max batch: one BLS call per strategy g
 ROUTER_QUEUE_DELAY_US = 100  # short: at low load a batch of one should not wait
 # A non-decoupled Python model holds its instance until execute returns, i.e. until the
 # slowest strategy group (a full cascade) of the batch is done, even though the answers go
-# out earlier. The instance count therefore bounds the batches in flight, and the four-stage
-# cascade behind the router needs several batches in flight to keep its stages busy.
-ROUTER_INSTANCES = 4
+# out earlier, so the instance count bounds the batches in flight. With the stages in the
+# router's process (local_stages), fewer and hotter processes answer a recycled request
+# faster at low load, and more instances overlap more full cascades under saturation. On
+# 2 cores (docs/RESULTS.md, session 10; medians of 5 rounds, 1 / 2 / 3 / 4 instances):
+# strategy-3 p50 / cascade at concurrency 1: 0.24 / 0.29 / 0.32 / 0.32; throughput of the
+# 74% mix / always-full at 16: 1.47 / 1.64 / 1.60 / 1.57; initial p50 / cascade at 16:
+# 1.34 / 1.12 / 0.97 / 0.94. Two is the only count within every target. The GPU and
+# container variants call their stages by BLS, where four instances were measured better
+# (session 5: initial requests at concurrency 16, 1.18x against 1.38x with two).
+ROUTER_INSTANCES = {"cpu": 2, "gpu": 4, "container": 4}
 # old and new versions stay loaded together while a router/estimator update rolls out
 ROLLOUT_VERSIONS = 2
 # Largest batch per stage call. Ranking's target attention is [batch, 300, 50, 4*emb] floats.
@@ -128,7 +135,7 @@ def router_config(variant: str = "cpu") -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=ROUTER, backend="python", max_batch_size=ROUTER_MAX_BATCH)
     cfg.input.extend(_input(t, ragged=True) for t in ROUTER_INPUTS)
     cfg.output.extend(_output(t) for t in ROUTER_OUTPUTS)
-    cfg.instance_group.append(mc.ModelInstanceGroup(count=ROUTER_INSTANCES, kind=mc.ModelInstanceGroup.KIND_CPU))
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=ROUTER_INSTANCES[variant], kind=mc.ModelInstanceGroup.KIND_CPU))
     cfg.dynamic_batching.max_queue_delay_microseconds = ROUTER_QUEUE_DELAY_US
     cfg.version_policy.latest.num_versions = 1
     for k, (_, default) in sorted(SETTINGS.items()):
