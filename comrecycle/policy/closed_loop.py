@@ -90,15 +90,23 @@ class PolicyAssignment(_RecordsDecisions):
     the live cache state, then the params' decision rule (λ from the params or a controller)."""
 
     def __init__(self, estimator, params: dict, controller: LambdaController | None = None,
-                 explore: float = 0.0, explore_arms: tuple[int, ...] | None = None, seed: int = 0):
+                 explore: float = 0.0, explore_arms: tuple[int, ...] | None = None, seed: int = 0,
+                 explore_shadow: bool = False):
         """explore = ε: each repeated request is served, with probability ε, by a uniformly
         random available strategy among explore_arms (default: all) instead of the policy's
         choice, and its logging propensity is recorded. Such a log of the deployed policy's
         own states is what calibrate-estimator needs: the loss at a given cache depth depends
-        on the policy that aged the cache (docs/RESULTS.md)."""
+        on the policy that aged the cache (docs/RESULTS.md).
+
+        explore_shadow: an explored strategy that recomputes more stages than the policy's
+        choice (a refresh where the policy recycled) is served, but the cache keeps what the
+        policy's choice would have left (`cache_as`): exploration then does not make the
+        caches younger than the policy does, and the log's states stay the policy's."""
         self.estimator, self.params, self.controller = estimator, dict(params), controller
         self.explore, self.explore_arms = float(explore), explore_arms
+        self.explore_shadow = bool(explore_shadow)
         self.rng = np.random.default_rng([seed, 23])
+        self.cache_as: np.ndarray | None = None  # [B] per request of the last batch, with explore_shadow
         self._init_records()
 
     def __call__(self, batch, available: np.ndarray, cache_state: np.ndarray):
@@ -111,8 +119,10 @@ class PolicyAssignment(_RecordsDecisions):
         available = depth_guard(available, cache_state, self.params.get("max_pages"))
         s = _controlled_choice(self, dq, available, rep, q[:, 0])
         propensity = np.ones(len(s), np.float32)
+        choice = s
         if self.explore > 0:
             s, propensity = explore(s, available, rep, self.explore, self.explore_arms, self.rng)
+        self.cache_as = choice.astype(np.int8) if self.explore_shadow else None
         return s.astype(np.int8), propensity
 
 
@@ -255,7 +265,8 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
                     controller: LambdaController | None = None, strategy: int | None = None,
                     concurrency: int = 256, progress: bool = True, sim_options: dict | None = None,
                     oracle: bool = False, max_pages: int | None = None, random_p: float | None = None,
-                    explore: float = 0.0, explore_arms: tuple[int, ...] | None = None, dcaf: dict | None = None):
+                    explore: float = 0.0, explore_arms: tuple[int, ...] | None = None, dcaf: dict | None = None,
+                    explore_shadow: bool = False):
     """Run the policy (or a fixed `strategy` for every repeated request) in the simulator.
     Returns (log table with q_0 and the served q_j, the PolicyAssignment or None).
     max_pages: the depth guard for a fixed strategy (a policy takes it from its params).
@@ -286,7 +297,8 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
         from ..estimator.estimator import EffectLossEstimator
 
         policy = assign = PolicyAssignment(EffectLossEstimator.load(estimator_dir), params, controller,
-                                           explore=explore, explore_arms=explore_arms, seed=seed)
+                                           explore=explore, explore_arms=explore_arms, seed=seed,
+                                           explore_shadow=explore_shadow)
     server = RecyclingServer(world, cascade, assign, costs, counterfactuals=(0,))
     if oracle:
         policy.server = server

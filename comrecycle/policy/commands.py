@@ -220,6 +220,9 @@ def cmd_closed_loop(a) -> int:
     if a.explore:
         if not 0 < a.explore <= 1 or a.strategy is not None or a.random is not None or a.oracle:
             raise CommandError(f"--explore is ε in (0, 1] for the estimator policy, got {a.explore}")
+    if a.explore_shadow and not a.explore:
+        raise CommandError("--explore-shadow needs --explore EPS (it changes what exploration writes to the cache)")
+    if a.explore:
         try:
             arms = tuple(sorted({int(x) for x in a.explore_arms.split(",")})) if a.explore_arms else None
         except ValueError:
@@ -231,7 +234,8 @@ def cmd_closed_loop(a) -> int:
     table, policy = simulate_policy(models, a.warmup + a.requests, seed=a.seed, estimator_dir=a.estimator,
                                     params=params, controller=controller, strategy=a.strategy, progress=not a.quiet,
                                     sim_options=sim_options, oracle=a.oracle, max_pages=a.max_pages,
-                                    random_p=a.random, explore=a.explore, explore_arms=arms, dcaf=dcaf)
+                                    random_p=a.random, explore=a.explore, explore_arms=arms, dcaf=dcaf,
+                                    explore_shadow=a.explore_shadow)
     # the warm-up's requests run the policy (the controller adapts, the caches age) but are not
     # measured; rows are in serving order
     table = table.slice(a.warmup)
@@ -355,6 +359,10 @@ def add_parsers(sub, default_cost_profile: str) -> None:
                    help="serve a random available strategy with probability EPS (propensities logged): "
                         "an on-policy log for calibrate-estimator")
     s.add_argument("--explore-arms", help="strategies exploration draws from (comma separated; default all)")
+    s.add_argument("--explore-shadow", action="store_true",
+                   help="an explored refresh (a strategy that recomputes more stages than the policy's choice) is "
+                        "served, but the cache keeps what the policy's choice would have left: the log's cache "
+                        "states stay those of the policy (for calibrate-estimator)")
     s.add_argument("--requests", type=int, default=20_000, help="measured requests (after --warmup)")
     s.add_argument("--warmup", type=int, default=0, metavar="N",
                    help="first serve N requests that are not measured: the λ controller settles and the caches "

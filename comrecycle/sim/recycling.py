@@ -243,8 +243,15 @@ class RecyclingServer:
             for r, o in enumerate(outs):
                 if strategy[idx[r]] == j:
                     served[idx[r]] = o
+        # an assignment may ask that the cache keep what another strategy would have left
+        # (shadow exploration: a refresh drawn by exploration is served but not written back)
+        cache_as = getattr(self.assign, "cache_as", None)
         for i in range(B):
-            self.cache.write(batch.user_index[i], served[i], batch.ts[i])
+            out = served[i]
+            if cache_as is not None and cache_as[i] > strategy[i]:
+                keep = {f"{s}_items" for s in STAGES[int(cache_as[i]):-1]}
+                out = {k: v for k, v in out.items() if k in keep}
+            self.cache.write(batch.user_index[i], out, batch.ts[i])
         self.last = {"strategy": strategy, "propensity": propensity, "q": q, "cache_state": cache_state,
                      "cost": np.array([self.cost[int(s)] for s in strategy], np.float32)}
         return [o["rerank_items"] for o in served]

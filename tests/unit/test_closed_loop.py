@@ -200,3 +200,35 @@ def test_the_frontier_warmup_reaches_every_run_and_keeps_its_runs_apart():
     args = Job("oracle", 1.0, 5, 6000).args("m", None, "p.json", 12000)
     assert args[args.index("--warmup") + 1] == "6000" and args[args.index("--requests") + 1] == "12000"
     assert "--warmup" not in Job("oracle", 1.0, 5).args("m", None, "p.json", 12000)
+
+
+class _RefreshEveryRepeat:
+    """An assignment that serves strategy 0 on every request; with `shadow`, it asks the
+    server to leave the cache as strategy 3 (recycle the rank list) would have."""
+
+    def __init__(self, shadow: bool):
+        self.shadow, self.cache_as = shadow, None
+
+    def __call__(self, batch, available, cache_state):
+        n = len(available)
+        self.cache_as = np.where(available[:, 3], 3, 0).astype(np.int8) if self.shadow else None
+        return np.zeros(n, np.int8), np.ones(n, np.float32)
+
+
+def _rank_list_pages(tiny_world, tiny_cascade, shadow):
+    from comrecycle.sim.env import SessionSimulator
+    from comrecycle.sim.recycling import RecyclingServer
+
+    server = RecyclingServer(tiny_world, tiny_cascade, _RefreshEveryRepeat(shadow))
+    t = SessionSimulator(tiny_world, seed=3, concurrency=16).run(240, server, progress=False).table()
+    state = np.stack(t["cache_state"].to_numpy(zero_copy_only=False)).reshape(len(t), 3, 3)
+    rep = t["is_repeat"].to_numpy()
+    return state[rep, 2, 1], (t["strategy"].to_numpy()[rep] == 0).all()  # strategy 3's list: pages served
+
+
+def test_shadow_exploration_serves_the_refresh_but_keeps_the_policys_cache(tiny_world, tiny_cascade):
+    pages, all_full = _rank_list_pages(tiny_world, tiny_cascade, shadow=False)
+    assert all_full and (pages[pages >= 0] == 1).all()  # every page rewrote the lists
+    pages, all_full = _rank_list_pages(tiny_world, tiny_cascade, shadow=True)
+    # the same full pages were served, but the rank list aged as under strategy 3
+    assert all_full and pages.max() >= 3 and (pages[pages >= 0] >= 1).all()

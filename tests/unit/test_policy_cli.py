@@ -132,6 +132,8 @@ def test_closed_loop_dcaf_arguments_are_checked(files, tiny_model_set, tmp_path)
     assert r.returncode == 2 and "--dcaf-logs is its own policy" in r.stderr
     r = cli("closed-loop-frontier", "--models", tiny_model_set, "--out", tmp_path / "f", "--dcaf-logs", files["log"])
     assert r.returncode == 2 and "need --params" in r.stderr
+    r = cli(*common, "--estimator", files["est"], "--explore-shadow")
+    assert r.returncode == 2 and "--explore-shadow needs --explore" in r.stderr and "Traceback" not in r.stderr
     out = tmp_path / "dcaf.json"
     r = cli(*common, "--dcaf-logs", files["log"], "--controller", "--seed", 3, "--out", out)
     assert r.returncode == 0, r.stdout + r.stderr
