@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..specs import CACHE_STATE_FIELDS, N_RECYCLE
-from .decide import decide, depth_guard
+from .decide import decide, depth_guard, policy_dq
 
 
 @dataclass
@@ -115,6 +115,7 @@ class PolicyAssignment(_RecordsDecisions):
                  "request_features": batch.request_features, "cache_state": cache_state.astype(np.float32)}
         q, dq = self.estimator.predict(feats)
         dq = np.concatenate([np.zeros((len(dq), 1)), dq], 1)
+        dq = policy_dq(dq, self.params)
         rep = np.asarray(batch.is_repeat)
         available = depth_guard(available, cache_state, self.params.get("max_pages"))
         s = _controlled_choice(self, dq, available, rep, q[:, 0])

@@ -77,7 +77,7 @@ def cmd_solve(a) -> int:
     if a.max_pages is not None and a.max_pages < 1:
         raise CommandError(f"--max-pages must be >= 1, got {a.max_pages}")
     params = solve_params(log, q_hat, dq, costs, a.budget, omega=a.omega, choice=a.choice, estimator_cost=est_cost,
-                          max_pages=a.max_pages)
+                          max_pages=a.max_pages, credit_gains=not a.no_credit_gains)
     params.update({"costs_source": source, "estimator": estimator_version(a.estimator),
                    "solved_on": {"log": str(a.logs), "requests": log.num_rows}})
     out = Path(a.out)
@@ -94,12 +94,13 @@ def cmd_solve(a) -> int:
 
 
 def cmd_decide(a) -> int:
-    from .decide import available_from_log, decide, load_params, predict
+    from .decide import available_from_log, decide, load_params, policy_dq, predict
 
     log = _read_log(a.logs)
     est = _load_estimator(a.estimator)
     params = load_params(a.params)
     _, dq = predict(log, est)
+    dq = policy_dq(dq, params)
     avail = available_from_log(log, params.get("max_pages"))
     s = decide(dq, avail, params, seed=a.seed)
     s[~log["is_repeat"].to_numpy()] = 0
@@ -303,6 +304,10 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--max-pages", type=int, default=None, metavar="M",
                    help="depth guard: a cached list that has served M pages is not recycled again "
                         "(a safety net for the loss of deep caches the estimator does not see)")
+    s.add_argument("--no-credit-gains", action="store_true",
+                   help="count max(ΔQ̂, 0) against the budget: predicted gains of recycling are not banked, so an "
+                        "optimistic estimator on young caches cannot cancel the loss of deep ones (written into "
+                        "the params: the router and closed-loop do the same)")
     s.add_argument("--out", required=True, help="params JSON to write")
     s.set_defaults(func=cmd_solve)
 

@@ -3,7 +3,9 @@
 The params file (JSON, written by `comrecycle solve`, read by `decide` and by the router):
     lambda, omega, choice ('argmax' | 'sample'), costs [K+1] (c_j), estimator_cost (compute
     units per repeated request), budget (relative effect loss b), form, estimator (version
-    info), solved_on (log, requests), predicted (loss %, compute saved % on the solving log).
+    info), solved_on (log, requests), predicted (loss %, compute saved % on the solving log),
+    max_pages (depth guard), credit_gains (false: predicted gains are not banked against the
+    budget, see policy_dq).
 """
 from __future__ import annotations
 
@@ -79,6 +81,17 @@ def estimator_version(est_dir: str | Path) -> dict:
             "uses_cache_state": m.get("uses_cache_state", False)}
 
 
+def policy_dq(dq: np.ndarray, params: dict) -> np.ndarray:
+    """ΔQ̂ [n, K+1] as the policy counts it. By default the net prediction. With
+    `credit_gains: false`, max(ΔQ̂, 0): a predicted gain (recycling better than the full
+    cascade) is not banked against the budget. The budget is a net sum of small numbers: an
+    estimator slightly too optimistic on the many young caches cancels the true loss of the few
+    deep ones, and the λ controller then sees no violation (docs/RESULTS.md, sessions 8 and 10)."""
+    if params.get("credit_gains", True):
+        return dq
+    return np.maximum(dq, 0.0)
+
+
 def decide(dq: np.ndarray, available: np.ndarray, params: dict, seed: int = 0) -> np.ndarray:
     """[n] int8: argmax_j -(c_j + λ ΔQ_ij) over available j (ω = 0, ties to the lower id), or
     from x_i = Π_simplex(-(c + λ ΔQ_i)/ω) by argmax / a seeded draw (ω > 0)."""
@@ -97,8 +110,10 @@ def decide(dq: np.ndarray, available: np.ndarray, params: dict, seed: int = 0) -
 
 def solve_params(log: pa.Table, q_hat: np.ndarray, dq: np.ndarray, costs: np.ndarray, budget: float,
                  omega: float = 0.0, choice: str = "argmax", estimator_cost: float = 0.0,
-                 max_pages: int | None = None) -> dict:
-    """λ for the loss budget b on this log's requests (repeated ones decide; B = b·Σ Q_i0)."""
+                 max_pages: int | None = None, credit_gains: bool = True) -> dict:
+    """λ for the loss budget b on this log's requests (repeated ones decide; B = b·Σ Q_i0).
+    credit_gains=False: the budget counts max(ΔQ̂, 0) (policy_dq)."""
+    dq = policy_dq(dq, {"credit_gains": credit_gains})
     avail = available_from_log(log, max_pages)
     rep = log["is_repeat"].to_numpy()
     q0 = total_effect(log, q_hat)
@@ -112,7 +127,7 @@ def solve_params(log: pa.Table, q_hat: np.ndarray, dq: np.ndarray, costs: np.nda
     return {"lambda": float(sol.lam), "omega": float(omega), "choice": choice,
             "costs": [float(x) for x in costs], "estimator_cost": float(estimator_cost),
             "budget": float(budget), "form": "loss budget, " + ("ω → 0" if omega <= 0 else f"ω = {omega}"),
-            "max_pages": int(max_pages) if max_pages else None,
+            "max_pages": int(max_pages) if max_pages else None, "credit_gains": bool(credit_gains),
             "predicted": {"effect_loss_pct": 100.0 * sol.loss / q0.sum(),
                           "compute_saved_pct": 100.0 * (1.0 - spent / (costs[0] * len(rep))),
                           "strategy_mix": {str(j): float(np.mean(sol.strategy == j))

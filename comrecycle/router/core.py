@@ -31,7 +31,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from ..policy.decide import decide, depth_guard
+from ..policy.decide import decide, depth_guard, policy_dq
 from ..runtime.validation import InputError, check_tensor
 from ..specs import (CACHE_STATE_FIELDS, EXCLUDE_MAX, N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS,
                      STAGES, STRATEGIES, STRATEGY_CANDIDATES, STRATEGY_MODEL, UNAVAILABLE_SCORE)
@@ -409,6 +409,7 @@ class RecycleRouter:
         bad = ~np.isfinite(dq).all(axis=1)
         avail[bad, 1:] = False  # a non-finite prediction never recycles
         dq[bad] = 0.0
+        dq = policy_dq(dq, {"credit_gains": self.params.credit_gains})
         choice = decide(dq, avail, self.params.as_decide_params(), seed=int(self.rng.integers(2**31)))
         scores = np.where(avail, -(self.costs[None, :] + self.params.lam * dq), UNAVAILABLE_SCORE).astype(np.float32)
         for k, r in enumerate(rep):

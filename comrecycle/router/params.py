@@ -33,12 +33,13 @@ class RouterParams:
     budget: float | None = None  # the relative loss budget b the λ was solved for
     estimator_version: int = -1  # served estimator version to call (-1 = the latest)
     max_pages: int | None = None  # depth guard: a list that has served this many pages is not recycled
+    credit_gains: bool = True  # False: max(ΔQ̂, 0) in the scores (policy.decide.policy_dq)
     source: dict = field(default_factory=dict, compare=False)  # the rest of the params file
 
     def as_decide_params(self) -> dict:
         """The dict comrecycle.policy.decide.decide() takes."""
         return {"lambda": self.lam, "costs": list(self.costs), "omega": self.omega, "choice": self.choice,
-                "max_pages": self.max_pages}
+                "max_pages": self.max_pages, "credit_gains": self.credit_gains}
 
     @classmethod
     def from_dict(cls, p: dict, where: str = "params") -> "RouterParams":
@@ -63,7 +64,11 @@ class RouterParams:
         max_pages = p.get("max_pages")
         if max_pages is not None and (not isinstance(max_pages, int) or max_pages < 1):
             raise ParamsError(f"{where}: 'max_pages' must be null or an integer >= 1, got {max_pages!r}")
+        credit_gains = p.get("credit_gains", True)
+        if not isinstance(credit_gains, bool):
+            raise ParamsError(f"{where}: 'credit_gains' must be true or false, got {credit_gains!r}")
         return cls(lam=lam, costs=tuple(float(x) for x in c), omega=omega, choice=choice, max_pages=max_pages,
+                   credit_gains=credit_gains,
                    estimator_cost=est_cost, budget=p.get("budget"),
                    estimator_version=int(p.get("estimator_model_version", -1)), source=p)
 

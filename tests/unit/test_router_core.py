@@ -422,3 +422,29 @@ def test_a_failing_claim_still_answers_the_new_sessions_once(backend):
     # the new session's call was out: it is answered (once) before the error reaches the model,
     # which answers the other request with INTERNAL
     assert [i for i, _ in answers] == [0] and isinstance(answers[0][1], RouterResult)
+
+
+class _FixedEstimator:
+    """The backend, with the estimator answering a fixed ΔQ̂ for strategies 1..3."""
+
+    def __init__(self, backend, dq):
+        self.backend, self.dq = backend, np.asarray(dq, np.float32)
+
+    async def infer(self, model, inputs, outputs, version=-1):
+        if model == "estimator":
+            return {"delta_q": np.tile(self.dq, (len(inputs["history"]), 1))}
+        return await self.backend.infer(model, inputs, outputs, version)
+
+
+@pytest.mark.parametrize("credit_gains,strategy", [(True, 1), (False, 3)])
+def test_without_credit_for_gains_a_predicted_gain_does_not_lower_a_score(backend, credit_gains, strategy):
+    # c = (1, .9, .8, .05), λ = 1, ΔQ̂ = (-0.2, 0.5, 0.8): net, strategy 1 scores -0.7 and wins;
+    # with max(ΔQ̂, 0) it scores -0.9 and strategy 3 (-0.85) wins
+    params = RouterParams(lam=1.0, costs=(1.0, 0.9, 0.8, 0.05), credit_gains=credit_gains)
+    router = RecycleRouter(MemoryCache(), _FixedEstimator(backend, [-0.2, 0.5, 0.8]), params, VERSION,
+                           clock=lambda: 1000.0)
+    serve(router, [request(80, t=0.0)])
+    (res,), _ = serve(router, [request(80, t=5.0)])
+    gain = -0.2 if credit_gains else 0.0
+    np.testing.assert_allclose(res.strategy_scores, [-1.0, -(0.9 + gain), -1.3, -0.85], rtol=1e-6)
+    assert res.strategy == strategy

@@ -17,6 +17,7 @@ def test_params_from_solve_output():
     p = RouterParams.from_dict(GOOD)
     assert p.lam == 2.5 and p.costs == (1.0, 0.9, 0.8, 0.05) and p.estimator_version == -1
     assert p.as_decide_params()["lambda"] == 2.5
+    assert p.credit_gains and not RouterParams.from_dict({**GOOD, "credit_gains": False}).as_decide_params()["credit_gains"]
 
 
 @pytest.mark.parametrize("change,message", [
@@ -26,6 +27,7 @@ def test_params_from_solve_output():
     ({"omega": float("inf")}, "'omega' must be a finite number >= 0"),
     ({"choice": "best"}, "'choice' must be 'argmax' or 'sample'"),
     ({"estimator_cost": -0.1}, "'estimator_cost' must be >= 0"),
+    ({"credit_gains": "no"}, "'credit_gains' must be true or false"),
 ])
 def test_bad_params_are_refused(change, message):
     with pytest.raises(ParamsError, match=message):

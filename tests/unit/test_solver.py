@@ -147,3 +147,23 @@ def test_soft_choice_by_sampling_is_seeded_and_follows_x():
     np.testing.assert_array_equal(a.strategy, b.strategy)
     freq = np.bincount(a.strategy, minlength=4) / len(a.strategy)
     np.testing.assert_allclose(freq, a.x.mean(0), atol=0.03)
+
+
+def test_without_credit_for_gains_the_budget_counts_only_predicted_losses():
+    import pyarrow as pa
+
+    from comrecycle.policy.decide import policy_dq, solve_params
+
+    dq = np.array([[0.0, -0.3, -0.2, -0.4], [0.0, 0.2, 0.1, 0.5]])
+    assert policy_dq(dq, {}) is dq
+    np.testing.assert_array_equal(policy_dq(dq, {"credit_gains": False}), np.maximum(dq, 0.0))
+    # two repeated requests, Q_0 = 10 each, a 2% budget = 0.4: strategy 3 everywhere spends
+    # -0.4 + 0.5 = 0.1 net, but 0.5 without credit for the first request's gain
+    log = pa.table({"is_repeat": [True, True], "reward": [10.0, 10.0]})
+    q_hat = np.full((2, 4), 10.0)
+    costs = np.array([1.0, 0.9, 0.8, 0.05])
+    net = solve_params(log, q_hat, dq, costs, 0.02)
+    strict = solve_params(log, q_hat, dq, costs, 0.02, credit_gains=False)
+    assert net["predicted"]["strategy_mix"]["3"] == 1.0 and net["credit_gains"]
+    assert strict["predicted"]["strategy_mix"]["3"] == 0.5 and not strict["credit_gains"]
+    assert strict["lambda"] > net["lambda"]
