@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from comrecycle.specs import ROUTER
+from comrecycle.specs import ROUTER, STRATEGIES
 
 from .perf_analyzer_run import format_rows, run_perf, write_input_data, write_rows_csv
 
@@ -165,16 +166,15 @@ def run(repo: Path, out: Path, concurrency: list[int], measurement_ms: int, n_us
             got = run_perf(model, srv.grpc_url, "grpc", [level], input_data=str(files[label]),
                            label=label, **measurement_args(measurement_ms),
                            extra_args=["--profile-export-file", str(export)] if model == ROUTER else ())
-            for r in got:
-                r["round"] = rnd
-                if export.is_file():
-                    r.update(strategy_columns(strategy_latencies(json.loads(export.read_text()))))
-                    export.unlink()
-            rows += got
+            by_strategy = {}
+            if export.is_file():
+                by_strategy = strategy_columns(strategy_latencies(json.loads(export.read_text())))
+                export.unlink()
+            rows += [{**r, "round": rnd, **by_strategy} for r in got]
             if before is not None:
                 d = _strategy_counts(srv.metrics_endpoint) - before
                 mixes[f"{label}@{level}#{rnd}"] = (d / max(d.sum(), 1)).round(4).tolist()
-        exports.rmdir()
+        shutil.rmtree(exports, ignore_errors=True)
     write_rows_csv(rows, out / "results.csv")
     res = {"rows": rows, "strategy_mix": mixes, "rounds": rounds,
            "users": {"repeated": len(warm), "initial": len(cold)},
@@ -198,10 +198,11 @@ def measurement_args(measurement_ms: int) -> dict:
             "stability_percentage": 1000, "max_trials": WINDOWS}
 
 
-# key -> (router run, baseline run, what, metric or (run metric, baseline metric), goal text), in the
-# report's order. The baseline is `cascade` called directly, except for the mix against always-full *through the
-# router* (every request a new session, so a full cascade on the router's own stage runtimes):
-# the gain recycling alone brings, apart from the router's cheaper way of running a cascade.
+# key -> (router run, baseline run, what, metric or (run metric, baseline metric), goal text),
+# in the report's order. The baseline is `cascade` called directly, except for the mix against
+# always-full *through the router* (every request a new session, so a full cascade on the
+# router's own stage runtimes): the gain recycling alone brings, apart from the router's
+# cheaper way of running a cascade.
 COMPARISONS = {
     "router_mix74": ("router_mix74", "cascade", "throughput, 74% repeated mix / always-full",
                      "throughput_infer_per_s", ">= 1.5x"),
@@ -242,7 +243,7 @@ def markdown(res: dict) -> str:
         rnd = r.get("round", 0)
         mix = res["strategy_mix"].get(f"{r['label']}@{r['concurrency']}#{rnd}")
         by = [f"{j}: {r[f'{j}_p50_us'] / 1e3:.2f} / {r[f'{j}_p99_us'] / 1e3:.2f}"
-              for j in [f"s{k}" for k in range(4)] + ["error"] if r.get(f"{j}_p50_us") is not None]
+              for j in [f"s{k}" for k in STRATEGIES] + ["error"] if r.get(f"{j}_p50_us") is not None]
         lines.append(f"| {rnd + 1} | {r['label']} | {r['concurrency']} | {r['throughput_infer_per_s']:.1f} | "
                      f"{r['p50_us'] / 1e3:.2f} | {r['p99_us'] / 1e3:.2f} | "
                      f"{'/'.join(f'{100 * m:.0f}%' for m in mix) if mix else '—'} | {', '.join(by) or '—'} |")

@@ -218,12 +218,11 @@ def cmd_closed_loop(a) -> int:
     costs = (np.asarray(params["costs"]) if params else
              np.array([float(v) for v in json.loads((models / "cost_profile.json").read_text())["strategy_cost"].values()]))
     arms = None
-    if a.explore:
-        if not 0 < a.explore <= 1 or a.strategy is not None or a.random is not None or a.oracle:
-            raise CommandError(f"--explore is ε in (0, 1] for the estimator policy, got {a.explore}")
     if a.explore_shadow and not a.explore:
         raise CommandError("--explore-shadow needs --explore EPS (it changes what exploration writes to the cache)")
     if a.explore:
+        if not 0 < a.explore <= 1 or a.strategy is not None or a.random is not None or a.oracle:
+            raise CommandError(f"--explore is ε in (0, 1] for the estimator policy, got {a.explore}")
         try:
             arms = tuple(sorted({int(x) for x in a.explore_arms.split(",")})) if a.explore_arms else None
         except ValueError:

@@ -409,8 +409,9 @@ class RecycleRouter:
         bad = ~np.isfinite(dq).all(axis=1)
         avail[bad, 1:] = False  # a non-finite prediction never recycles
         dq[bad] = 0.0
-        dq = policy_dq(dq, {"credit_gains": self.params.credit_gains})
-        choice = decide(dq, avail, self.params.as_decide_params(), seed=int(self.rng.integers(2**31)))
+        rule = self.params.as_decide_params()
+        dq = policy_dq(dq, rule)
+        choice = decide(dq, avail, rule, seed=int(self.rng.integers(2**31)))
         scores = np.where(avail, -(self.costs[None, :] + self.params.lam * dq), UNAVAILABLE_SCORE).astype(np.float32)
         for k, r in enumerate(rep):
             r.strategy, r.scores = int(choice[k]), scores[k]
