@@ -1,6 +1,7 @@
 """`comrecycle` — the project's one console script.
 
   comrecycle simulate       write a simulated request log (DESIGN.md §7 Parquet schema)
+  comrecycle check-simulator  the simulator's calibration guards on a randomised log (ground truth q_j)
   comrecycle build-models   train the four stages, export ONNX, install the model repository
   comrecycle train-estimator  fit + evaluate the effect-loss estimator on a randomised log
   comrecycle calibrate-estimator  per-depth calibration of ΔQ̂ on a held-out randomised log
@@ -101,6 +102,33 @@ def cmd_simulate(a) -> int:
     print(f"wrote {table.num_rows} requests to {path} (repeated {table['is_repeat'].to_numpy().mean():.1%}, "
           f"expected clicks/request {er.mean():.4f})")
     return 0
+
+
+def cmd_check_simulator(a) -> int:
+    from .sim.guards import GUARDS, guard_figures, guard_markdown
+    from .sim.logs import read_log
+
+    costs = [1.0] + [float(x) for x in a.costs.split(",")] if a.costs else None
+    if costs is None:
+        model_dir = Path(a.models or default_model_dir("default"))
+        cp = model_dir / "cost_profile.json"
+        if not cp.exists():
+            raise CliError(f"no cost profile in {model_dir}: pass --models DIR (a built model set) or --costs C1,C2,C3")
+        c = json.loads(cp.read_text())["strategy_cost"]
+        costs = [float(c[str(j)]) for j in range(len(c))]
+    elif len(costs) != 4 or not all(0 <= x < float("inf") for x in costs):
+        raise CliError(f"--costs: expected 3 finite numbers >= 0 (c_1,c_2,c_3; c_0 = 1), got {a.costs!r}")
+    if not 0 < a.budget < 1:
+        raise CliError(f"--budget: expected a fraction in (0, 1) (0.01 = 1%), got {a.budget}")
+    fig = guard_figures(read_log(a.logs), costs, budget=a.budget)
+    print(guard_markdown(fig))
+    if a.out:
+        Path(a.out).write_text(json.dumps(fig, indent=2))
+        print(f"wrote {a.out}")
+    failed = [text for name, _, text in GUARDS if not fig["checks"][name]]
+    if failed:
+        print(f"{len(failed)} of {len(GUARDS)} guards do not hold", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # ---- estimator -------------------------------------------------------------------------------------
@@ -288,6 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes for --policy cascade (independent session streams, one per core)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("check-simulator", help="the simulator's calibration guards on a randomised log "
+                                               "(exit 1 when one does not hold)")
+    s.add_argument("--logs", required=True, help="randomised log with q_0..q_3 and cache_state "
+                                                 "(comrecycle simulate --logging random)")
+    s.add_argument("--models", help="model set whose cost_profile.json gives c_j (default artifacts/models/default)")
+    s.add_argument("--costs", metavar="C1,C2,C3", help="strategy costs instead of --models (c_0 = 1)")
+    s.add_argument("--budget", type=float, default=0.01, help="loss budget of the oracle guard (0.01 = 1%%)")
+    s.add_argument("--out", help="also write the figures as JSON")
+    s.set_defaults(func=cmd_check_simulator)
 
     s = sub.add_parser("train-estimator", help="train the effect-loss estimator on a randomised log, "
                                                "evaluate it, write ONNX + manifest + report")

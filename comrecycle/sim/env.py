@@ -7,7 +7,16 @@ the gap to the next request. Deterministic for a seed and a deterministic `serve
 
 Calibration (DESIGN.md §5): P(repeat) ≈ 0.74 (pages per session = 1 + Geom), gaps ≈46% < 10 s
 and ≈75% < 2 min (log-normal), ≈70% of pages less than half viewed (see world.VIEW_P).
-In-session drift: interest moves towards clicked items (real-time intent) and wanders with time.
+Real-time intent (what a cached candidate list misses, and a fresh cascade can see):
+  * a click moves the session's interest a little towards the clicked item and more towards
+    the centre of its category's *related* category (World.related_category): related but
+    different content, which a retrieval from the updated history finds and an old list lacks;
+  * a gap brings activity elsewhere in the app: Poisson(volatility * gap / EXTERNAL_CLICK_SECS)
+    clicks on one new topic (a category drawn by the user's long-term affinity), which enter the
+    click history and pull the interest towards that topic;
+  * both shifts scale with the user's volatility (World.user_volatility: demographics + latent);
+  * the interest also wanders a little with time (noise no feature shows, which hurts fresh
+    and recycled pages alike).
 """
 from __future__ import annotations
 
@@ -23,13 +32,21 @@ MAX_PAGES = 60
 # log-normal gap: P(<10 s) = 0.46, P(<120 s) = 0.75  ->  mu, sigma solved in closed form
 GAP_MU, GAP_SIGMA = 2.6246, 3.2070
 GAP_MIN, GAP_MAX = 0.3, 3600.0
-CLICK_DRIFT = 0.35  # interest += CLICK_DRIFT * sum(clicked item vectors)
+# after clicks: interest += volatility * sum over clicked items of
+#   (CLICK_SELF * item vector + CLICK_RELATED * centre of the item's related category)
+CLICK_SELF = 0.10
+CLICK_RELATED = 0.80
 TIME_DRIFT = 0.08  # interest += TIME_DRIFT * sqrt(min(gap, 600) / 60) * noise
-# Activity elsewhere in the app during a gap: Poisson(gap / EXTERNAL_CLICK_SECS) clicks (<= 5)
-# on items that match the current interest. They enter the click history (observable by a
-# fresh computation, invisible to a cached list) and move the interest like feed clicks.
-EXTERNAL_CLICK_SECS = 450.0
-EXTERNAL_POOL = 512
+# Activity elsewhere in the app during a gap: Poisson(volatility * gap / EXTERNAL_CLICK_SECS)
+# clicks (<= EXTERNAL_MAX) on items of one new topic (a category drawn with probability
+# ∝ exp(EXTERNAL_AFFINITY * <long-term interest, centre>)). They enter the click history
+# (observable by a fresh computation, invisible to a cached list) and move the interest by
+# EXTERNAL_SHIFT * volatility per click towards those items.
+EXTERNAL_CLICK_SECS = 300.0
+EXTERNAL_MAX = 5
+EXTERNAL_AFFINITY = 3.0
+EXTERNAL_SHIFT = 0.35
+EXTERNAL_POOL = 256
 SESSION_MOOD = 0.35  # a session starts from the long-term interest plus this much noise
 
 
@@ -205,7 +222,7 @@ class SessionSimulator:
             ci = page_idx[i][clicked[i]]
             if ci.size:  # newest first
                 self.history[u] = np.concatenate([ci[::-1], self.history[u]])[:HISTORY_LEN]
-                self.interest[s] = _unit(self.interest[s] + CLICK_DRIFT * w.item_vec[ci].sum(axis=0))
+                self._click_shift(s, u, ci)
             vi = page_idx[i][viewed[i]]
             vi = vi[vi >= 0]
             if vi.size:
@@ -231,16 +248,29 @@ class SessionSimulator:
                        clicks=clicked.sum(axis=1).astype(np.int32), page_items=page_items,
                        clicked_items=clicked_items)
 
+    def _click_shift(self, s: int, u: int, clicked: np.ndarray) -> None:
+        """Clicks on `clicked` (item indices) move the interest towards related content."""
+        w = self.world
+        related = w.category_center[w.related_category[w.item_category[clicked]]]
+        step = CLICK_SELF * w.item_vec[clicked].sum(axis=0) + CLICK_RELATED * related.sum(axis=0)
+        self.interest[s] = _unit(self.interest[s] + w.user_volatility[u] * step)
+
     def _external_activity(self, s: int, u: int, gap: float) -> None:
-        n = min(int(self.rng.poisson(gap / EXTERNAL_CLICK_SECS)), 5)
+        """Clicks elsewhere in the app during a gap of `gap` seconds, on one new topic."""
+        w = self.world
+        n = min(int(self.rng.poisson(w.user_volatility[u] * gap / EXTERNAL_CLICK_SECS)), EXTERNAL_MAX)
         if n == 0:
             return
-        w = self.world
-        pool = self.rng.integers(0, w.n_items, EXTERNAL_POOL)
-        z = w.logits(self.interest[s][None], pool[None])[0] + self.rng.gumbel(size=EXTERNAL_POOL)
+        affinity = EXTERNAL_AFFINITY * (w.category_center @ w.user_interest[u])
+        p = np.exp(affinity - affinity.max())
+        topic = self.rng.choice(p.size, p=p / p.sum())
+        members = w.items_of_category(topic)
+        pool = members[self.rng.integers(0, members.size, min(EXTERNAL_POOL, members.size))]
+        z = w.logits(w.category_center[topic][None], pool[None])[0] + self.rng.gumbel(size=pool.size)
         ext = pool[np.argsort(-z)[:n]]
         self.history[u] = np.concatenate([ext, self.history[u]])[:HISTORY_LEN]
-        self.interest[s] = _unit(self.interest[s] + CLICK_DRIFT * w.item_vec[ext].sum(axis=0))
+        self.interest[s] = _unit(self.interest[s]
+                                 + EXTERNAL_SHIFT * w.user_volatility[u] * w.item_vec[ext].sum(axis=0))
 
     def run(self, n_requests: int, serve: ServeFn, progress: bool = True,
             desc: str = "simulate", on_step: Callable[[RequestBatch, Outcome], None] | None = None
@@ -273,13 +303,14 @@ class SessionSimulator:
 @dataclass
 class LoggingPolicy:
     """The 'legacy recommender' that served the bootstrap log: Gumbel-top-k sampling from a
-    noisy view of the user's interest (long-term interest plus history), so that logged
-    clicks are informative but the log is not the oracle."""
+    noisy view of the user's interest (long-term plus in-session), so that logged clicks are
+    informative, also about how the in-session intent moves, but the log is not the oracle."""
 
     world: World
     seed: int = 0
     temperature: float = 1.0
     noise: float = 0.6
+    long_term: float = 0.25  # weight of the long-term interest beside the in-session one
     pool: int = 200
     rng: np.random.Generator = field(init=False)
 
@@ -288,8 +319,9 @@ class LoggingPolicy:
 
     def __call__(self, batch: RequestBatch) -> list[np.ndarray]:
         w = self.world
-        guess = w.user_interest[batch.user_index] + self.noise * self.rng.standard_normal(
-            (len(batch), LATENT_DIM))
+        # a previous production system: it followed the in-session intent partly
+        guess = (self.long_term * w.user_interest[batch.user_index] + batch.interest
+                 + self.noise * self.rng.standard_normal((len(batch), LATENT_DIM)))
         logits = w.logits(_unit(guess).astype(np.float32))
         for i, ex in enumerate(batch.exclude):
             if ex.size:

@@ -6,6 +6,11 @@ logs from real systems do; the simulator works on dense indices internally.
 Click model: p(click | item i viewed, interest s) = sigmoid(ALPHA * <s, v_i> + quality_i + BIAS)
 with unit latent vectors s, v_i. A page's effect (its expected clicks) is
 sum_p P(position p viewed) * p(click | page[p], s).
+
+Real-time intent (used by env.SessionSimulator): every category has a *related* category, one
+of its nearest neighbours (phone -> phone case), and a click on an item moves the session's
+interest towards the related category's centre. Users differ in how fast their interest moves
+(`user_volatility`): partly by gender, age and country, partly by a latent trait.
 """
 from __future__ import annotations
 
@@ -22,6 +27,12 @@ PAGE_SIZE = 20
 # Users view the first k items of a page, k = 1 + Geometric(VIEW_P), capped by the page:
 # P(k < 10) = 1 - (1 - VIEW_P)^9 = 0.70  (≈70% of pages less than half viewed).
 VIEW_P = 1.0 - 0.3 ** (1.0 / 9.0)
+RELATED_NEIGHBOURS = 3  # a category's related category is one of its 3 nearest other categories
+# log user_volatility = gender + age + country effects + latent; the latent part carries
+# about half of its variance, so demographics explain some but not all of how users move
+VOLATILITY_AGE = np.linspace(0.45, -0.45, 6)  # the young move faster
+VOLATILITY_GENDER = np.array([0.15, -0.15])
+VOLATILITY_COUNTRY_SD, VOLATILITY_LATENT_SD = 0.25, 0.45
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -48,6 +59,9 @@ class World:
     user_activity: np.ndarray  # [U] float64, sums to 1 (who opens sessions)
     initial_history: np.ndarray  # [U, HISTORY_LEN] int64 item indices, -1 padded, most recent first
     seed: int
+    category_center: np.ndarray  # [C, D] float32 unit vectors: the centre items of a category scatter around
+    related_category: np.ndarray  # [C] int16: where a click on a category moves the interest (never itself)
+    user_volatility: np.ndarray  # [U] float32 > 0, mean ~1: how fast a user's in-session interest moves
 
     @property
     def n_items(self) -> int:
@@ -75,6 +89,8 @@ class World:
         group = _unit(a_g[gender] + a_a[age] + a_c[country])
         user_interest = _unit(1.0 * group + 0.9 * _unit(rng.standard_normal((n_users, d)))).astype(np.float32)
         activity = rng.lognormal(0.0, 1.0, n_users)
+        related, volatility = _intent_dynamics(np.random.default_rng([seed, 31337]), centers,
+                                               gender, age, country)
 
         world = cls(
             item_ids=_unique_ids(rng, n_items, 10_000_000),
@@ -87,6 +103,9 @@ class World:
             user_activity=activity / activity.sum(),
             initial_history=np.full((n_users, HISTORY_LEN), -1, dtype=np.int64),
             seed=seed,
+            category_center=_unit(centers).astype(np.float32),
+            related_category=related,
+            user_volatility=volatility,
         )
         world.initial_history = world._sample_past_clicks(rng)
         return world
@@ -104,6 +123,14 @@ class World:
             mask = np.arange(HISTORY_LEN)[None, :] < lengths[lo:hi, None]
             hist[lo:hi] = np.where(mask, top, -1)
         return hist
+
+    def items_of_category(self, category: int) -> np.ndarray:
+        """[n] item indices of one category."""
+        if not hasattr(self, "_members"):
+            order = np.argsort(self.item_category, kind="stable")
+            bounds = np.searchsorted(self.item_category[order], np.arange(N_CATEGORIES + 1))
+            self._members = [order[bounds[c]:bounds[c + 1]] for c in range(N_CATEGORIES)]
+        return self._members[int(category)]
 
     # ---- click model ---------------------------------------------------------------------
     def logits(self, interest: np.ndarray, items: np.ndarray | None = None) -> np.ndarray:
@@ -145,6 +172,22 @@ class World:
 
     def user_index(self, ids: np.ndarray) -> np.ndarray:
         return _lookup(self.user_ids, ids)
+
+
+def _intent_dynamics(rng: np.random.Generator, centers: np.ndarray, gender: np.ndarray, age: np.ndarray,
+                     country: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """related_category [C] (one of each category's RELATED_NEIGHBOURS nearest others by cosine)
+    and user_volatility [U] (log-normal, demographic + latent parts, normalised to mean 1)."""
+    c = _unit(centers)
+    sim = c @ c.T
+    np.fill_diagonal(sim, -np.inf)
+    nearest = np.argsort(-sim, axis=1)[:, :RELATED_NEIGHBOURS]
+    related = nearest[np.arange(len(c)), rng.integers(0, RELATED_NEIGHBOURS, len(c))].astype(np.int16)
+    country_effect = VOLATILITY_COUNTRY_SD * rng.standard_normal(N_COUNTRIES)
+    log_v = (VOLATILITY_GENDER[gender] + VOLATILITY_AGE[age] + country_effect[country]
+             + VOLATILITY_LATENT_SD * rng.standard_normal(gender.size))
+    v = np.exp(log_v)
+    return related, (v / v.mean()).astype(np.float32)
 
 
 def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

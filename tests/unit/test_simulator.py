@@ -42,27 +42,74 @@ def test_initial_requests_are_first_pages(log_table):
     assert ((page == 0) == ~rep).all()
 
 
-def test_interest_drifts_towards_clicked_items(world):
-    """Real-time intent: after clicks, items like the clicked ones become more attractive."""
-    sim = SessionSimulator(world, seed=5, concurrency=64)
-    pol = LoggingPolicy(world, 5)
-    gains, idle = [], []
-    for _ in range(30):
+def _step_interest(world, seed, steps=30):
+    """(interest before, interest after, batch, outcome, slots still in the same session) per step."""
+    sim = SessionSimulator(world, seed=seed, concurrency=64)
+    pol = LoggingPolicy(world, seed)
+    for _ in range(steps):
         b = sim.next_batch()
         before = sim.interest[b.slots].copy()
         out = sim.feedback(b, pol(b))
+        yield sim, b, before, out
+
+
+def test_clicks_move_interest_towards_related_content(world):
+    """Real-time intent: after clicks, the interest moves towards the *related* category of
+    what was clicked (phone -> phone case), more than towards the clicked items themselves."""
+    to_related, to_clicked, idle = [], [], []
+    for sim, b, before, out in _step_interest(world, 5):
         for i, s in enumerate(b.slots):
-            if sim.page[s] == 0:
-                continue  # session ended: new user in the slot
+            if sim.page[s] == 0 or sim.secs_since_prev[s] > 30:
+                continue  # session ended (new user in the slot), or a gap that brings activity elsewhere
             clicked = world.item_index(out.clicked_items[i])
             if clicked.size:
+                rel = world.category_center[world.related_category[world.item_category[clicked]]].mean(0)
+                to_related.append(sim.interest[s] @ rel - before[i] @ rel)
                 v = world.item_vec[clicked].mean(0)
-                gains.append(sim.interest[s] @ v - before[i] @ v)
+                to_clicked.append(sim.interest[s] @ v - before[i] @ v)
             else:
                 idle.append(np.linalg.norm(sim.interest[s] - before[i]))
-    assert len(gains) > 50
-    assert np.mean(gains) > 0.1  # interest moved toward what was clicked
-    assert np.mean(idle) > 0.0  # and it wanders with time even without clicks
+    assert len(to_related) > 50
+    assert np.mean(to_related) > 0.15  # interest moved toward the related category
+    assert np.mean(to_related) > 2 * np.mean(to_clicked)
+    assert 0.0 < np.mean(idle) < 0.1  # and it wanders a little with time even without clicks
+
+
+def test_related_category_is_a_near_neighbour(world):
+    c = world.category_center
+    sim = c @ c.T
+    np.fill_diagonal(sim, -np.inf)
+    rank = (sim > sim[np.arange(len(c)), world.related_category][:, None]).sum(1)
+    assert (world.related_category != np.arange(len(c))).all()
+    assert (rank < 3).all()  # one of the three nearest other categories
+
+
+def test_volatility_partly_explained_by_demographics(world):
+    from sklearn.linear_model import LinearRegression
+
+    f = world.user_features
+    x = np.concatenate([np.eye(2)[f[:, 0]], np.eye(6)[f[:, 1]], np.eye(20)[f[:, 2]]], 1)
+    y = np.log(world.user_volatility)
+    r2 = LinearRegression().fit(x, y).score(x, y)
+    assert 0.3 < r2 < 0.8, r2  # demographics tell some, a latent trait the rest
+    assert abs(world.user_volatility.mean() - 1) < 1e-3
+
+
+def test_long_gaps_bring_clicks_from_elsewhere_into_the_history(world):
+    """Activity elsewhere during a gap: the history grows without clicks on the page."""
+    grew = {"short": [], "long": []}
+    sim = SessionSimulator(world, seed=8, concurrency=64)
+    pol = LoggingPolicy(world, 8)
+    for _ in range(40):
+        b = sim.next_batch()
+        lens_before = (sim.history[b.user_index] >= 0).sum(1)
+        out = sim.feedback(b, pol(b))
+        for i, s in enumerate(b.slots):
+            if sim.page[s] == 0 or lens_before[i] >= 40:
+                continue
+            extra = (sim.history[b.user_index[i]] >= 0).sum() - lens_before[i] - out.clicked_items[i].size
+            grew["long" if sim.secs_since_prev[s] > 300 else "short"].append(extra)
+    assert np.mean(grew["long"]) > 0.5 > np.mean(grew["short"])
 
 
 def test_deterministic_for_a_seed(world):
