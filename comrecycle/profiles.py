@@ -24,7 +24,7 @@ class Profile:
 
 PROFILES = {
     "default": Profile("default", n_items=20_000, n_users=5_000, sizes=CascadeSizes(1000, 300, 100, 20),
-                       train_requests=100_000, epochs=2, retrieval_epochs=8),
+                       train_requests=200_000, epochs=3, retrieval_epochs=10, rank_examples=800_000),
     "tiny": Profile("tiny", n_items=2_000, n_users=500, sizes=CascadeSizes(200, 100, 50, 20),
                     train_requests=12_000, epochs=2, retrieval_epochs=20, rank_examples=60_000, emb_dim=16, rank_hidden=(64, 32),
                     rank_attention_hidden=16),

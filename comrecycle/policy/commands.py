@@ -160,7 +160,9 @@ def cmd_frontier(a) -> int:
     if a.estimator:
         q_hat, dq = predict(log, _load_estimator(a.estimator))
     budgets = [float(b) / 100.0 for b in a.budgets.split(",")]
-    res = frontier(log, costs, q_hat, dq, estimator_cost=est_cost, budgets=budgets, seed=a.seed)
+    ceiling = _read_log(a.feature_ceiling_logs) if a.feature_ceiling_logs else None
+    res = frontier(log, costs, q_hat, dq, estimator_cost=est_cost, budgets=budgets, seed=a.seed,
+                   ceiling_log=ceiling)
     res["log"] = str(a.logs)
     files = write_frontier(res, a.out)
     print(files["md"].read_text())
@@ -341,6 +343,9 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--cost-profile", default=default_cost_profile)
     s.add_argument("--costs-from-logs", action="store_true")
     s.add_argument("--budgets", default="0.25,0.5,1,2,5", help="loss budgets in %% (comma separated)")
+    s.add_argument("--feature-ceiling-logs", metavar="LOG",
+                   help="a separate randomised log of the same world (with q_j): adds the feature ceiling, "
+                        "regressors of the true ΔQ_j fitted on it from the observable features")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output directory (frontier.md/.csv/.png/.json)")
     s.set_defaults(func=cmd_frontier)

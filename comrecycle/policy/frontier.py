@@ -8,6 +8,8 @@ each curve is interpolated at the loss budget b.
 
   comrecycle   ΔQ̂ from the estimator, the Lagrangian solver (knob λ); its estimator cost counted
   oracle       true ΔQ = q_0 - q_j, the same solver (no estimator cost: an upper bound)
+  feature ceiling  regressors of the true ΔQ_j fitted on a separate log, from the observable
+               features only (optional; see feature_ceiling)
   dcaf-<f>     DCAF-style allocation with a hand-picked feature instead of learned uplift:
                ΔQ_ij ∝ mean loss of j (from the log, IPW) × feature_i / mean(feature)
   static-<j>   recycle a random fraction p of the repeated requests with strategy j (knob p)
@@ -119,10 +121,33 @@ def feature_values(log: pa.Table, name: str) -> np.ndarray:
     raise ValueError(f"unknown DCAF feature {name!r}; expected cache_pages, secs_since_prev or prev_clicks")
 
 
+def feature_ceiling(train_log: pa.Table, log: pa.Table, seed: int = 0) -> np.ndarray:
+    """[n, K+1] ΔQ̂ of `log` (column 0 = 0) by regressors of the *true* ΔQ_j fitted on a separate
+    randomised log of the same world, from the observable features (sim.guards.observable_features).
+    With λ swept and read at the realised loss, this is the feature ceiling of DESIGN.md §6: the
+    best a policy that sees only these features can expect, as opposed to the oracle, which also
+    knows the latent intent and the noise of each request."""
+    from ..sim.guards import noisy_target_regressor, observable_features
+
+    train_g = Ground(train_log, np.ones(N_RECYCLE + 1))
+    x_train = np.concatenate(observable_features(train_log), 1)
+    x = np.concatenate(observable_features(log), 1)
+    out = np.zeros((log.num_rows, N_RECYCLE + 1))
+    for j in range(1, N_RECYCLE + 1):
+        rows = train_g.rep & train_g.avail[:, j]
+        if rows.sum() < 100:
+            raise ValueError(f"feature ceiling: the training log has {int(rows.sum())} repeats with strategy {j} "
+                             f"available; expected at least 100 (a randomised log of a few thousand requests)")
+        out[:, j] = noisy_target_regressor(seed).fit(x_train[rows], train_g.dq[rows, j]).predict(x)
+    return out
+
+
 def frontier(log: pa.Table, costs, q_hat: np.ndarray | None = None, dq_hat: np.ndarray | None = None,
              estimator_cost: float = 0.0, budgets=(0.0025, 0.005, 0.01, 0.02, 0.05),
-             dcaf_features=("cache_pages", "secs_since_prev"), seed: int = 0) -> dict:
-    """All curves + the comparison table at each budget. dq_hat [n, K+1] (column 0 = 0)."""
+             dcaf_features=("cache_pages", "secs_since_prev", "prev_clicks"), seed: int = 0,
+             ceiling_log: pa.Table | None = None) -> dict:
+    """All curves + the comparison table at each budget. dq_hat [n, K+1] (column 0 = 0).
+    ceiling_log: a separate randomised log of the same world; adds the "feature ceiling" curve."""
     g = Ground(log, costs)
     sweep = np.unique(np.concatenate([np.geomspace(1e-4, 0.3, 40), np.asarray(budgets, float)]))
     fractions = np.linspace(0.0, 1.0, 41)
@@ -131,6 +156,8 @@ def frontier(log: pa.Table, costs, q_hat: np.ndarray | None = None, dq_hat: np.n
         q0_pred = np.where(g.rep, q_hat[:, 0], log["reward"].to_numpy())
         curves.append(_solver_curve("comrecycle", g, dq_hat, q0_pred, sweep, estimator_cost))
     curves.append(_solver_curve("oracle", g, g.dq, g.q[:, 0], sweep))
+    if ceiling_log is not None:
+        curves.append(_solver_curve("feature ceiling", g, feature_ceiling(ceiling_log, log, seed), g.q[:, 0], sweep))
     mean_loss = ipw_mean_loss(log)
     for f in dcaf_features:
         v = feature_values(log, f)
@@ -148,6 +175,10 @@ def frontier(log: pa.Table, costs, q_hat: np.ndarray | None = None, dq_hat: np.n
             row[c.name] = c.saved_at(100 * b)
         statics = [row[f"static-{j}"] for j in range(1, N_RECYCLE + 1)]
         row["best static"] = float(np.nanmax(statics)) if not np.isnan(statics).all() else float("nan")
+        dcafs = [row[f"dcaf-{f}"] for f in dcaf_features]
+        row["best dcaf"] = float(np.nanmax(dcafs)) if dcafs and not np.isnan(dcafs).all() else float("nan")
+        if "feature ceiling" in row and row["oracle"] > 0:
+            row["feature ceiling / oracle"] = row["feature ceiling"] / row["oracle"]
         if "comrecycle" in row and row["oracle"] > 0:
             row["comrecycle / oracle"] = row["comrecycle"] / row["oracle"]
         table.append(row)

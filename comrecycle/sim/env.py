@@ -35,7 +35,7 @@ GAP_MIN, GAP_MAX = 0.3, 3600.0
 # after clicks: interest += volatility * sum over clicked items of
 #   (CLICK_SELF * item vector + CLICK_RELATED * centre of the item's related category)
 CLICK_SELF = 0.10
-CLICK_RELATED = 0.80
+CLICK_RELATED = 0.65
 TIME_DRIFT = 0.08  # interest += TIME_DRIFT * sqrt(min(gap, 600) / 60) * noise
 # Activity elsewhere in the app during a gap: Poisson(volatility * gap / EXTERNAL_CLICK_SECS)
 # clicks (<= EXTERNAL_MAX) on items of one new topic (a category drawn with probability

@@ -48,15 +48,30 @@ def _cache_state(log: pa.Table) -> np.ndarray:
     return log["cache_state"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
-def _oof_r2(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> float:
+# the observable features of the R² guard (and of the feature ceiling, policy.frontier)
+OBSERVABLE_EXTRA = ("prev_clicks", "secs_since_prev", "prev_exposures", "gender", "age", "country", "history_len")
+
+
+def observable_features(log: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(cache state [n, 3K], extra [n, len(OBSERVABLE_EXTRA)]) float64: what a router sees of a request."""
+    col = lambda n: log[n].to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
+    hist_len = np.asarray(pa.compute.list_value_length(log["history"]).to_numpy(zero_copy_only=False), np.float64)
+    extra = np.stack([col(n) for n in OBSERVABLE_EXTRA[:-1]] + [hist_len], 1)
+    return _cache_state(log).astype(np.float64), extra
+
+
+def noisy_target_regressor(seed: int = 0):
+    """Gradient boosting regularised for a noisy target: shallow trees, large leaves, early stopping."""
     from sklearn.ensemble import HistGradientBoostingRegressor
+
+    return HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, max_leaf_nodes=15, min_samples_leaf=100,
+                                         l2_regularization=1.0, early_stopping=True, random_state=seed)
+
+
+def _oof_r2(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> float:
     from sklearn.model_selection import GroupKFold, cross_val_predict
 
-    # regularised for a noisy target: shallow trees, large leaves, early stopping
-    model = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, max_leaf_nodes=15,
-                                          min_samples_leaf=100, l2_regularization=1.0,
-                                          early_stopping=True, random_state=seed)
-    pred = cross_val_predict(model, x, y, groups=groups, cv=GroupKFold(5))
+    pred = cross_val_predict(noisy_target_regressor(seed), x, y, groups=groups, cv=GroupKFold(5))
     return float(1.0 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2))
 
 
@@ -76,11 +91,8 @@ def guard_figures(log: pa.Table, costs, budget: float = 0.01, seed: int = 0) -> 
     all3 = rep & np.isfinite(q[:, 1:]).all(1)
     mean_dq = dq[all3, 1:].mean(0)
 
-    col = lambda n: log[n].to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
-    hist_len = np.asarray(pa.compute.list_value_length(log["history"]).to_numpy(zero_copy_only=False), np.float64)
-    state = cs.reshape(log.num_rows, -1)[has3]
-    extra = np.stack([col("prev_clicks"), col("secs_since_prev"), col("prev_exposures"), col("gender"),
-                      col("age"), col("country"), hist_len], 1)[has3]
+    state, extra = observable_features(log)
+    state, extra = state[has3], extra[has3]
     groups = log["user_id"].to_numpy()[has3]
     r2_cache = _oof_r2(state, d3, groups, seed)
     r2_all = _oof_r2(np.concatenate([state, extra], 1), d3, groups, seed)

@@ -11,13 +11,13 @@ from comrecycle.sim.guards import guard_figures
 from comrecycle.sim.logs import CACHE_STATE_COLUMN
 
 
-def synthetic_log(n=4000, seed=0, click_effect=0.6, noise=0.05, s1_recovers=True):
-    """Repeats whose ΔQ_3 = click_effect * prev_clicks (+ noise): invisible to the cache state."""
+def synthetic_log(n=4000, seed=0, click_effect=0.6, noise=0.05, s1_recovers=True, base=0.0):
+    """Repeats whose ΔQ_3 = base + click_effect * prev_clicks (+ noise): invisible to the cache state."""
     rng = np.random.default_rng(seed)
     rep = rng.random(n) < 0.75
     clicks = rng.integers(0, 4, n)
     q0 = 2.0 + 0.1 * rng.standard_normal(n)
-    d3 = click_effect * clicks + noise * rng.standard_normal(n)
+    d3 = base + click_effect * clicks + noise * rng.standard_normal(n)
     d2 = 0.8 * d3
     d1 = (0.1 if s1_recovers else 0.9) * d3
     q = np.stack([q0, q0 - d1, q0 - d2, q0 - d3], 1)
@@ -91,3 +91,25 @@ def test_check_simulator_cli(tmp_path, capsys):
     assert "expected 3 finite numbers" in capsys.readouterr().err
     assert main(["check-simulator", "--logs", str(p), "--models", str(tmp_path)]) == 2
     assert "no cost profile" in capsys.readouterr().err
+
+
+def test_feature_ceiling_reaches_the_oracle_only_when_features_explain_the_loss():
+    from comrecycle.policy.frontier import frontier
+
+    costs = [1.0, 0.3, 0.7, 0.05]
+    explained = frontier(synthetic_log(seed=1), costs, budgets=(0.01, 0.05), ceiling_log=synthetic_log(seed=2))
+    noise = frontier(synthetic_log(seed=1, click_effect=0.0, noise=0.5, base=0.3), costs, budgets=(0.01,),
+                     ceiling_log=synthetic_log(seed=2, click_effect=0.0, noise=0.5, base=0.3))
+    for row in explained["table"]:
+        assert row["feature ceiling / oracle"] > 0.9, row
+    for row in noise["table"]:  # the oracle spends per-request noise no feature shows
+        assert row["feature ceiling / oracle"] < 0.85, row
+    assert "best dcaf" in explained["table"][0]
+
+
+def test_feature_ceiling_needs_a_randomised_training_log():
+    from comrecycle.policy.frontier import feature_ceiling
+
+    small = synthetic_log(n=60)
+    with pytest.raises(ValueError, match="expected at least 100"):
+        feature_ceiling(small, synthetic_log())
