@@ -139,7 +139,9 @@ def test_perf_analyzer_smoke_on_cascade(triton, sample_contexts, tmp_path):
     from perf.perf_analyzer_run import run_perf, write_input_data
 
     data = write_input_data(tmp_path / "in.json", sample_contexts[:16])
+    # a smoke test of the tool against the server, not a speed measurement: on a busy 2-core
+    # machine the 10% stability rule may never be met, so any stable-enough window will do
     rows = run_perf("cascade", triton.grpc_url, "grpc", [1, 2], input_data=str(data),
-                    measurement_interval_ms=800, timeout_s=240)
+                    measurement_interval_ms=800, stability_percentage=50, max_trials=20, timeout_s=240)
     assert [r["concurrency"] for r in rows] == [1, 2]
     assert all(r["throughput_infer_per_s"] > 0 and r["p50_us"] > 0 for r in rows)
