@@ -1,6 +1,6 @@
 """The main job (`comrecycle demo`, `bash scripts/demo.sh`).
 
-1. the model set (built if missing, ~5 min) installed in the repository;
+1. the model set (built if missing, ~6-7 min on 2 cores) installed in the repository;
 2. the effect-loss estimator and the router params (built if missing, cached in
    artifacts/router/): a randomised training log (session mixture of uniform and deep
    recycling, observed clicks only), `train-estimator`, a small held-out log with q_j,
