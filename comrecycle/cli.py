@@ -114,8 +114,12 @@ def cmd_check_simulator(a) -> int:
         cp = model_dir / "cost_profile.json"
         if not cp.exists():
             raise CliError(f"no cost profile in {model_dir}: pass --models DIR (a built model set) or --costs C1,C2,C3")
-        c = json.loads(cp.read_text())["strategy_cost"]
-        costs = [float(c[str(j)]) for j in range(len(c))]
+        try:
+            c = json.loads(cp.read_text())["strategy_cost"]
+            costs = [float(c[str(j)]) for j in range(4)]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CliError(f"{cp}: expected a cost profile with strategy_cost for strategies 0-3 "
+                           f"(comrecycle profile-costs), got an error reading it: {e!r}") from None
     elif len(costs) != 4 or not all(0 <= x < float("inf") for x in costs):
         raise CliError(f"--costs: expected 3 finite numbers >= 0 (c_1,c_2,c_3; c_0 = 1), got {a.costs!r}")
     if not 0 < a.budget < 1:

@@ -177,8 +177,8 @@ def frontier(log: pa.Table, costs, q_hat: np.ndarray | None = None, dq_hat: np.n
         row["best static"] = float(np.nanmax(statics)) if not np.isnan(statics).all() else float("nan")
         dcafs = [row[f"dcaf-{f}"] for f in dcaf_features]
         row["best dcaf"] = float(np.nanmax(dcafs)) if dcafs and not np.isnan(dcafs).all() else float("nan")
-        if "feature ceiling" in row and row["oracle"] > 0:
-            row["feature ceiling / oracle"] = row["feature ceiling"] / row["oracle"]
+        if "feature ceiling" in row:
+            row["feature ceiling / oracle"] = row["feature ceiling"] / row["oracle"] if row["oracle"] > 0 else float("nan")
         if "comrecycle" in row and row["oracle"] > 0:
             row["comrecycle / oracle"] = row["comrecycle"] / row["oracle"]
         table.append(row)

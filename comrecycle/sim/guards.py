@@ -5,12 +5,16 @@ Measured on a randomised recycling log with ground truth q_0..q_3 (NaN where the
 strategy reads was unavailable), i.e. `comrecycle simulate --logging random`:
 
   loss_s3            strategy 3 on every repeat with a rank list: 1 - Σ q_3 / Σ q_0      (5-15%)
-  top10_share        share of that loss carried by the top 10% of those repeats by ΔQ_3   (>= 40%)
+  top10_share        share of that loss carried by the top 10% of those repeats by ΔQ_3   (>= 40%;
+                     None, so failed, when the net loss is not positive; top10_share_of_gross
+                     divides by the sum of the positive ΔQ_3 instead, a figure that noise cannot inflate)
   dq3_one_page       mean ΔQ_3 where the rank list has served one page                    (> 0)
   mean_dq            mean ΔQ_1, ΔQ_2, ΔQ_3 on the repeats where all three are available (ordered)
   r2_cache, r2_all   out-of-fold R² of ΔQ_3 by gradient boosting from the cache state alone, and
                      from it plus previous clicks, gap, exposures, user features, history length
                      (r2_all - r2_cache >= 0.15)
+  dq3_by_*           mean ΔQ_3 by previous clicks (0 / 1 / 2+), gap (<10 s / 10-120 s / >120 s) and
+                     pages the rank list has served (1 / 2 / 3+): where the loss comes from
   oracle_s12_share   share of repeats for which the oracle (true ΔQ, the project's solver) at a
                      1% loss budget picks strategy 1 or 2, with the given costs c_j       (>= 3%)
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..specs import CACHE_STATE, N_RECYCLE
 
@@ -25,7 +30,7 @@ from ..specs import CACHE_STATE, N_RECYCLE
 GUARDS = (
     ("loss_s3", lambda v: 0.05 <= v <= 0.15, "strategy 3 on every repeat with a rank list loses 5-15%"),
     ("top10_share", lambda v: v >= 0.40, "top 10% of repeats by ΔQ_3 carry >= 40% of the loss"),
-    ("dq3_one_page", lambda v: v > 0.0, "mean ΔQ_3 > 0 where the rank list has served one page"),
+    ("dq3_one_page", lambda v: bool(v > 0.0), "mean ΔQ_3 > 0 where the rank list has served one page"),
     ("dq_ordered", lambda v: bool(v), "on average ΔQ_1 <= ΔQ_2 <= ΔQ_3"),
     ("r2_gain", lambda v: v >= 0.15, "features beyond the cache state add >= 0.15 R² of ΔQ_3"),
     ("oracle_s12_share", lambda v: v >= 0.03, "the oracle at b = 1% picks strategy 1 or 2 for >= 3% of repeats"),
@@ -55,7 +60,7 @@ OBSERVABLE_EXTRA = ("prev_clicks", "secs_since_prev", "prev_exposures", "gender"
 def observable_features(log: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(cache state [n, 3K], extra [n, len(OBSERVABLE_EXTRA)]) float64: what a router sees of a request."""
     col = lambda n: log[n].to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
-    hist_len = np.asarray(pa.compute.list_value_length(log["history"]).to_numpy(zero_copy_only=False), np.float64)
+    hist_len = np.asarray(pc.list_value_length(log["history"]).to_numpy(zero_copy_only=False), np.float64)
     extra = np.stack([col(n) for n in OBSERVABLE_EXTRA[:-1]] + [hist_len], 1)
     return _cache_state(log).astype(np.float64), extra
 
@@ -104,10 +109,23 @@ def guard_figures(log: pa.Table, costs, budget: float = 0.01, seed: int = 0) -> 
     sol = solve_loss_budget(np.asarray(costs, np.float64), dq_solver[rep], q[rep, 0],
                             budget * total_q0 / q[rep, 0].sum(), avail[rep])
     counts = np.bincount(sol.strategy, minlength=N_RECYCLE + 1)
+    prev_clicks, gap = log["prev_clicks"].to_numpy()[has3], log["secs_since_prev"].to_numpy()[has3]
+    pages3 = cs[has3, 2, 1]
+
+    def means(masks) -> list[float | None]:
+        return [float(d3[m].mean()) if m.any() else None for m in masks]
+
     out = {
         "requests": int(log.num_rows), "repeats": int(rep.sum()), "repeats_with_rank_list": int(has3.sum()),
-        "loss_s3": float(loss_s3), "top10_share": float(top.sum() / d3.sum()),
-        "dq3_one_page": float(dq[one_page, 3].mean()), "one_page_rows": int(one_page.sum()),
+        "loss_s3": float(loss_s3),
+        # a share of a net loss that is not positive means nothing: None, which fails the guard
+        "top10_share": float(top.sum() / d3.sum()) if d3.sum() > 0 else None,
+        "top10_share_of_gross": float(top.clip(min=0).sum() / max(d3.clip(min=0).sum(), 1e-12)),
+        "dq3_one_page": float(dq[one_page, 3].mean()) if one_page.any() else None,
+        "one_page_rows": int(one_page.sum()),
+        "dq3_by_prev_clicks": means([prev_clicks == 0, prev_clicks == 1, prev_clicks >= 2]),
+        "dq3_by_gap": means([gap < 10, (gap >= 10) & (gap <= 120), gap > 120]),
+        "dq3_by_pages": means([pages3 == 1, pages3 == 2, pages3 >= 3]),
         "mean_dq": [float(v) for v in mean_dq], "mean_q0": float(q[rep, 0].mean()),
         "dq_ordered": bool(mean_dq[0] <= mean_dq[1] <= mean_dq[2]),
         "r2_cache": r2_cache, "r2_all": r2_all, "r2_gain": r2_all - r2_cache,
@@ -117,15 +135,17 @@ def guard_figures(log: pa.Table, costs, budget: float = 0.01, seed: int = 0) -> 
         "oracle_saved_pct": 100.0 * (1.0 - (np.asarray(costs)[sol.strategy].sum() + (~rep).sum())
                                      / log.num_rows),
     }
-    out["checks"] = {name: bool(test(out[name])) for name, test, _ in GUARDS}
+    out["checks"] = {name: out[name] is not None and bool(test(out[name])) for name, test, _ in GUARDS}
     return out
 
 
 def guard_markdown(fig: dict) -> str:
     lines = [f"{fig['requests']} requests, {fig['repeats']} repeats ({fig['repeats_with_rank_list']} with a rank list)",
              "", "| guard | value | holds |", "|---|---|---|"]
-    show = {"loss_s3": f"{100 * fig['loss_s3']:.2f}%", "top10_share": f"{100 * fig['top10_share']:.1f}%",
-            "dq3_one_page": f"{fig['dq3_one_page']:.4f} clicks ({fig['one_page_rows']} rows)",
+    show = {"loss_s3": f"{100 * fig['loss_s3']:.2f}%",
+            "top10_share": "n/a (no net loss)" if fig["top10_share"] is None else f"{100 * fig['top10_share']:.1f}%",
+            "dq3_one_page": (f"{fig['dq3_one_page']:.4f}" if fig["dq3_one_page"] is not None else "n/a")
+                            + f" clicks ({fig['one_page_rows']} rows)",
             "dq_ordered": "ΔQ_1..3 = " + " / ".join(f"{v:.4f}" for v in fig["mean_dq"])
                           + f" (q_0 {fig['mean_q0']:.3f})",
             "r2_gain": f"{fig['r2_all']:.3f} - {fig['r2_cache']:.3f} = {fig['r2_gain']:.3f}",
@@ -134,4 +154,9 @@ def guard_markdown(fig: dict) -> str:
                                 + f", saved {fig['oracle_saved_pct']:.1f}%)"}
     for name, _, text in GUARDS:
         lines.append(f"| {text} | {show[name]} | {'yes' if fig['checks'][name] else 'NO'} |")
+    fmt = lambda v: " / ".join("n/a" if x is None else f"{x:.3f}" for x in v)  # noqa: E731
+    lines += ["", f"Top 10% share of the gross loss (positive ΔQ_3 only): {100 * fig['top10_share_of_gross']:.1f}%. "
+              f"Mean ΔQ_3 by previous clicks 0 / 1 / 2+: {fmt(fig['dq3_by_prev_clicks'])}; by gap "
+              f"<10 s / 10-120 s / >120 s: {fmt(fig['dq3_by_gap'])}; by pages the rank list served "
+              f"1 / 2 / 3+: {fmt(fig['dq3_by_pages'])}."]
     return "\n".join(lines)

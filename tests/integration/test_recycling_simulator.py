@@ -74,6 +74,15 @@ def test_deeper_entry_loses_more_on_average(guard_figures_of_seed):
     assert d1 <= d2 <= d3, (d1, d2, d3)
 
 
+def test_the_loss_grows_with_clicks_waiting_and_depth(guard_figures_of_seed):
+    """Where the loss comes from: clicks on the previous page, a long gap, an old rank list."""
+    f = guard_figures_of_seed
+    clicks, gap, pages = f["dq3_by_prev_clicks"], f["dq3_by_gap"], f["dq3_by_pages"]
+    assert clicks[0] < clicks[2], clicks
+    assert gap[0] < gap[2], gap
+    assert pages[0] < pages[1] < pages[2], pages
+
+
 # Not met yet (README "The simulator", docs/RESULTS.md): per-request ΔQ_3 scatters 3-8 times
 # more than its systematic effects (the learned stages react to the newest clicks right on
 # average, scattered per request), so out-of-fold R² of ΔQ_3 gains ~0.03 from features beyond

@@ -58,13 +58,23 @@ def test_figures_match_their_definitions():
     # strategy 1 recovers 90% of the loss at a low cost: the oracle uses it
     assert f["oracle_s12_share"] > 0.03 and f["checks"]["oracle_s12_share"]
     assert sum(f["oracle_mix"]) == pytest.approx(1.0)
+    by_clicks = f["dq3_by_prev_clicks"]
+    assert by_clicks[0] < by_clicks[1] < by_clicks[2]  # ΔQ_3 = 0.6 * clicks
+    assert f["dq3_by_gap"][0] is not None and f["dq3_by_gap"][2] is None  # every synthetic gap is 5 s
 
 
 def test_each_guard_can_fail():
     f = guard_figures(synthetic_log(click_effect=0.0, noise=0.3, s1_recovers=False), [1.0, 0.8, 0.7, 0.05])
     assert not f["checks"]["r2_gain"]  # noise only: no feature explains it
     assert not f["checks"]["loss_s3"]  # ~0 loss on average
-    assert not f["checks"]["top10_share"] or f["top10_share"] > 1  # noise: the top decile "carries" > 100%
+    # noise: when the net loss is positive the top decile "carries" > 100% of it; when it is
+    # not, the share is undefined and the guard fails
+    assert (f["top10_share"] is None and not f["checks"]["top10_share"]) or f["top10_share"] > 1
+    f = guard_figures(synthetic_log(click_effect=0.0, noise=0.0, base=0.2), [1.0, 0.8, 0.7, 0.05])
+    assert f["top10_share"] == pytest.approx(0.1) and not f["checks"]["top10_share"]  # spread evenly
+    f = guard_figures(synthetic_log(click_effect=0.0, noise=0.0, base=-0.2), [1.0, 0.8, 0.7, 0.05])
+    assert f["dq3_one_page"] < 0 and not f["checks"]["dq3_one_page"]  # recycling gains: nothing to decide
+    assert f["top10_share"] is None and not f["checks"]["top10_share"]
     f = guard_figures(synthetic_log(click_effect=0.6, s1_recovers=False), [1.0, 0.8, 0.7, 0.05])
     assert not f["checks"]["oracle_s12_share"]  # strategy 1 recovers little: never worth its price
     assert not f["checks"]["dq_ordered"]  # ΔQ_1 > ΔQ_2
@@ -91,6 +101,9 @@ def test_check_simulator_cli(tmp_path, capsys):
     assert "expected 3 finite numbers" in capsys.readouterr().err
     assert main(["check-simulator", "--logs", str(p), "--models", str(tmp_path)]) == 2
     assert "no cost profile" in capsys.readouterr().err
+    (tmp_path / "cost_profile.json").write_text('{"strategy_cost": {"0": 1.0}}')
+    assert main(["check-simulator", "--logs", str(p), "--models", str(tmp_path)]) == 2
+    assert "expected a cost profile with strategy_cost" in capsys.readouterr().err
 
 
 def test_feature_ceiling_reaches_the_oracle_only_when_features_explain_the_loss():
