@@ -40,7 +40,7 @@ def test_randomised_log(tiny_model_set):
     assert (cost[s == 0] == 1).all() and (cost[s == 3] < 0.5).all()
 
 
-GUARD_REQUESTS = 40_000  # DESIGN.md §5: the guards hold on randomised logs of at least 40k requests
+GUARD_REQUESTS = 40_000  # the guards are defined on randomised logs of at least 40k requests
 
 
 @pytest.fixture(scope="module", params=[11, 12], ids=["seed11", "seed12"])
