@@ -65,6 +65,8 @@ def cmd_solve(a) -> int:
     from ..runtime.costs import measure_estimator_seconds
     from .decide import estimator_version, predict, solve_params
 
+    if not 0 <= a.budget < 1:  # before any work: the value as typed, not a rescaled one
+        raise CommandError(f"--budget: expected a relative effect loss in [0, 1) (0.01 = 1%), got {a.budget:g}")
     log = _read_log(a.logs)
     est = _load_estimator(a.estimator)
     costs, source, prof = resolve_costs(log, a.cost_profile, a.costs_from_logs)

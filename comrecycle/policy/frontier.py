@@ -57,7 +57,11 @@ class Ground:
         if missing:
             raise ValueError(f"the frontier needs ground-truth columns {cols}; missing {missing} "
                              f"(write the log with `comrecycle simulate --logging random`)")
-        self.q = np.stack([log[c].to_numpy().astype(np.float64) for c in cols], 1)
+        self.q = np.stack([log[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in cols], 1)
+        if not np.isfinite(self.q[self.rep, 1:]).any():
+            raise ValueError(f"the frontier needs q_1..q_{N_RECYCLE} on repeated requests; this log has none "
+                             f"({int(self.rep.sum())} repeats; a --logging full log carries q_0 only): write it "
+                             f"with `comrecycle simulate --logging random`")
         self.avail = available_from_log(log)
         self.dq = np.where(self.avail, self.q[:, :1] - self.q, 0.0)
         self.costs = np.asarray(costs, np.float64)

@@ -43,7 +43,13 @@ def _q(log: pa.Table) -> np.ndarray:
     if missing:
         raise ValueError(f"the calibration guards need the ground-truth columns {cols}; missing {missing} "
                          f"(write the log with `comrecycle simulate --logging random`)")
-    return np.stack([log[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in cols], 1)
+    q = np.stack([log[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in cols], 1)
+    rep = log["is_repeat"].to_numpy()
+    if not np.isfinite(q[rep, 1:]).any():
+        raise ValueError(f"the calibration guards need q_1..q_{N_RECYCLE} on repeated requests; this log has none "
+                         f"({int(rep.sum())} repeats; a --logging full log carries q_0 only): write it with "
+                         f"`comrecycle simulate --logging random`")
+    return q
 
 
 def _cache_state(log: pa.Table) -> np.ndarray:

@@ -78,7 +78,8 @@ def test_solve_with_costs_from_logs_and_soft_form(files):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["solve", "--budget", "-0.1"], "budget: expected a relative effect loss b >= 0"),
+    (["solve", "--budget", "-0.1"], "--budget: expected a relative effect loss in [0, 1) (0.01 = 1%), got -0.1"),
+    (["solve", "--budget", "2"], "--budget: expected a relative effect loss in [0, 1) (0.01 = 1%), got 2"),
     (["solve", "--cost-profile", "/nonexistent.json"], "cost profile /nonexistent.json does not exist"),
     (["solve", "--estimator", "/tmp"], "missing manifest.json"),
     (["decide", "--params", "/nonexistent.json"], "params file /nonexistent.json does not exist"),

@@ -126,3 +126,17 @@ def test_feature_ceiling_needs_a_randomised_training_log():
     small = synthetic_log(n=60)
     with pytest.raises(ValueError, match="expected at least 100"):
         feature_ceiling(small, synthetic_log())
+
+
+def test_logs_without_counterfactuals_are_refused():
+    """A --logging full log has q_0 only: the guards and the frontier say so instead of reporting zeros."""
+    from comrecycle.policy.frontier import frontier
+
+    log = synthetic_log()
+    for j in (1, 2, 3):
+        log = log.set_column(log.column_names.index(f"q_{j}"), f"q_{j}",
+                             pa.array(np.full(log.num_rows, np.nan, np.float32)))
+    with pytest.raises(ValueError, match="--logging full log carries q_0 only"):
+        guard_figures(log, [1.0, 0.8, 0.7, 0.05])
+    with pytest.raises(ValueError, match="--logging full log carries q_0 only"):
+        frontier(log, [1.0, 0.8, 0.7, 0.05])
