@@ -56,6 +56,22 @@ def parse_arm_weights(text: str) -> list[list[float]]:
     return rows
 
 
+def cmd_simulate_feed(a) -> int:
+    from .sim.feed_world import simulate_feed_log
+    from .sim.logs import write_log
+
+    if a.requests < 1:
+        raise CliError(f"--requests must be >= 1, got {a.requests}")
+    if not 8 <= a.id_bits <= 62:
+        raise CliError(f"--id-bits must be in 8..62, got {a.id_bits}")
+    t = simulate_feed_log(a.requests, seed=a.seed, world_seed=a.world_seed, id_bits=a.id_bits)
+    write_log(t, a.out)
+    rep = t["is_repeat"].to_numpy()
+    print(f"{t.num_rows:,} requests ({rep.mean():.1%} repeated) of the feed world (seed {a.world_seed}), "
+          f"log seed {a.seed} -> {a.out}")
+    return 0
+
+
 def cmd_simulate(a) -> int:
     from .build import world_for
     from .profiles import get_profile
@@ -290,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    s = sub.add_parser("simulate-feed", help="write a randomised log of the feed world, a second generator unlike the "
+                                             "simulator (DESIGN.md §7 columns only, sparse ids, cost in ms, q_0..q_3)")
+    s.add_argument("--out", required=True, help="output Parquet file")
+    s.add_argument("--requests", type=int, default=60_000, help="about this many requests (whole sessions)")
+    s.add_argument("--seed", type=int, default=0, help="users, sessions and draws; split logs by using several seeds")
+    s.add_argument("--world-seed", type=int, default=0, help="the world itself (item pools, country effects)")
+    s.add_argument("--id-bits", type=int, default=40, help="user and item ids are random ids of this many bits")
+    s.set_defaults(func=cmd_simulate_feed)
 
     s = sub.add_parser("simulate", help="write a simulated request log (Parquet)")
     s.add_argument("--out", required=True, help="output Parquet file")

@@ -69,6 +69,14 @@ def tiny_random_log(tiny_model_set):
 
 
 @pytest.fixture(scope="session")
+def tiny_heldout_log(tiny_model_set):
+    """Another randomised log of the tiny world (other sessions): what `solve` certifies λ on."""
+    from comrecycle.sim.recycling import simulate_log
+
+    return simulate_log(tiny_model_set, 1500, seed=6, logging="random", concurrency=64, progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_estimator(tiny_random_log, tmp_path_factory) -> Path:
     """A small effect-loss estimator trained on tiny_random_log (directory with ONNX + manifest)."""
     from comrecycle.estimator.estimator import EffectLossEstimator

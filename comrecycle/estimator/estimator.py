@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..models.export import IDX, OPSET, graft
 from ..models.train import _list_matrix
 from ..models.vocab import Vocab
-from ..sim.logs import LOG_SCHEMA
+from ..sim.logs import LOG_SCHEMA, training_row_sample
 from ..specs import CACHE_STATE, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, HISTORY_MAX, N_RECYCLE
 from .calibration import DepthCalibration, fit_depth_calibration, graft_calibration
 from .labels import training_labels
@@ -132,13 +132,22 @@ class EffectLossEstimator:
     # what the towers regress on: "clicks" (the logged reward) or "view-adjusted" clicks, which
     # remove the noise of how far users scrolled without bias (labels.py)
     label: str = "clicks"
+    # what early stopping and the choice of epoch watch on the validation sessions: "outcome"
+    # (the Poisson / squared loss of the logged arm's reward, dominated by the level of Q) or
+    # "uplift" (minus the summed Qini coefficient of ΔQ̂_j, IPW-weighted: how well the model
+    # ranks requests by their loss of recycling, which is what the policy uses)
+    select: str = "outcome"
     progress: bool = True
     history_: dict = field(default_factory=dict, init=False)
 
     # ---- training --------------------------------------------------------------------------
     def fit(self, table: pa.Table) -> "EffectLossEstimator":
         validate_training_log(table)
+        if self.select not in ("outcome", "uplift"):
+            raise ValueError(f"select: expected 'outcome' or 'uplift', got {self.select!r}")
         self.calibration_ = None
+        # which rows trained it: `solve` refuses to certify a budget on them (cross-fitting)
+        self.training_rows_ = training_row_sample(table, seed=self.seed)
         rep, y_rep, self.label_info_ = _repeated_with_labels(table, self.label)
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
@@ -183,7 +192,7 @@ class EffectLossEstimator:
                 averaged = ({k: v.detach().clone().double() for k, v in state.items()} if averaged is None
                             else {k: averaged[k] + v.detach().double() for k, v in state.items()})
                 n_averaged += 1
-            vl = self._valid_loss(X, t, y, w, va)
+            vl = self._valid_loss(X, t, y, w, va) if self.select == "outcome" else self._valid_uplift(X, t, y, w, va)
             bar.set_postfix(valid=f"{vl:.4f}", refresh=False)
             if epochs_run < self.min_epochs or self.average_epochs:  # averaging runs every epoch
                 continue
@@ -230,6 +239,22 @@ class EffectLossEstimator:
                 sel = torch.from_numpy(idx[b:b + 8192])
                 tot += float(self._loss([x[sel] for x in X], t[sel], y[sel], w[sel])) * len(sel)
         return tot / max(1, len(idx))
+
+    def _valid_uplift(self, X, t, y, w, idx) -> float:
+        """−Σ_j Qini_j of ΔQ̂_j on the validation rows (lower is better; evaluation.py)."""
+        from .evaluation import evaluate_uplift
+
+        self.net_.eval()
+        with torch.no_grad():
+            dq = np.concatenate([self.net_(*[x[torch.from_numpy(idx[b:b + 8192])] for x in X])[1].numpy()
+                                 for b in range(0, len(idx), 8192)])
+        tt = t[idx].numpy()
+        present = np.bincount(tt, minlength=N_RECYCLE + 1) > 0
+        if not present.all():
+            return float("nan")
+        p = 1.0 / w[idx].numpy().astype(np.float64)  # w ∝ 1/propensity; the metrics are scale-free
+        res = evaluate_uplift(dq, tt, y[idx].numpy(), p / p.max())
+        return -float(sum(r["qini"] for r in res["per_treatment"].values()))
 
     # ---- prediction ------------------------------------------------------------------------
     def predict(self, features: dict[str, np.ndarray], raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -301,7 +326,7 @@ class EffectLossEstimator:
         np.save(out / "item_vocab.npy", self.vocab_.ids)
         params = {k: getattr(self, k) for k in ("emb", "hidden", "n_experts", "lr", "batch_size", "max_epochs",
                                                  "patience", "min_epochs", "valid_fraction", "ipw", "seed",
-                                                 "list_origin", "label", "average_epochs")}
+                                                 "list_origin", "label", "average_epochs", "select")}
         cal = getattr(self, "calibration_", None)
         if cal is not None:
             (out / "calibration.json").write_text(cal.to_json())
@@ -309,7 +334,8 @@ class EffectLossEstimator:
             (out / "calibration.json").unlink()
         manifest = {"params": params, "fit": self.history_,
                     "label_info": getattr(self, "label_info_", {}), "uses_cache_state": self.use_cache_state_,
-                    "calibrated": cal is not None, **(extra or {})}
+                    "calibrated": cal is not None, "training_rows": getattr(self, "training_rows_", []),
+                    **(extra or {})}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         return out
 
@@ -328,4 +354,5 @@ class EffectLossEstimator:
         cal = out / "calibration.json"
         est.calibration_ = DepthCalibration.from_json(cal.read_text()) if cal.exists() else None
         est.manifest_ = m
+        est.training_rows_ = m.get("training_rows", [])
         return est

@@ -15,6 +15,11 @@ class CommandError(ValueError):
     pass
 
 
+# the least loss a recycled request is counted with in the certified solve, as a share of the
+# mean predicted effect of a repeated request (policy.decide.policy_dq)
+LOSS_FLOOR_SHARE = 1e-3
+
+
 def _read_log(path) -> pa.Table:
     from ..sim.logs import read_log
 
@@ -35,62 +40,158 @@ def _load_estimator(est_dir):
     return EffectLossEstimator.load(d)
 
 
-def resolve_costs(log: pa.Table, cost_profile: str | None, from_logs: bool) -> tuple[np.ndarray, str, dict | None]:
-    """c_j from the measured cost profile, or the mean `cost` per strategy in the log."""
-    if from_logs:
-        s = log["strategy"].to_numpy()
-        c = log["cost"].to_numpy().astype(np.float64)
-        missing = [j for j in range(N_RECYCLE + 1) if not (s == j).any()]
-        if missing:
-            raise CommandError(f"--costs-from-logs: the log has no request served by strategy {missing}")
-        costs = np.array([c[s == j].mean() for j in range(N_RECYCLE + 1)])
-        if not np.isfinite(costs).all() or (costs < 0).any():
-            raise CommandError(f"--costs-from-logs: mean cost per strategy must be finite and >= 0, got {costs}")
-        return costs / costs[0], "mean `cost` per strategy in the log (normalised to c_0 = 1)", None
+def _costs_in_log(log: pa.Table) -> tuple[np.ndarray | None, str]:
+    """(c_j normalised to c_0 = 1, "") from the log's `cost` column, or (None, why not)."""
+    if "cost" not in log.column_names:
+        return None, "the log has no `cost` column"
+    s = log["strategy"].to_numpy()
+    c = log["cost"].to_numpy().astype(np.float64)
+    missing = [j for j in range(N_RECYCLE + 1) if not (s == j).any()]
+    if missing:
+        return None, f"the log has no request served by strategy {missing}"
+    costs = np.array([c[s == j].mean() for j in range(N_RECYCLE + 1)])
+    if not np.isfinite(costs).all() or (costs < 0).any() or costs[0] <= 0:
+        return None, f"mean `cost` per strategy must be finite, >= 0 and > 0 for strategy 0, got {costs.tolist()}"
+    return costs / costs[0], ""
+
+
+def resolve_costs(log: pa.Table, cost_profile: str | None, from_logs: bool,
+                  default_profile: str | None = None) -> tuple[np.ndarray, str, dict | None]:
+    """c_j, where they come from (said in every report), and the cost profile if one was used.
+
+    Order: an explicit --cost-profile; --costs-from-logs; the log's own `cost` column when every
+    strategy appears in it (a log from another system carries its own costs); the default
+    profile of the default model set."""
+    if from_logs and cost_profile:
+        raise CommandError("--cost-profile and --costs-from-logs: pass one of them")
+    if from_logs or not cost_profile:
+        costs, why = _costs_in_log(log)
+        if costs is not None:
+            return costs, "mean `cost` per strategy in the log (normalised to c_0 = 1)", None
+        if from_logs:
+            raise CommandError(f"--costs-from-logs: {why}")
+        if not default_profile or not Path(default_profile).exists():
+            raise CommandError(f"no strategy costs: {why}, and no cost profile "
+                               f"{'at ' + str(default_profile) if default_profile else 'given'}; pass "
+                               f"--cost-profile (from `comrecycle profile-costs`) or a log with a `cost` column")
+        cost_profile = default_profile
     p = Path(cost_profile)
     if not p.exists():
         raise CommandError(f"cost profile {p} does not exist; run `comrecycle profile-costs` "
                            f"or pass --costs-from-logs")
-    prof = json.loads(p.read_text())
     try:
+        prof = json.loads(p.read_text())
         sc = prof["strategy_cost"]
         costs = np.array([float(sc[str(j)]) for j in range(N_RECYCLE + 1)])
-    except (KeyError, ValueError) as e:
-        raise CommandError(f"{p}: expected strategy_cost for strategies 0..{N_RECYCLE} ({e})") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise CommandError(f"{p}: expected JSON with strategy_cost for strategies 0..{N_RECYCLE} ({e})") from None
     return costs, f"measured cost profile {p}", prof
+
+
+def _dr_label(log: pa.Table, label: str) -> str:
+    from ..estimator.labels import EXPOSURE_COLUMNS
+
+    if label != "auto":
+        return label
+    return "view-adjusted" if all(c in log.column_names for c in EXPOSURE_COLUMNS) else "clicks"
 
 
 def cmd_solve(a) -> int:
     from ..estimator.estimator import features_from_log
+    from ..estimator.labels import training_labels
     from ..runtime.costs import measure_estimator_seconds
-    from .decide import estimator_version, predict, solve_params
+    from ..sim.logs import in_sample_share
+    from .certify import certify_lambda, z_of
+    from .decide import available_from_log, estimator_version, policy_dq, predict, solve_params, total_effect
 
     if not 0 <= a.budget < 1:  # before any work: the value as typed, not a rescaled one
         raise CommandError(f"--budget: expected a relative effect loss in [0, 1) (0.01 = 1%), got {a.budget:g}")
+    z_of(a.confidence)  # refuses a level outside [0.5, 1) before any work
+    if a.max_pages is not None and a.max_pages < 1:
+        raise CommandError(f"--max-pages must be >= 1, got {a.max_pages}")
     log = _read_log(a.logs)
     est = _load_estimator(a.estimator)
-    costs, source, prof = resolve_costs(log, a.cost_profile, a.costs_from_logs)
+    costs, source, prof = resolve_costs(log, a.cost_profile, a.costs_from_logs, a.default_cost_profile)
     est_cost = 0.0
     if prof is not None and not a.no_estimator_cost:
         secs = measure_estimator_seconds(Path(a.estimator) / "estimator.onnx",
                                          features_from_log(log.slice(0, 64)), batch_size=prof.get("batch_size", 8))
         est_cost = secs / sum(prof["seconds_per_request"].values())
+    est_note = (f"estimator cost {est_cost:.4f} per repeated request" if prof is not None else
+                "estimator cost not counted (it is timed against a cost profile: pass --cost-profile)")
     q_hat, dq = predict(log, est)
-    if a.max_pages is not None and a.max_pages < 1:
-        raise CommandError(f"--max-pages must be >= 1, got {a.max_pages}")
     params = solve_params(log, q_hat, dq, costs, a.budget, omega=a.omega, choice=a.choice, estimator_cost=est_cost,
                           max_pages=a.max_pages, credit_gains=not a.no_credit_gains)
     params.update({"costs_source": source, "estimator": estimator_version(a.estimator),
                    "solved_on": {"log": str(a.logs), "requests": log.num_rows}})
+    print(f"c = " + ", ".join(f"{c:.3f}" for c in costs) + f" ({source}); {est_note}")
+    pr = params["predicted"]
+    cert = None
+    if a.loss_estimate == "dr":
+        share = in_sample_share(log, getattr(est, "training_rows_", []))
+        if share > 0.01 and not a.allow_in_sample:
+            raise CommandError(f"{a.logs}: {share:.0%} of the rows the estimator was trained on are in this log; "
+                               "an off-policy check on them is biased towards the estimator. Solve on a held-out "
+                               "randomised log (other sessions or another day), or pass --allow-in-sample")
+        label = _dr_label(log, a.label)
+        try:
+            r = training_labels(log, label)[0]
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        rep = log["is_repeat"].to_numpy()
+        if not a.no_loss_floor:  # no recycling counted as free: the λ family ends at "always full"
+            params["loss_floor"] = float(LOSS_FLOOR_SHARE * max(q_hat[rep, 0].mean(), 1e-9))
+        rule = dict(params)
+        avail = available_from_log(log, a.max_pages)
+        cert = certify_lambda(costs, policy_dq(dq, rule), avail, q_hat, log["strategy"].to_numpy(),
+                              log["propensity"].to_numpy(), r, log["session_id"].to_numpy(),
+                              log["is_repeat"].to_numpy(), a.budget, confidence=a.confidence, omega=a.omega,
+                              choice=a.choice, estimator_cost=est_cost, grid=a.grid)
+        rule["lambda"] = cert.lam
+        params["lambda"] = cert.lam
+        params["certification"] = dict(cert.as_dict(), label=label, in_sample_share=share,
+                                       estimator_predicted_loss_pct=None)
+        # what the estimator itself predicts for the certified rule (how optimistic it is)
+        from .decide import decide
+        s = decide(policy_dq(dq, rule), avail, rule)
+        s[~rep] = 0
+        q0 = total_effect(log, q_hat)
+        params["certification"]["estimator_predicted_loss_pct"] = float(
+            100 * dq[np.arange(len(s)), s].sum() / q0.sum())
+        params["predicted"] = {"effect_loss_pct": cert.loss_pct, "compute_saved_pct": cert.saved_pct,
+                               "strategy_mix": cert.strategy_mix, "how": "doubly robust off-policy estimate"}
+        params["form"] += f", λ certified off-policy (DR, confidence {a.confidence:g})"
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(params, indent=2) + "\n")
     pr = params["predicted"]
-    print(f"λ = {params['lambda']:.6g} for budget b = {a.budget:.4%} ({params['form']}); c = "
-          + ", ".join(f"{c:.3f}" for c in costs) + f"; estimator cost {est_cost:.4f} per repeated request")
-    print(f"on {log.num_rows:,} logged requests (predicted): effect loss {pr['effect_loss_pct']:.3f}%, "
-          f"compute saved {pr['compute_saved_pct']:.2f}%, mix " +
-          ", ".join(f"{j}: {v:.1%}" for j, v in pr["strategy_mix"].items()))
+    print(f"λ = {params['lambda']:.6g} for budget b = {a.budget:.4%} ({params['form']})")
+    if cert is None:
+        print(f"on {log.num_rows:,} logged requests (the estimator's own prediction): effect loss "
+              f"{pr['effect_loss_pct']:.3f}%, compute saved {pr['compute_saved_pct']:.2f}%, mix of repeated: " +
+              ", ".join(f"{j}: {v:.1%}" for j, v in pr["strategy_mix"].items()))
+    else:
+        c = params["certification"]
+        lvl = "95%" if a.confidence == 0.5 else f"{a.confidence:.0%} one-sided bound at the upper end"
+        print(f"deployed rule on {cert.requests:,} held-out logged requests ({cert.sessions:,} sessions; DR, {c['label']} "
+              f"reward): effect loss {cert.loss_pct:.3f}% [{lvl}: {cert.ci_pct[0]:.3f}, {cert.ci_pct[1]:.3f}], "
+              f"compute saved {cert.saved_pct:.2f}%, mix of repeated: " +
+              ", ".join(f"{j}: {v:.1%}" for j, v in cert.strategy_mix.items()))
+        print(f"the estimator itself predicts {c['estimator_predicted_loss_pct']:.3f}% for this rule")
+        if not cert.certified:
+            print(f"WARNING: no λ certifies b = {a.budget:.3%} at confidence {a.confidence:g} on this log, even the "
+                  "most conservative rule (written). The estimator predicts gains of recycling that the log does not "
+                  "confirm; solve again without --no-loss-floor.")
+        elif 100 * a.budget < cert.floor_pct:
+            gamma = 0.95 if a.confidence == 0.5 else a.confidence
+            floor = (f"{cert.floor_pct:.3f}%" if np.isfinite(cert.floor_pct)
+                     else "none: no rule's loss stands out of the noise")
+            rec = cert.curve.recycled[np.searchsorted(cert.curve.lam, cert.lam)]
+            print(f"WARNING: b = {a.budget:.3%} is below this log's noise floor at confidence {gamma:g} ({floor}): "
+                  f"the interval of any rule that recycles enough to show a loss is wider than the budget, so the "
+                  f"chosen λ rests on noise (it recycles {rec:.1%} of repeated requests). Use a larger held-out log "
+                  "(the interval narrows as 1/√requests; uniform logging gives narrower ones than skewed), a "
+                  "larger --budget, or a lower --confidence.")
     print(f"wrote {out}")
     return 0
 
@@ -129,7 +230,7 @@ def cmd_evaluate(a) -> int:
     if params is not None:
         costs, est_cost = np.asarray(params["costs"]), float(params.get("estimator_cost", 0.0))
     else:
-        costs, _, _ = resolve_costs(log, a.cost_profile, a.costs_from_logs)
+        costs, _, _ = resolve_costs(log, a.cost_profile, a.costs_from_logs, a.default_cost_profile)
         est_cost = 0.0
     q_hat = None
     if a.estimator:
@@ -158,7 +259,7 @@ def cmd_frontier(a) -> int:
         p = load_params(a.params)
         costs, est_cost = np.asarray(p["costs"]), float(p.get("estimator_cost", 0.0))
     else:
-        costs, _, _ = resolve_costs(log, a.cost_profile, a.costs_from_logs)
+        costs, _, _ = resolve_costs(log, a.cost_profile, a.costs_from_logs, a.default_cost_profile)
     if a.estimator:
         q_hat, dq = predict(log, _load_estimator(a.estimator))
     budgets = [float(b) / 100.0 for b in a.budgets.split(",")]
@@ -292,6 +393,39 @@ def cmd_closed_loop_frontier(a) -> int:
     return 0
 
 
+def cmd_policy_check(a) -> int:
+    from .certify import z_of
+    from .pipeline import check_markdown, feed_world_check
+
+    z_of(a.confidence)
+    budgets = _budgets_pct(a.budgets)
+    if a.requests < 1000:
+        raise CommandError(f"--requests: expected at least 1000 requests per log, got {a.requests}")
+    rows = feed_world_check(a.requests, a.seeds, budgets, confidence=a.confidence, train_requests=a.train_requests,
+                            max_epochs=a.max_epochs, progress=not a.quiet)
+    text = check_markdown(rows, f"The learned policy on the feed world ({a.requests:,}-request logs, confidence "
+                                f"{a.confidence:g})")
+    print(text)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "check.md").write_text(text)
+        (out / "check.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+        print(f"wrote {out}/check.md, check.json")
+    return 0
+
+
+def _budgets_pct(text: str) -> list[float]:
+    try:
+        budgets = [float(b) / 100.0 for b in text.split(",")]
+    except ValueError:
+        raise CommandError(f"--budgets: expected comma-separated percentages such as 0.5,1,2, got {text!r}") from None
+    bad = [100 * b for b in budgets if not 0 <= b < 1]
+    if bad:
+        raise CommandError(f"--budgets: expected percentages in [0, 100), got {bad}")
+    return budgets
+
+
 def add_parsers(sub, default_cost_profile: str) -> None:
     from ..estimator.labels import LABELS
 
@@ -301,9 +435,28 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--budget", type=float, default=0.01, help="allowed relative effect loss b (0.01 = 1%%)")
     s.add_argument("--omega", type=float, default=0.0, help="ω > 0: the regularised (soft) form")
     s.add_argument("--choice", choices=("argmax", "sample"), default="argmax", help="ω > 0: how x_i picks")
-    s.add_argument("--cost-profile", default=default_cost_profile, help="measured cost profile JSON")
+    s.add_argument("--cost-profile", help="measured cost profile JSON (default: the log's own `cost` column when "
+                                          "every strategy appears in it, else the default model set's profile)")
     s.add_argument("--costs-from-logs", action="store_true", help="c_j = mean `cost` per strategy in the log")
     s.add_argument("--no-estimator-cost", action="store_true", help="do not time the estimator")
+    s.add_argument("--loss-estimate", choices=("dr", "predicted"), default="dr",
+                   help="what the budget is checked against: dr (default) = a doubly robust off-policy estimate of "
+                        "the deployed rule's loss on this log, which must be held out from the estimator's training; "
+                        "predicted = the estimator's own predicted loss")
+    s.add_argument("--confidence", type=float, default=0.5, metavar="GAMMA",
+                   help="with dr: the one-sided upper confidence bound at this level meets the budget (0.95 = a 95%% "
+                        "bound; 0.5, the default = the point estimate). Warns when the budget is below the log's "
+                        "noise floor (printed)")
+    s.add_argument("--no-loss-floor", action="store_true",
+                   help="with dr: let predicted gains of recycling count (by default every recycled request is "
+                        "counted with a loss of at least 0.1%% of a repeated request's predicted effect, so a large "
+                        "λ serves everything in full)")
+    s.add_argument("--label", choices=("auto",) + tuple(LABELS), default="auto",
+                   help="reward of the dr estimate: auto = view-adjusted clicks when the log has the exposure columns "
+                        "(same expectation, less noise), else the logged clicks")
+    s.add_argument("--grid", type=int, default=256, help="λ values the deployed rule is evaluated at")
+    s.add_argument("--allow-in-sample", action="store_true",
+                   help="certify even on rows the estimator was trained on (biased: for experiments only)")
     s.add_argument("--max-pages", type=int, default=None, metavar="M",
                    help="depth guard: a cached list that has served M pages is not recycled again "
                         "(a safety net for the loss of deep caches the estimator does not see)")
@@ -312,7 +465,19 @@ def add_parsers(sub, default_cost_profile: str) -> None:
                         "optimistic estimator on young caches cannot cancel the loss of deep ones (written into "
                         "the params: the router and closed-loop do the same)")
     s.add_argument("--out", required=True, help="params JSON to write")
-    s.set_defaults(func=cmd_solve)
+    s.set_defaults(func=cmd_solve, default_cost_profile=default_cost_profile)
+
+    s = sub.add_parser("policy-check", help="the whole pipeline (train-estimator → solve → decide) on the feed world, "
+                                            "a second generator, scored against its ground truth, per seed and budget")
+    s.add_argument("--requests", type=int, default=60_000, help="requests per solving and test log")
+    s.add_argument("--train-requests", type=int, help="requests of the training log (default --requests)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    s.add_argument("--budgets", default="0.5,1,2", help="loss budgets in %% (comma separated)")
+    s.add_argument("--confidence", type=float, default=0.95, help="solve --confidence")
+    s.add_argument("--max-epochs", type=int, default=15, help="estimator epochs (early stopping may stop sooner)")
+    s.add_argument("--out", help="directory for check.md and check.json")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_policy_check)
 
     s = sub.add_parser("decide", help="one strategy per logged request (0 for initial ones)")
     s.add_argument("--logs", required=True)
@@ -327,7 +492,7 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--decisions", required=True)
     s.add_argument("--params", help="params JSON (its c_j and estimator cost); else --cost-profile")
     s.add_argument("--estimator", help="estimator directory: adds the doubly-robust estimate")
-    s.add_argument("--cost-profile", default=default_cost_profile)
+    s.add_argument("--cost-profile", help="default: the log's own `cost` column, else the default model set's profile")
     s.add_argument("--costs-from-logs", action="store_true")
     s.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over sessions")
     s.add_argument("--seed", type=int, default=0)
@@ -336,13 +501,13 @@ def add_parsers(sub, default_cost_profile: str) -> None:
                         "expectation, the scrolling-depth noise removed; needs n_viewed, page_items, "
                         "clicked_items)")
     s.add_argument("--out", help="JSON report (and .md next to it)")
-    s.set_defaults(func=cmd_evaluate)
+    s.set_defaults(func=cmd_evaluate, default_cost_profile=default_cost_profile)
 
     s = sub.add_parser("frontier", help="compute saved vs effect loss of every policy (table + PNG)")
     s.add_argument("--logs", required=True, help="randomised log with q_0..q_3 (comrecycle simulate --logging random)")
     s.add_argument("--estimator", help="estimator directory (adds the ComRecycle curve)")
     s.add_argument("--params", help="params JSON: its c_j and estimator cost (else --cost-profile)")
-    s.add_argument("--cost-profile", default=default_cost_profile)
+    s.add_argument("--cost-profile", help="default: the log's own `cost` column, else the default model set's profile")
     s.add_argument("--costs-from-logs", action="store_true")
     s.add_argument("--budgets", default="0.25,0.5,1,2,5", help="loss budgets in %% (comma separated)")
     s.add_argument("--feature-ceiling-logs", metavar="LOG",
@@ -350,7 +515,7 @@ def add_parsers(sub, default_cost_profile: str) -> None:
                         "regressors of the true ΔQ_j fitted on it from the observable features")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output directory (frontier.md/.csv/.png/.json)")
-    s.set_defaults(func=cmd_frontier)
+    s.set_defaults(func=cmd_frontier, default_cost_profile=default_cost_profile)
 
     s = sub.add_parser("closed-loop", help="run the policy (or a fixed strategy) inside the simulator: "
                                            "realised loss and compute saved on live cache states")

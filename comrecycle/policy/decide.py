@@ -5,7 +5,8 @@ The params file (JSON, written by `comrecycle solve`, read by `decide` and by th
     units per repeated request), budget (relative effect loss b), form, estimator (version
     info), solved_on (log, requests), predicted (loss %, compute saved % on the solving log),
     max_pages (depth guard), credit_gains (false: predicted gains are not banked against the
-    budget, see policy_dq).
+    budget, see policy_dq), loss_floor (the least loss any recycling is counted with, see
+    policy_dq), certification (the off-policy check of λ, policy/certify.py).
 """
 from __future__ import annotations
 
@@ -86,7 +87,15 @@ def policy_dq(dq: np.ndarray, params: dict) -> np.ndarray:
     `credit_gains: false`, max(ΔQ̂, 0): a predicted gain (recycling better than the full
     cascade) is not banked against the budget. The budget is a net sum of small numbers: an
     estimator slightly too optimistic on the many young caches cancels the true loss of the few
-    deep ones, and the λ controller then sees no violation (docs/RESULTS.md, sessions 8 and 10)."""
+    deep ones, and the λ controller then sees no violation (docs/RESULTS.md).
+    With `loss_floor: m` (> 0, clicks), max(ΔQ̂_j, m) for j >= 1: no recycling is counted as
+    free, so a large enough λ serves every request in full (the certified solve's family ends
+    there, policy/certify.py)."""
+    floor = params.get("loss_floor")
+    if floor:
+        out = np.maximum(dq, float(floor))
+        out[:, 0] = dq[:, 0]
+        return out
     if params.get("credit_gains", True):
         return dq
     return np.maximum(dq, 0.0)

@@ -34,12 +34,14 @@ class RouterParams:
     estimator_version: int = -1  # served estimator version to call (-1 = the latest)
     max_pages: int | None = None  # depth guard: a list that has served this many pages is not recycled
     credit_gains: bool = True  # False: max(ΔQ̂, 0) in the scores (policy.decide.policy_dq)
+    loss_floor: float | None = None  # > 0: max(ΔQ̂_j, loss_floor) in the scores (policy.decide.policy_dq)
     source: dict = field(default_factory=dict, compare=False)  # the rest of the params file
 
     def as_decide_params(self) -> dict:
         """The dict comrecycle.policy.decide.decide() takes."""
         return {"lambda": self.lam, "costs": list(self.costs), "omega": self.omega, "choice": self.choice,
-                "max_pages": self.max_pages, "credit_gains": self.credit_gains}
+                "max_pages": self.max_pages, "credit_gains": self.credit_gains,
+                "loss_floor": self.loss_floor}
 
     @classmethod
     def from_dict(cls, p: dict, where: str = "params") -> "RouterParams":
@@ -67,8 +69,12 @@ class RouterParams:
         credit_gains = p.get("credit_gains", True)
         if not isinstance(credit_gains, bool):
             raise ParamsError(f"{where}: 'credit_gains' must be true or false, got {credit_gains!r}")
+        loss_floor = p.get("loss_floor")
+        if loss_floor is not None and (isinstance(loss_floor, bool) or not isinstance(loss_floor, (int, float))
+                                       or not math.isfinite(loss_floor) or loss_floor < 0):
+            raise ParamsError(f"{where}: 'loss_floor' must be null or a finite number >= 0, got {loss_floor!r}")
         return cls(lam=lam, costs=tuple(float(x) for x in c), omega=omega, choice=choice, max_pages=max_pages,
-                   credit_gains=credit_gains,
+                   credit_gains=credit_gains, loss_floor=None if loss_floor is None else float(loss_floor),
                    estimator_cost=est_cost, budget=p.get("budget"),
                    estimator_version=int(p.get("estimator_model_version", -1)), source=p)
 

@@ -126,3 +126,36 @@ def read_log(path: str | Path, require_sim_columns: bool = False) -> pa.Table:
     if wrong:
         raise ValueError(f"{path}: wrong column types: " + "; ".join(wrong))
     return table
+
+
+# ---- row fingerprints: which rows an estimator was trained on (cross-fitting checks) ----------------
+ROW_KEY_COLUMNS = ("user_id", "session_id", "page", "ts")
+ROW_SAMPLE = 512
+
+
+def row_keys(table) -> np.ndarray:
+    """[n] uint64 fingerprint of each logged request (user, session, page, timestamp)."""
+    h = np.full(table.num_rows, 0x9E3779B97F4A7C15, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for col in ROW_KEY_COLUMNS:
+            v = table[col].to_numpy()
+            v = v.astype(np.float64).view(np.uint64) if v.dtype.kind == "f" else v.astype(np.int64).view(np.uint64)
+            h ^= v + np.uint64(0x9E3779B97F4A7C15) + (h << np.uint64(6)) + (h >> np.uint64(2))
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(31)
+    return h
+
+
+def training_row_sample(table, size: int = ROW_SAMPLE, seed: int = 0) -> list[int]:
+    """A fixed-size sample of the training rows' keys, stored in the estimator's manifest."""
+    keys = row_keys(table)
+    if len(keys) > size:
+        keys = np.random.default_rng(seed).choice(keys, size, replace=False)
+    return [int(k) for k in keys]
+
+
+def in_sample_share(table, sample: list[int]) -> float:
+    """Share of the estimator's sampled training rows that are in this log (0 = held out)."""
+    if not sample:
+        return 0.0
+    return float(np.isin(np.asarray(sample, dtype=np.uint64), row_keys(table)).mean())

@@ -17,22 +17,29 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def files(tiny_random_log, tiny_estimator, tiny_model_set, tmp_path_factory):
+def files(tiny_random_log, tiny_heldout_log, tiny_estimator, tiny_model_set, tmp_path_factory):
     d = tmp_path_factory.mktemp("policy")
     pq.write_table(tiny_random_log, d / "log.parquet")
-    return {"log": d / "log.parquet", "est": tiny_estimator, "profile": tiny_model_set / "cost_profile.json", "dir": d}
+    pq.write_table(tiny_heldout_log, d / "held.parquet")
+    return {"log": d / "log.parquet", "held": d / "held.parquet", "est": tiny_estimator,
+            "profile": tiny_model_set / "cost_profile.json", "dir": d}
 
 
 def test_solve_decide_evaluate_frontier(files, tiny_random_log):
     d = files["dir"]
-    r = cli("solve", "--logs", files["log"], "--estimator", files["est"], "--budget", "0.01",
+    r = cli("solve", "--logs", files["held"], "--estimator", files["est"], "--budget", "0.01",
             "--cost-profile", files["profile"], "--out", d / "params.json")
     assert r.returncode == 0, r.stderr
     p = json.loads((d / "params.json").read_text())
-    for k in ("lambda", "costs", "omega", "budget", "estimator", "estimator_cost"):
+    for k in ("lambda", "costs", "omega", "budget", "estimator", "estimator_cost", "certification", "loss_floor"):
         assert k in p
     assert p["budget"] == 0.01 and len(p["costs"]) == 4 and p["costs"][0] == 1.0 and p["estimator_cost"] > 0
     assert p["estimator"]["onnx_sha256_16"]
+    c = p["certification"]
+    assert c["certified"] and c["confidence"] == 0.5 and c["in_sample_share"] == 0.0
+    assert c["label"] == "view-adjusted"  # the simulator's log has the exposure columns
+    assert c["ci_pct"][0] <= c["loss_pct"] <= c["ci_pct"][1] and c["bound_pct"] <= 1.0 + 1e-9
+    assert "effect loss" in r.stdout and "the estimator itself predicts" in r.stdout
 
     r = cli("decide", "--logs", files["log"], "--estimator", files["est"], "--params", d / "params.json",
             "--out", d / "dec.parquet")
@@ -70,11 +77,50 @@ def test_solve_decide_evaluate_frontier(files, tiny_random_log):
 
 def test_solve_with_costs_from_logs_and_soft_form(files):
     d = files["dir"]
-    r = cli("solve", "--logs", files["log"], "--estimator", files["est"], "--budget", "0.02", "--omega", "0.1",
-            "--costs-from-logs", "--no-estimator-cost", "--out", d / "p2.json")
+    r = cli("solve", "--logs", files["held"], "--estimator", files["est"], "--budget", "0.02", "--omega", "0.1",
+            "--costs-from-logs", "--no-estimator-cost", "--confidence", "0.9", "--out", d / "p2.json")
     assert r.returncode == 0, r.stderr
     p = json.loads((d / "p2.json").read_text())
     assert p["omega"] == 0.1 and "mean `cost`" in p["costs_source"] and p["estimator_cost"] == 0.0
+    assert p["certification"]["confidence"] == 0.9 and "ω = 0.1" in p["form"]
+
+
+def test_solve_uses_the_logs_own_costs_when_no_profile_is_given(files):
+    r = cli("solve", "--logs", files["held"], "--estimator", files["est"], "--budget", "0.01",
+            "--out", files["dir"] / "p3.json")
+    assert r.returncode == 0, r.stderr
+    assert "mean `cost` per strategy in the log" in r.stdout and "estimator cost not counted" in r.stdout
+
+
+def test_cost_sources(files):
+    from comrecycle.policy.commands import CommandError, resolve_costs
+
+    log = pq.read_table(files["held"])
+    c, src, prof = resolve_costs(log, None, False, str(files["profile"]))
+    assert "in the log" in src and prof is None and c[0] == 1.0
+    c2, src, prof = resolve_costs(log, str(files["profile"]), False)
+    assert "cost profile" in src and prof is not None
+    assert np.allclose(c, c2, rtol=1e-5)  # the simulator logs the profile's c_j
+    with pytest.raises(CommandError, match="pass one of them"):
+        resolve_costs(log, str(files["profile"]), True)
+    full = log.filter(pq.read_table(files["held"])["strategy"].to_numpy() == 0)  # no strategy 1..3 served
+    c3, src, _ = resolve_costs(full, None, False, str(files["profile"]))
+    assert "cost profile" in src  # falls back to the default profile
+    with pytest.raises(CommandError, match=r"no strategy costs: the log has no request served by strategy \[1, 2, 3\]"):
+        resolve_costs(full, None, False, "/nonexistent.json")
+
+
+def test_solve_refuses_to_certify_on_the_estimators_training_rows(files):
+    r = cli("solve", "--logs", files["log"], "--estimator", files["est"], "--cost-profile", files["profile"],
+            "--out", files["dir"] / "in.json")
+    assert r.returncode == 2 and "of the rows the estimator was trained on are in this log" in r.stderr
+    r = cli("solve", "--logs", files["log"], "--estimator", files["est"], "--cost-profile", files["profile"],
+            "--allow-in-sample", "--out", files["dir"] / "in.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((files["dir"] / "in.json").read_text())["certification"]["in_sample_share"] == 1.0
+    r = cli("solve", "--logs", files["log"], "--estimator", files["est"], "--cost-profile", files["profile"],
+            "--loss-estimate", "predicted", "--out", files["dir"] / "pred.json")
+    assert r.returncode == 0 and "certification" not in json.loads((files["dir"] / "pred.json").read_text())
 
 
 @pytest.mark.parametrize("args,message", [
@@ -82,11 +128,12 @@ def test_solve_with_costs_from_logs_and_soft_form(files):
     (["solve", "--budget", "2"], "--budget: expected a relative effect loss in [0, 1) (0.01 = 1%), got 2"),
     (["solve", "--cost-profile", "/nonexistent.json"], "cost profile /nonexistent.json does not exist"),
     (["solve", "--estimator", "/tmp"], "missing manifest.json"),
+    (["solve", "--confidence", "1.5"], "confidence: expected a level in [0.5, 1) (0.95 = a 95% upper bound), got 1.5"),
     (["decide", "--params", "/nonexistent.json"], "params file /nonexistent.json does not exist"),
 ])
 def test_bad_inputs_are_clear_errors(files, args, message):
     cmd, rest = args[0], args[1:]
-    base = {"--logs": files["log"], "--estimator": files["est"], "--out": files["dir"] / "x.out"}
+    base = {"--logs": files["held"], "--estimator": files["est"], "--out": files["dir"] / "x.out"}
     if cmd == "solve":
         base["--cost-profile"] = files["profile"]
     if cmd == "decide":

@@ -1,0 +1,160 @@
+"""The whole offline pipeline on logs with ground truth: train-estimator → solve → decide → score.
+
+Three logs of one world, split by user: the estimator is trained on the first, λ is solved
+(and certified off-policy) on the second, and the decisions on the third are scored against
+its true q_j. Beside the learned policy: the oracle (true ΔQ) at the learned policy's realised
+loss, and the best static rule (strategy j on a share of repeats, chosen by the share that
+meets the same loss). Used by `comrecycle policy-check` and the tests.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from ..specs import N_RECYCLE
+from .certify import certify_lambda
+from .decide import available_from_log, decide, policy_dq, predict
+from .solver import solve_loss_budget
+
+
+@dataclass
+class PipelineResult:
+    budget: float
+    confidence: float
+    certified: bool
+    lam: float
+    certified_loss_pct: float  # DR estimate on the solving log
+    certified_bound_pct: float
+    floor_pct: float
+    realised_loss_pct: float  # true, on the test log
+    saved_pct: float  # on the test log (estimator cost excluded: logs from elsewhere carry no profile)
+    oracle_saved_pct: float  # the oracle at the realised loss
+    static_saved_pct: float  # the best static rule at the realised loss
+    mix: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def true_q(log: pa.Table) -> np.ndarray:
+    cols = [f"q_{j}" for j in range(N_RECYCLE + 1)]
+    missing = [c for c in cols if c not in log.column_names]
+    if missing:
+        raise ValueError(f"scoring needs the ground truth {cols}; the log lacks {missing}")
+    return np.stack([log[c].to_numpy().astype(np.float64) for c in cols], 1)
+
+
+def oracle_saving(q: np.ndarray, rep: np.ndarray, costs: np.ndarray, loss_pct: float) -> float:
+    """Compute saved % by the oracle (true ΔQ) whose loss is at most loss_pct on this log."""
+    q0 = q[:, 0]
+    dq = np.where(np.isfinite(q), q0[:, None] - q, np.nan)[rep]
+    avail = np.isfinite(dq)
+    b_rep = max(0.0, loss_pct / 100) * q0.sum() / q0[rep].sum()
+    sol = solve_loss_budget(costs, np.nan_to_num(dq), q0[rep], b_rep, avail)
+    return 100 * (1 - (sol.cost + (~rep).sum() * costs[0]) / (costs[0] * len(rep)))
+
+
+def static_saving(q: np.ndarray, rep: np.ndarray, costs: np.ndarray, loss_pct: float) -> float:
+    """Best compute saved % of a static rule 'strategy j on a random share of repeats' whose
+    expected loss is at most loss_pct (the loss of such a rule is linear in its share)."""
+    q0 = q[:, 0]
+    best = 0.0
+    for j in range(1, len(costs)):
+        ok = rep & np.isfinite(q[:, j])
+        loss_all = (q0[ok] - q[ok, j]).sum() / q0.sum() * 100
+        share = 1.0 if loss_all <= 0 else min(1.0, max(0.0, loss_pct) / loss_all)
+        best = max(best, 100 * share * ok.sum() * (costs[0] - costs[j]) / (costs[0] * len(rep)))
+    return best
+
+
+def run_pipeline(estimator, solve_log: pa.Table, test_log: pa.Table, costs, budget: float,
+                 confidence: float = 0.5, label_solve=None, credit_gains: bool = True) -> PipelineResult:
+    """estimator: a fitted EffectLossEstimator; costs [K+1] with c_0 = 1."""
+    costs = np.asarray(costs, np.float64)
+    q_hat, dq = predict(solve_log, estimator)
+    rule = {"costs": list(costs), "lambda": 0.0, "omega": 0.0, "credit_gains": credit_gains}
+    avail = available_from_log(solve_log)
+    r = solve_log["reward"].to_numpy() if label_solve is None else label_solve
+    cert = certify_lambda(costs, policy_dq(dq, rule), avail, q_hat, solve_log["strategy"].to_numpy(),
+                          solve_log["propensity"].to_numpy(), r, solve_log["session_id"].to_numpy(),
+                          solve_log["is_repeat"].to_numpy(), budget, confidence=confidence)
+    rule["lambda"] = cert.lam
+    _, dq_t = predict(test_log, estimator)
+    rep = test_log["is_repeat"].to_numpy()
+    s = decide(policy_dq(dq_t, rule), available_from_log(test_log), rule).astype(np.int64)
+    s[~rep] = 0
+    q = true_q(test_log)
+    rows = np.arange(len(s))
+    loss = 100 * (q[:, 0] - q[rows, s]).sum() / q[:, 0].sum()
+    saved = 100 * (1 - costs[s].sum() / (costs[0] * len(s)))
+    mix = {str(j): float(np.mean(s[rep] == j)) for j in range(len(costs))}
+    return PipelineResult(budget, confidence, cert.certified, cert.lam, cert.loss_pct, cert.bound_pct,
+                          cert.floor_pct, float(loss), float(saved), oracle_saving(q, rep, costs, loss),
+                          static_saving(q, rep, costs, loss), mix)
+
+
+def ranking_saving(q: np.ndarray, rep: np.ndarray, costs: np.ndarray, dq_hat: np.ndarray,
+                   loss_pcts, grid: int = 256) -> np.ndarray:
+    """[len(loss_pcts)] the most compute saved % by the rule argmin c_j + λ ΔQ̂_ij, over λ, with a
+    true loss of at most each loss_pct: how well a ranking ΔQ̂ [n, K+1] (column 0 = 0) serves the
+    policy, with λ tuned on the true loss (the feature ceiling's protocol, DESIGN.md §6)."""
+    from .certify import lambda_grid, rule_allocation
+
+    q0 = q[:, 0]
+    avail = np.isfinite(q) & rep[:, None]
+    avail[:, 0] = True
+    d = np.where(avail, np.nan_to_num(dq_hat), 0.0)
+    d[:, 0] = 0.0
+    rows = np.arange(len(q))
+    qt = np.nan_to_num(q)
+    pts = []
+    for lam in lambda_grid(costs, d, avail, grid):
+        s = rule_allocation(costs, d, avail, float(lam))
+        pts.append((100 * (q0 - qt[rows, s]).sum() / q0.sum(), 100 * (1 - costs[s].sum() / (costs[0] * len(s)))))
+    pts = np.array(pts)
+    return np.array([pts[pts[:, 0] <= b, 1].max(initial=0.0) for b in loss_pcts])
+
+
+def feed_world_check(requests: int, seeds, budgets, confidence: float = 0.95, train_requests: int | None = None,
+                     max_epochs: int = 15, progress: bool = True) -> list[dict]:
+    """The pipeline on the feed world (sim/feed_world.py), per seed: logs seed·10 + 1, 2, 3 for
+    training, solving and testing (disjoint users), the log's own costs, every budget."""
+    from ..estimator.estimator import EffectLossEstimator
+    from ..sim.feed_world import simulate_feed_log
+    from .commands import _costs_in_log
+
+    rows = []
+    for seed in seeds:
+        train = simulate_feed_log(train_requests or requests, seed=seed * 10 + 1)
+        solve, test = simulate_feed_log(requests, seed=seed * 10 + 2), simulate_feed_log(requests, seed=seed * 10 + 3)
+        costs, _ = _costs_in_log(train)
+        est = EffectLossEstimator(max_epochs=max_epochs, seed=seed, progress=progress).fit(train)
+        q = true_q(test)
+        rep = test["is_repeat"].to_numpy()
+        _, dq = predict(test, est)
+        for b in budgets:
+            r = run_pipeline(est, solve, test, costs, b, confidence=confidence).as_dict()
+            r["ranking_saved_pct"] = float(ranking_saving(q, rep, costs, dq, [r["realised_loss_pct"]])[0])
+            rows.append({"seed": seed, "requests": requests, **r})
+    return rows
+
+
+def check_markdown(rows: list[dict], title: str) -> str:
+    lines = [f"# {title}", "",
+             "| seed | requests | budget | confidence | λ | certified loss (DR) | bound | noise floor | realised loss | "
+             "realised / budget | saved | oracle at that loss | best static at that loss | saved / oracle | "
+             "mix of repeated (0/1/2/3) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["saved_pct"] / r["oracle_saved_pct"] if r["oracle_saved_pct"] > 0 else float("nan")
+        floor = f"{r['floor_pct']:.2f}%" if np.isfinite(r["floor_pct"]) else "none"
+        lines.append(f"| {r['seed']} | {r['requests']:,} | {100 * r['budget']:g}% | {r['confidence']:g} | {r['lam']:.4g} | "
+                     f"{r['certified_loss_pct']:.2f}% | {r['certified_bound_pct']:.2f}% | {floor} | "
+                     f"{r['realised_loss_pct']:.2f}% | {r['realised_loss_pct'] / (100 * r['budget']):.2f} | "
+                     f"{r['saved_pct']:.2f}% | {r['oracle_saved_pct']:.2f}% | {r['static_saved_pct']:.2f}% | "
+                     f"{ratio:.2f} | " + "/".join(f"{100 * v:.0f}" for v in r["mix"].values()) + " |")
+    held = sum(r["realised_loss_pct"] <= 115 * r["budget"] for r in rows)
+    lines += ["", f"Realised loss within 1.15 × budget in {held} of {len(rows)} runs."]
+    return "\n".join(lines) + "\n"
