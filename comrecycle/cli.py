@@ -164,7 +164,7 @@ def cmd_train_estimator(a) -> int:
         res = train_and_evaluate(a.logs, a.out, eval_logs=a.eval_logs, holdout=a.holdout, seed=a.seed,
                                  max_epochs=a.max_epochs, progress=not a.quiet, baselines=not a.no_baselines,
                                  min_epochs=a.min_epochs, list_origin=not a.no_list_origin, label=a.label,
-                                 average_epochs=a.average_epochs)
+                                 average_epochs=a.average_epochs, select=a.select)
     except (LogError, ValueError) as e:
         raise CliError(str(e)) from None
     for name, m in res["metrics"].items():
@@ -380,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "scrolling-depth noise removed by a control variate, unbiased under position-based "
                         "examination; needs the n_viewed, page_items and clicked_items columns; "
                         "docs/RESULTS.md, session 8)")
+    s.add_argument("--select", choices=("outcome", "uplift"), default="outcome",
+                   help="what early stopping and the choice of epoch watch on the validation sessions: the loss of "
+                        "the logged reward (outcome) or minus the summed IPW Qini of ΔQ̂_j (uplift; on the feed "
+                        "world it ranked worse, docs/RESULTS.md)")
     s.add_argument("--no-baselines", action="store_true", help="skip the T-learner and constant baselines")
     s.add_argument("--install", metavar="REPO", help="install as a new version of `estimator` in REPO")
     s.add_argument("--quiet", action="store_true")
@@ -446,10 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--requests", type=int, default=4000, help="requests replayed per path (router, always-full)")
     s.add_argument("--concurrency", type=int, default=16, help="concurrent simulated sessions")
     s.add_argument("--budget", type=float, default=0.01, help="relative effect-loss budget b (0.01 = 1%%)")
-    s.add_argument("--max-pages", type=int, default=4, metavar="M",
-                   help="depth guard: a cached list serves at most M pages (0 = off; see README, 'The policy')")
+    s.add_argument("--max-pages", type=int, default=0, metavar="M",
+                   help="depth guard: a cached list serves at most M pages (0 = off, the default; see README, "
+                        "'The policy')")
+    s.add_argument("--confidence", type=float, default=0.5,
+                   help="solve --confidence: the level of the off-policy bound that meets the budget (0.5 = the "
+                        "point estimate)")
     s.add_argument("--train-requests", type=int, default=40_000,
                    help="size of the randomised log the estimator is trained on (first run only; cached)")
+    s.add_argument("--certify-requests", type=int, default=40_000,
+                   help="size of the second randomised log λ is certified on (first run only; cached)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=str(REPO_ROOT / "runs" / "demo"))
     s.set_defaults(func=cmd_demo)

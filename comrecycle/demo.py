@@ -2,9 +2,10 @@
 
 1. the model set (built if missing, ~6-7 min on 2 cores) installed in the repository;
 2. the effect-loss estimator and the router params (built if missing, cached in
-   artifacts/router/): a randomised training log (session mixture of uniform and deep
-   recycling, observed clicks only), `train-estimator`, a small held-out log with q_j,
-   `solve` for the budget, installed as new estimator / recycle_router versions;
+   artifacts/router/): a uniformly randomised training log (observed clicks only), the
+   estimator trained on it, `solve` certifying λ for the budget on a second such log, and a
+   small held-out log with q_j for the frontier; installed as new estimator / recycle_router
+   versions;
 3. redis-server and tritonserver started on free loopback ports;
 4. simulated sessions replayed through recycle_router (client in the feedback loop) and, on
    the same seeds, through the always-full `cascade`;
@@ -24,31 +25,32 @@ import numpy as np
 from .repository import REPO_ROOT
 
 ROUTER_ARTIFACTS = REPO_ROOT / "artifacts" / "router"
-# session mixture: uniform exploration, and sessions that mostly recycle (deep caches)
-DEMO_ARM_WEIGHTS = [[1, 1, 1, 1], [0.02, 0.02, 0.02, 0.94], [0.02, 0.02, 0.02, 0.94]]
+# what the estimator is trained on and what λ is certified on: two uniformly randomised logs of
+# other sessions (uniform propensities keep the off-policy interval narrow; the skewed session
+# mixture that explores deep caches gives 1/0.02 weights and an interval too wide to use)
+ESTIMATOR_OPTIONS = {"max_epochs": 8, "label": "view-adjusted"}
+PIPELINE_VERSION = 2  # part of the cache key: artifacts of an earlier pipeline are not reused
 
 
 def _key(model_dir: Path, train_requests: int, seed: int) -> str:
     m = json.loads((model_dir / "manifest.json").read_text())
     return hashlib.sha256(json.dumps([m.get("built_at"), m.get("seed"), m.get("profile"), train_requests,
-                                      seed]).encode()).hexdigest()[:12]
+                                      seed, PIPELINE_VERSION]).encode()).hexdigest()[:12]
 
 
-DEFAULT_MAX_PAGES = 4
+DEFAULT_MAX_PAGES = None  # the depth guard is an option, off by default
 
 
 def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_requests: int = 40_000,
-                  heldout_requests: int = 3_000, seed: int = 0, workers: int = 2,
-                  max_pages: int | None = DEFAULT_MAX_PAGES) -> dict:
+                  certify_requests: int = 40_000, heldout_requests: int = 3_000, seed: int = 0, workers: int = 2,
+                  max_pages: int | None = DEFAULT_MAX_PAGES, confidence: float = 0.5) -> dict:
     """Train (or reuse) an estimator and params for this model set and install them as the
     latest estimator / recycle_router versions. Returns paths and the params.
 
-    max_pages: the depth guard (a cached list that has served this many pages is not recycled
-    again). The estimator does not learn the loss of deep caches from randomised logs (too
-    few deep states, docs/RESULTS.md), and λ solved on logged (young) caches is ~0, so without
-    the guard the router recycles a list until it is used up. 4 = recycle a list for three more
-    pages: in the closed loop (docs/RESULTS.md) strategy 3 with M = 3, 4, 5 lost -0.97%,
-    -0.17%, +0.89% and saved 48.8%, 54.3%, 56.8%."""
+    The estimator is trained on one randomised log; `comrecycle solve` certifies λ on another
+    (doubly robust, `confidence` as in `solve --confidence`); a small third log with q_0..q_3
+    draws the one-step frontier. max_pages: the optional depth guard (a cached list that has
+    served this many pages is not recycled again)."""
     from .cli import main as cli_main
     from .estimator.estimator import EffectLossEstimator
     from .repository import install_estimator, install_router_params, installed_versions
@@ -57,28 +59,29 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_reque
 
     work = ROUTER_ARTIFACTS / _key(model_dir, train_requests, seed)
     work.mkdir(parents=True, exist_ok=True)
-    train, held, est_dir = work / "train.parquet", work / "heldout.parquet", work / "estimator"
-    params_path = work / f"params_b{budget:g}_m{max_pages or 0}.json"
-    if not train.exists():
-        print(f"[router] simulating a randomised training log ({train_requests} requests, session mixture "
-              f"of uniform and deep recycling) ...", flush=True)
-        t0 = time.time()
-        table = simulate_log_sharded(model_dir, train_requests, seed=seed + 101, logging="random",
-                                     workers=workers, arm_weights=DEMO_ARM_WEIGHTS, counterfactuals=False)
-        write_log(table, train)
-        print(f"[router] training log in {time.time() - t0:.0f}s", flush=True)
+    train, cert, held = work / "train.parquet", work / f"certify_{certify_requests}.parquet", work / "heldout.parquet"
+    est_dir = work / "estimator"
+    params_path = work / f"params_b{budget:g}_c{confidence:g}_m{max_pages or 0}.json"
+    for path, n, s, what in ((train, train_requests, seed + 101, "training"),
+                             (cert, certify_requests, seed + 303, "certification")):
+        if not path.exists():
+            print(f"[router] simulating a uniformly randomised {what} log ({n} requests) ...", flush=True)
+            t0 = time.time()
+            write_log(simulate_log_sharded(model_dir, n, seed=s, logging="random", workers=workers,
+                                           counterfactuals=False), path)
+            print(f"[router] {what} log in {time.time() - t0:.0f}s", flush=True)
     if not held.exists():
         print(f"[router] simulating a held-out log with q_0..q_3 ({heldout_requests} requests) ...", flush=True)
         write_log(simulate_log(model_dir, heldout_requests, seed=seed + 202, logging="random"), held)
     if not (est_dir / "estimator.onnx").exists():
         print("[router] training the effect-loss estimator ...", flush=True)
         t0 = time.time()
-        EffectLossEstimator(max_epochs=4, progress=True).fit(read_log(train)).save(est_dir)
+        EffectLossEstimator(progress=True, **ESTIMATOR_OPTIONS).fit(read_log(train)).save(est_dir)
         print(f"[router] estimator trained in {time.time() - t0:.0f}s", flush=True)
-    if not params_path.exists():  # `comrecycle solve`: λ for the budget, measured c_j and estimator cost
-        rc = cli_main(["solve", "--logs", str(held), "--estimator", str(est_dir), "--budget", str(budget),
-                       "--cost-profile", str(model_dir / "cost_profile.json"), "--out", str(params_path)]
-                      + (["--max-pages", str(max_pages)] if max_pages else []))
+    if not params_path.exists():  # `comrecycle solve`: λ certified for the budget, measured c_j and estimator cost
+        rc = cli_main(["solve", "--logs", str(cert), "--estimator", str(est_dir), "--budget", str(budget),
+                       "--confidence", str(confidence), "--cost-profile", str(model_dir / "cost_profile.json"),
+                       "--out", str(params_path)] + (["--max-pages", str(max_pages)] if max_pages else []))
         if rc != 0:
             raise RuntimeError(f"comrecycle solve failed (exit {rc})")
     params = json.loads(params_path.read_text())
@@ -189,8 +192,9 @@ def run_demo(a) -> int:
     repo = Path(a.repository)
     model_dir = Path(a.models) if a.models else REPO_ROOT / "artifacts" / "models" / a.profile
     ensure_model_set(a.profile, model_dir, repo, seed=a.seed, progress=True)
-    info = ensure_router(repo, model_dir, budget=a.budget, train_requests=a.train_requests, seed=a.seed,
-                         max_pages=a.max_pages or None)
+    info = ensure_router(repo, model_dir, budget=a.budget, train_requests=a.train_requests,
+                         certify_requests=a.certify_requests, seed=a.seed, max_pages=a.max_pages or None,
+                         confidence=a.confidence)
     world = world_from_repository(repo)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,11 +213,17 @@ def run_demo(a) -> int:
     paired = shadow_full_cascade(routed, world, model_dir)
     s = summarise(routed, full, p["costs"], float(p.get("estimator_cost", 0.0)) if uses_estimator else 0.0, paired)
     s["estimator_called"] = uses_estimator
-    s["params"] = {k: p.get(k) for k in ("lambda", "omega", "costs", "estimator_cost", "budget", "max_pages")}
+    s["params"] = {k: p.get(k) for k in ("lambda", "omega", "costs", "estimator_cost", "budget", "max_pages",
+                                         "loss_floor", "certification")}
     print_summary(s, a.budget)
     guard = f"the depth guard (a list serves at most {p['max_pages']} pages)" if p.get("max_pages") else "no guard"
     if uses_estimator:
-        print(f"policy: λ = {p['lambda']:.4g} with the estimator's ΔQ̂, and {guard}")
+        print(f"policy: λ = {p['lambda']:.4g} with the estimator's ΔQ̂ on every repeated request, and {guard}")
+        c = p.get("certification")
+        if c:
+            print(f"        λ certified on {c['requests']:,} held-out logged requests (DR, confidence {c['confidence']:g}): "
+                  f"one-step loss {c['loss_pct']:.2f}% [95% {c['ci_pct'][0]:.2f}, {c['ci_pct'][1]:.2f}] on the logged "
+                  "cache states; the replay above is the closed loop, where the caches age under the policy")
     else:
         print(f"policy: λ = 0 (on the solving log's states the predicted loss stays under the budget at any λ), "
               f"so ΔQ̂ cannot change a decision and the estimator is not called: the decisions are the "

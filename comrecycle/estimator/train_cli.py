@@ -72,7 +72,7 @@ def train_and_evaluate(logs, out: str | Path, eval_logs: str | Path | None = Non
                        holdout: float = 0.2, seed: int = 0, max_epochs: int = 15,
                        progress: bool = True, baselines: bool = True, min_epochs: int = 0,
                        list_origin: bool = True, label: str = "clicks",
-                       average_epochs: int = 0) -> dict:
+                       average_epochs: int = 0, select: str = "outcome") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = read_training_logs(logs)
@@ -83,7 +83,7 @@ def train_and_evaluate(logs, out: str | Path, eval_logs: str | Path | None = Non
     t0 = time.time()
     est = EffectLossEstimator(seed=seed, max_epochs=max_epochs, min_epochs=min_epochs, progress=progress,
                               list_origin=list_origin, label=label,
-                              average_epochs=average_epochs).fit(train)
+                              average_epochs=average_epochs, select=select).fit(train)
     fit_s = time.time() - t0
 
     rep = held.filter(pc.equal(held["is_repeat"], True))

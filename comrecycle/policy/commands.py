@@ -88,6 +88,17 @@ def resolve_costs(log: pa.Table, cost_profile: str | None, from_logs: bool,
     return costs, f"measured cost profile {p}", prof
 
 
+def _strategy_list(text: str) -> list[int]:
+    try:
+        ids = sorted({int(x) for x in text.split(",")} | {0})
+    except ValueError:
+        raise CommandError(f"--strategies: expected comma-separated strategy ids such as 0,3, got {text!r}") from None
+    if ids[0] < 0 or ids[-1] > N_RECYCLE or len(ids) < 2:
+        raise CommandError(f"--strategies: expected ids in 0..{N_RECYCLE} with at least one recycling strategy, "
+                           f"got {text!r}")
+    return ids
+
+
 def _dr_label(log: pa.Table, label: str) -> str:
     from ..estimator.labels import EXPOSURE_COLUMNS
 
@@ -102,11 +113,14 @@ def cmd_solve(a) -> int:
     from ..runtime.costs import measure_estimator_seconds
     from ..sim.logs import in_sample_share
     from .certify import certify_lambda, z_of
-    from .decide import available_from_log, estimator_version, policy_dq, predict, solve_params, total_effect
+    from .decide import (allowed_strategies, available_from_log, estimator_version, policy_dq, predict,
+                         solve_params, total_effect)
 
     if not 0 <= a.budget < 1:  # before any work: the value as typed, not a rescaled one
         raise CommandError(f"--budget: expected a relative effect loss in [0, 1) (0.01 = 1%), got {a.budget:g}")
     z_of(a.confidence)  # refuses a level outside [0.5, 1) before any work
+    if a.strategies:
+        _strategy_list(a.strategies)
     if a.max_pages is not None and a.max_pages < 1:
         raise CommandError(f"--max-pages must be >= 1, got {a.max_pages}")
     log = _read_log(a.logs)
@@ -143,14 +157,29 @@ def cmd_solve(a) -> int:
             params["loss_floor"] = float(LOSS_FLOOR_SHARE * max(q_hat[rep, 0].mean(), 1e-9))
         rule = dict(params)
         avail = available_from_log(log, a.max_pages)
-        cert = certify_lambda(costs, policy_dq(dq, rule), avail, q_hat, log["strategy"].to_numpy(),
-                              log["propensity"].to_numpy(), r, log["session_id"].to_numpy(),
-                              log["is_repeat"].to_numpy(), a.budget, confidence=a.confidence, omega=a.omega,
-                              choice=a.choice, estimator_cost=est_cost, grid=a.grid)
+        # the families of rules certified: every strategy, and "full or the cheapest" (an
+        # estimator that misjudges the costly partial refreshes can only add loss with them);
+        # the one that saves the most within the budget is deployed
+        families = [_strategy_list(a.strategies)] if a.strategies else [None, [0, N_RECYCLE]]
+        tried = []
+        for fam in families:
+            c_f = certify_lambda(costs, policy_dq(dq, rule), allowed_strategies(avail, fam), q_hat,
+                                 log["strategy"].to_numpy(), log["propensity"].to_numpy(), r,
+                                 log["session_id"].to_numpy(), log["is_repeat"].to_numpy(), a.budget,
+                                 confidence=a.confidence, omega=a.omega, choice=a.choice, estimator_cost=est_cost,
+                                 grid=a.grid)
+            tried.append((fam, c_f))
+        fam, cert = max(tried, key=lambda fc: (fc[1].certified, fc[1].saved_pct))
         rule["lambda"] = cert.lam
         params["lambda"] = cert.lam
+        params["strategies"] = fam
+        rule["strategies"] = fam
         params["certification"] = dict(cert.as_dict(), label=label, in_sample_share=share,
-                                       estimator_predicted_loss_pct=None)
+                                       estimator_predicted_loss_pct=None,
+                                       families=[{"strategies": f or list(range(N_RECYCLE + 1)), "lambda": c.lam,
+                                                  "certified": c.certified, "loss_pct": c.loss_pct,
+                                                  "bound_pct": c.bound_pct, "saved_pct": c.saved_pct}
+                                                 for f, c in tried])
         # what the estimator itself predicts for the certified rule (how optimistic it is)
         from .decide import decide
         s = decide(policy_dq(dq, rule), avail, rule)
@@ -178,6 +207,11 @@ def cmd_solve(a) -> int:
               f"compute saved {cert.saved_pct:.2f}%, mix of repeated: " +
               ", ".join(f"{j}: {v:.1%}" for j, v in cert.strategy_mix.items()))
         print(f"the estimator itself predicts {c['estimator_predicted_loss_pct']:.3f}% for this rule")
+        if len(c["families"]) > 1:
+            print("families certified: " + "; ".join(
+                f"strategies {','.join(map(str, f['strategies']))}: λ = {f['lambda']:.4g}, loss {f['loss_pct']:.3f}%, "
+                f"saved {f['saved_pct']:.2f}%" for f in c["families"]) + " -> deployed: strategies " +
+                ",".join(map(str, params["strategies"] or range(N_RECYCLE + 1))))
         if not cert.certified:
             print(f"WARNING: no λ certifies b = {a.budget:.3%} at confidence {a.confidence:g} on this log, even the "
                   "most conservative rule (written). The estimator predicts gains of recycling that the log does not "
@@ -455,6 +489,9 @@ def add_parsers(sub, default_cost_profile: str) -> None:
                    help="reward of the dr estimate: auto = view-adjusted clicks when the log has the exposure columns "
                         "(same expectation, less noise), else the logged clicks")
     s.add_argument("--grid", type=int, default=256, help="λ values the deployed rule is evaluated at")
+    s.add_argument("--strategies", metavar="IDS",
+                   help="with dr: the strategies the rule may use, e.g. 0,3 (default: certify both every strategy "
+                        "and 'full or the cheapest', deploy the one that saves more)")
     s.add_argument("--allow-in-sample", action="store_true",
                    help="certify even on rows the estimator was trained on (biased: for experiments only)")
     s.add_argument("--max-pages", type=int, default=None, metavar="M",

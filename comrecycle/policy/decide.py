@@ -6,7 +6,8 @@ The params file (JSON, written by `comrecycle solve`, read by `decide` and by th
     info), solved_on (log, requests), predicted (loss %, compute saved % on the solving log),
     max_pages (depth guard), credit_gains (false: predicted gains are not banked against the
     budget, see policy_dq), loss_floor (the least loss any recycling is counted with, see
-    policy_dq), certification (the off-policy check of λ, policy/certify.py).
+    policy_dq), strategies (the strategies the rule may use, all when absent),
+    certification (the off-policy check of λ, policy/certify.py).
 """
 from __future__ import annotations
 
@@ -36,10 +37,22 @@ def depth_guard(available: np.ndarray, cache_state: np.ndarray, max_pages: int |
     return out
 
 
+def allowed_strategies(available: np.ndarray, strategies) -> np.ndarray:
+    """available [n, K+1] restricted to `strategies` (ids; 0 is always kept), or unchanged for
+    None: the family of rules a certified λ belongs to (`solve` may certify "full or the
+    cheapest strategy" when the others only add loss)."""
+    if strategies is None:
+        return available
+    keep = np.zeros(available.shape[1], bool)
+    keep[0] = True
+    keep[list(strategies)] = True
+    return available & keep[None, :]
+
+
 def available_from_log(log: pa.Table, max_pages: int | None = None) -> np.ndarray:
     """[n, K+1] bool: strategy 0 always; j > 0 on repeated requests whose cached list was
-    present (cache_state >= 0, or q_j not NaN in simulator logs); all of them when the log
-    says nothing about the cache. max_pages: the depth guard (depth_guard)."""
+    present (cache_state >= 0; without that column, q_j not NaN in simulator logs); all of
+    them when the log says nothing about the cache. max_pages: the depth guard (depth_guard)."""
     n = log.num_rows
     rep = log["is_repeat"].to_numpy()
     avail = np.zeros((n, N_RECYCLE + 1), bool)
@@ -52,12 +65,16 @@ def available_from_log(log: pa.Table, max_pages: int | None = None) -> np.ndarra
         cs = flat.reshape(n, N_RECYCLE, len(CACHE_STATE_FIELDS))
         avail[:, 1:] &= cs[:, :, 0] >= 0
         avail = depth_guard(avail, flat, max_pages)
-    elif max_pages:
-        raise SolverError("a depth guard (max_pages) needs the log's cache_state column")
-    q_cols = [f"q_{j}" for j in range(1, N_RECYCLE + 1)]
-    if all(c in log.column_names for c in q_cols):
-        q = np.stack([log[c].to_numpy() for c in q_cols], 1)
-        avail[:, 1:] &= np.isfinite(q)
+    else:
+        if max_pages:
+            raise SolverError("a depth guard (max_pages) needs the log's cache_state column")
+        # without the cache state, the ground truth says it: q_j is NaN where nothing was
+        # cached. (With it, q_j is no guide: a log written without counterfactuals has q_j of
+        # the served strategy only, NaN for the others even when they were available.)
+        q_cols = [f"q_{j}" for j in range(1, N_RECYCLE + 1)]
+        if all(c in log.column_names for c in q_cols):
+            q = np.stack([log[c].to_numpy() for c in q_cols], 1)
+            avail[:, 1:] &= np.isfinite(q)
     return avail
 
 
@@ -103,9 +120,11 @@ def policy_dq(dq: np.ndarray, params: dict) -> np.ndarray:
 
 def decide(dq: np.ndarray, available: np.ndarray, params: dict, seed: int = 0) -> np.ndarray:
     """[n] int8: argmax_j -(c_j + λ ΔQ_ij) over available j (ω = 0, ties to the lower id), or
-    from x_i = Π_simplex(-(c + λ ΔQ_i)/ω) by argmax / a seeded draw (ω > 0)."""
+    from x_i = Π_simplex(-(c + λ ΔQ_i)/ω) by argmax / a seeded draw (ω > 0); only strategies
+    in params["strategies"] when it is set (allowed_strategies)."""
     c = np.asarray(params["costs"], np.float64)
     lam, omega = float(params["lambda"]), float(params.get("omega", 0.0))
+    available = allowed_strategies(available, params.get("strategies"))
     score = c[None, :] + lam * np.where(available, dq, 0.0)
     if omega <= 0:
         return np.argmin(np.where(available, score, np.inf), axis=1).astype(np.int8)

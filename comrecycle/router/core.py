@@ -31,7 +31,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from ..policy.decide import decide, depth_guard, policy_dq
+from ..policy.decide import allowed_strategies, decide, depth_guard, policy_dq
 from ..runtime.validation import InputError, check_tensor
 from ..specs import (CACHE_STATE_FIELDS, EXCLUDE_MAX, N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS,
                      STAGES, STRATEGIES, STRATEGY_CANDIDATES, STRATEGY_MODEL, UNAVAILABLE_SCORE)
@@ -372,6 +372,8 @@ class RecycleRouter:
         r.entry, r.request_features, r.cache_state, r.available = apply_feedback(e, viewed, clicked, r.now, self.ttl_s)
         if self.params.max_pages:
             r.available = depth_guard(r.available[None], r.cache_state[None], self.params.max_pages)[0]
+        if self.params.strategies is not None:  # the family λ was certified for
+            r.available = allowed_strategies(r.available[None], self.params.strategies)[0]
         r.exposed = r.entry.exposed
         r.repeated = True
 

@@ -35,13 +35,15 @@ class RouterParams:
     max_pages: int | None = None  # depth guard: a list that has served this many pages is not recycled
     credit_gains: bool = True  # False: max(ΔQ̂, 0) in the scores (policy.decide.policy_dq)
     loss_floor: float | None = None  # > 0: max(ΔQ̂_j, loss_floor) in the scores (policy.decide.policy_dq)
+    strategies: tuple[int, ...] | None = None  # the strategies the rule may use (None = all)
     source: dict = field(default_factory=dict, compare=False)  # the rest of the params file
 
     def as_decide_params(self) -> dict:
         """The dict comrecycle.policy.decide.decide() takes."""
         return {"lambda": self.lam, "costs": list(self.costs), "omega": self.omega, "choice": self.choice,
                 "max_pages": self.max_pages, "credit_gains": self.credit_gains,
-                "loss_floor": self.loss_floor}
+                "loss_floor": self.loss_floor,
+                "strategies": None if self.strategies is None else list(self.strategies)}
 
     @classmethod
     def from_dict(cls, p: dict, where: str = "params") -> "RouterParams":
@@ -73,7 +75,16 @@ class RouterParams:
         if loss_floor is not None and (isinstance(loss_floor, bool) or not isinstance(loss_floor, (int, float))
                                        or not math.isfinite(loss_floor) or loss_floor < 0):
             raise ParamsError(f"{where}: 'loss_floor' must be null or a finite number >= 0, got {loss_floor!r}")
+        strategies = p.get("strategies")
+        if strategies is not None:
+            if (not isinstance(strategies, list) or not strategies
+                    or not all(isinstance(j, int) and not isinstance(j, bool) and 0 <= j <= N_RECYCLE
+                               for j in strategies)):
+                raise ParamsError(f"{where}: 'strategies' must be null or a non-empty list of strategy ids in "
+                                  f"0..{N_RECYCLE}, got {strategies!r}")
+            strategies = tuple(sorted(set(strategies) | {0}))
         return cls(lam=lam, costs=tuple(float(x) for x in c), omega=omega, choice=choice, max_pages=max_pages,
+                   strategies=strategies,
                    credit_gains=credit_gains, loss_floor=None if loss_floor is None else float(loss_floor),
                    estimator_cost=est_cost, budget=p.get("budget"),
                    estimator_version=int(p.get("estimator_model_version", -1)), source=p)

@@ -40,6 +40,10 @@ def test_solve_decide_evaluate_frontier(files, tiny_random_log):
     assert c["label"] == "view-adjusted"  # the simulator's log has the exposure columns
     assert c["ci_pct"][0] <= c["loss_pct"] <= c["ci_pct"][1] and c["bound_pct"] <= 1.0 + 1e-9
     assert "effect loss" in r.stdout and "the estimator itself predicts" in r.stdout
+    fams = c["families"]
+    assert [f["strategies"] for f in fams] == [[0, 1, 2, 3], [0, 3]]
+    best = max(fams, key=lambda f: (f["certified"], f["saved_pct"]))
+    assert p["lambda"] == best["lambda"] and (p["strategies"] or [0, 1, 2, 3]) == best["strategies"]
 
     r = cli("decide", "--logs", files["log"], "--estimator", files["est"], "--params", d / "params.json",
             "--out", d / "dec.parquet")
@@ -90,6 +94,35 @@ def test_solve_uses_the_logs_own_costs_when_no_profile_is_given(files):
             "--out", files["dir"] / "p3.json")
     assert r.returncode == 0, r.stderr
     assert "mean `cost` per strategy in the log" in r.stdout and "estimator cost not counted" in r.stdout
+
+
+def test_solve_with_a_fixed_family(files):
+    r = cli("solve", "--logs", files["held"], "--estimator", files["est"], "--budget", "0.02", "--strategies", "2,3",
+            "--out", files["dir"] / "fam.json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads((files["dir"] / "fam.json").read_text())
+    assert p["strategies"] == [0, 2, 3] and len(p["certification"]["families"]) == 1
+    r = cli("solve", "--logs", files["held"], "--estimator", files["est"], "--strategies", "0,7",
+            "--out", files["dir"] / "fam.json")
+    assert r.returncode == 2 and "--strategies: expected ids in 0..3" in r.stderr
+
+
+def test_availability_from_the_cache_state_not_from_missing_counterfactuals(tiny_heldout_log):
+    """A log written without counterfactuals has q_j of the served strategy only; the cache
+    state, not the NaN q_j, says what was available."""
+    import pyarrow as pa
+
+    from comrecycle.policy.decide import available_from_log
+
+    full = available_from_log(tiny_heldout_log)
+    t = tiny_heldout_log["strategy"].to_numpy()
+    cut = tiny_heldout_log
+    for j in (1, 2, 3):  # keep q_j of the served strategy only, as --no-counterfactuals writes it
+        q = cut[f"q_{j}"].to_numpy().copy()
+        q[t != j] = np.nan
+        cut = cut.set_column(cut.column_names.index(f"q_{j}"), f"q_{j}", pa.array(q, pa.float32()))
+    assert (available_from_log(cut) == full).all()
+    assert full[:, 1:].sum() > (t > 0).sum()  # more is available than was served
 
 
 def test_cost_sources(files):

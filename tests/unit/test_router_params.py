@@ -18,6 +18,24 @@ def test_params_from_solve_output():
     assert p.lam == 2.5 and p.costs == (1.0, 0.9, 0.8, 0.05) and p.estimator_version == -1
     assert p.as_decide_params()["lambda"] == 2.5
     assert p.credit_gains and not RouterParams.from_dict({**GOOD, "credit_gains": False}).as_decide_params()["credit_gains"]
+    q = RouterParams.from_dict({**GOOD, "strategies": [3], "loss_floor": 0.002})
+    assert q.strategies == (0, 3) and q.as_decide_params()["strategies"] == [0, 3]
+    assert q.as_decide_params()["loss_floor"] == 0.002 and p.as_decide_params()["strategies"] is None
+
+
+def test_the_certified_family_and_loss_floor_shape_the_decision():
+    import numpy as np
+
+    from comrecycle.policy.decide import decide, policy_dq
+
+    dq = np.array([[0.0, -0.2, 0.01, 0.02], [0.0, 0.3, 0.3, 0.3]])
+    avail = np.ones((2, 4), bool)
+    rule = RouterParams.from_dict({**GOOD, "lambda": 1000.0}).as_decide_params()
+    assert decide(dq, avail, rule).tolist() == [1, 0]  # the predicted gain of strategy 1 is taken
+    rule_f = RouterParams.from_dict({**GOOD, "lambda": 1000.0, "loss_floor": 0.05}).as_decide_params()
+    assert decide(policy_dq(dq, rule_f), avail, rule_f).tolist() == [0, 0]  # no recycling counted as free
+    rule_s = RouterParams.from_dict({**GOOD, "lambda": 0.0, "strategies": [0, 2]}).as_decide_params()
+    assert decide(dq, avail, rule_s).tolist() == [2, 2]  # the cheapest allowed, not 3
 
 
 @pytest.mark.parametrize("change,message", [
@@ -28,6 +46,10 @@ def test_params_from_solve_output():
     ({"choice": "best"}, "'choice' must be 'argmax' or 'sample'"),
     ({"estimator_cost": -0.1}, "'estimator_cost' must be >= 0"),
     ({"credit_gains": "no"}, "'credit_gains' must be true or false"),
+    ({"loss_floor": -1}, "'loss_floor' must be null or a finite number >= 0"),
+    ({"loss_floor": "x"}, "'loss_floor' must be null or a finite number >= 0"),
+    ({"strategies": [5]}, r"'strategies' must be null or a non-empty list of strategy ids in 0..3"),
+    ({"strategies": []}, r"'strategies' must be null or a non-empty list"),
 ])
 def test_bad_params_are_refused(change, message):
     with pytest.raises(ParamsError, match=message):

@@ -115,11 +115,10 @@ def test_matches_quadratic_reference(seed, weighted):
     assert auuc(tau, treated, y, p) == pytest.approx(ref_area, abs=1e-12)
 
 
-def test_matches_scikit_uplift_if_installed():
-    """scikit-uplift is not a dependency (it needs pandas and uses an sklearn helper deprecated in
-    1.8); when it is importable, its curves must equal ours at every tie-group end."""
-    pytest.importorskip("pandas")
-    sk = pytest.importorskip("sklift.metrics")
+def test_matches_scikit_uplift():
+    """scikit-uplift (a test dependency, requirements.lock) is the reference: its curves must
+    equal ours at every tie-group end."""
+    import sklift.metrics as sk
     rng = np.random.default_rng(11)
     for _ in range(5):
         n = int(rng.integers(10, 300))
