@@ -41,6 +41,9 @@ import numpy as np
 from .solver import SolverError, check_inputs, project_simplex
 
 DEFAULT_GRID = 256
+# the least loss a recycled request is counted with (policy.decide.policy_dq's loss_floor), as a
+# share of the mean predicted effect of a repeated request: a large λ then serves all in full
+LOSS_FLOOR_SHARE = 1e-3
 
 
 @dataclass
@@ -327,3 +330,21 @@ def certify_lambda(costs, dq, available, q_hat, t, p, r, session, is_repeat, bud
                          bound_pct=float(bound[k]), saved_pct=float(curve.saved_pct[k]), strategy_mix=mix,
                          floor_pct=noise_floor(curve, z), requests=n, repeated=n_rep, sessions=n_sess,
                          curve=curve)
+
+
+def certify_families(costs, dq, available, q_hat, t, p, r, session, is_repeat, budget: float, families=None,
+                     **options) -> tuple[list[int] | None, Certification, list]:
+    """certify_lambda for each family of rules (a list of the strategy ids the rule may use, or
+    None for all) and the one to deploy: certified, then the most compute saved. By default
+    every strategy, and "full or the cheapest": an estimator that misjudges the costly partial
+    refreshes can only add loss with them. Returns (family, its Certification, [(family,
+    Certification) for every family tried])."""
+    from .decide import allowed_strategies
+
+    k1 = len(np.asarray(costs))
+    if families is None:
+        families = [None, [0, k1 - 1]]
+    tried = [(fam, certify_lambda(costs, dq, allowed_strategies(np.asarray(available, bool), fam), q_hat, t, p, r,
+                                  session, is_repeat, budget, **options)) for fam in families]
+    fam, cert = max(tried, key=lambda fc: (fc[1].certified, fc[1].saved_pct))
+    return fam, cert, tried

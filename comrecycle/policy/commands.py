@@ -9,15 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..specs import N_RECYCLE
+from .certify import LOSS_FLOOR_SHARE
 
 
 class CommandError(ValueError):
     pass
-
-
-# the least loss a recycled request is counted with in the certified solve, as a share of the
-# mean predicted effect of a repeated request (policy.decide.policy_dq)
-LOSS_FLOOR_SHARE = 1e-3
 
 
 def _read_log(path) -> pa.Table:
@@ -112,9 +108,8 @@ def cmd_solve(a) -> int:
     from ..estimator.labels import training_labels
     from ..runtime.costs import measure_estimator_seconds
     from ..sim.logs import in_sample_share
-    from .certify import certify_lambda, z_of
-    from .decide import (allowed_strategies, available_from_log, estimator_version, policy_dq, predict,
-                         solve_params, total_effect)
+    from .certify import certify_families, z_of
+    from .decide import available_from_log, estimator_version, policy_dq, predict, solve_params, total_effect
 
     if not 0 <= a.budget < 1:  # before any work: the value as typed, not a rescaled one
         raise CommandError(f"--budget: expected a relative effect loss in [0, 1) (0.01 = 1%), got {a.budget:g}")
@@ -157,19 +152,11 @@ def cmd_solve(a) -> int:
             params["loss_floor"] = float(LOSS_FLOOR_SHARE * max(q_hat[rep, 0].mean(), 1e-9))
         rule = dict(params)
         avail = available_from_log(log, a.max_pages)
-        # the families of rules certified: every strategy, and "full or the cheapest" (an
-        # estimator that misjudges the costly partial refreshes can only add loss with them);
-        # the one that saves the most within the budget is deployed
-        families = [_strategy_list(a.strategies)] if a.strategies else [None, [0, N_RECYCLE]]
-        tried = []
-        for fam in families:
-            c_f = certify_lambda(costs, policy_dq(dq, rule), allowed_strategies(avail, fam), q_hat,
-                                 log["strategy"].to_numpy(), log["propensity"].to_numpy(), r,
-                                 log["session_id"].to_numpy(), log["is_repeat"].to_numpy(), a.budget,
-                                 confidence=a.confidence, omega=a.omega, choice=a.choice, estimator_cost=est_cost,
-                                 grid=a.grid)
-            tried.append((fam, c_f))
-        fam, cert = max(tried, key=lambda fc: (fc[1].certified, fc[1].saved_pct))
+        fam, cert, tried = certify_families(
+            costs, policy_dq(dq, rule), avail, q_hat, log["strategy"].to_numpy(), log["propensity"].to_numpy(), r,
+            log["session_id"].to_numpy(), log["is_repeat"].to_numpy(), a.budget,
+            families=[_strategy_list(a.strategies)] if a.strategies else None, confidence=a.confidence,
+            omega=a.omega, choice=a.choice, estimator_cost=est_cost, grid=a.grid)
         rule["lambda"] = cert.lam
         params["lambda"] = cert.lam
         params["strategies"] = fam
@@ -201,7 +188,8 @@ def cmd_solve(a) -> int:
               ", ".join(f"{j}: {v:.1%}" for j, v in pr["strategy_mix"].items()))
     else:
         c = params["certification"]
-        lvl = "95%" if a.confidence == 0.5 else f"{a.confidence:.0%} one-sided bound at the upper end"
+        lvl = ("95% interval" if a.confidence == 0.5 else
+               f"{2 * a.confidence - 1:.0%} interval, its upper end the {a.confidence:.0%} bound")
         print(f"deployed rule on {cert.requests:,} held-out logged requests ({cert.sessions:,} sessions; DR, {c['label']} "
               f"reward): effect loss {cert.loss_pct:.3f}% [{lvl}: {cert.ci_pct[0]:.3f}, {cert.ci_pct[1]:.3f}], "
               f"compute saved {cert.saved_pct:.2f}%, mix of repeated: " +
@@ -429,22 +417,24 @@ def cmd_closed_loop_frontier(a) -> int:
 
 def cmd_policy_check(a) -> int:
     from .certify import z_of
-    from .pipeline import check_markdown, feed_world_check
+    from .pipeline import check_markdown, comparison_markdown, feed_world_check
 
     z_of(a.confidence)
     budgets = _budgets_pct(a.budgets)
     if a.requests < 1000:
         raise CommandError(f"--requests: expected at least 1000 requests per log, got {a.requests}")
-    rows = feed_world_check(a.requests, a.seeds, budgets, confidence=a.confidence, train_requests=a.train_requests,
-                            max_epochs=a.max_epochs, progress=not a.quiet)
+    rows, comparisons = feed_world_check(a.requests, a.seeds, budgets, confidence=a.confidence,
+                                         train_requests=a.train_requests, max_epochs=a.max_epochs,
+                                         progress=not a.quiet, compare=a.compare)
     text = check_markdown(rows, f"The learned policy on the feed world ({a.requests:,}-request logs, confidence "
-                                f"{a.confidence:g})")
+                                f"{a.confidence:g})") + comparison_markdown(comparisons, budgets)
     print(text)
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "check.md").write_text(text)
-        (out / "check.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+        (out / "check.json").write_text(json.dumps({"runs": rows, "rankings": comparisons}, indent=2,
+                                                   default=float) + "\n")
         print(f"wrote {out}/check.md, check.json")
     return 0
 
@@ -512,6 +502,9 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--budgets", default="0.5,1,2", help="loss budgets in %% (comma separated)")
     s.add_argument("--confidence", type=float, default=0.95, help="solve --confidence")
     s.add_argument("--max-epochs", type=int, default=15, help="estimator epochs (early stopping may stop sooner)")
+    s.add_argument("--compare", action="store_true",
+                   help="also compare rankings at equal true loss: the estimator, a T-learner, a DR-learner, the "
+                        "feature ceiling, DCAF by one feature, the best static rule and the oracle")
     s.add_argument("--out", help="directory for check.md and check.json")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_policy_check)

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..specs import N_RECYCLE
-from .certify import certify_lambda
+from .certify import LOSS_FLOOR_SHARE, certify_families
 from .decide import available_from_log, decide, policy_dq, predict
 from .solver import solve_loss_budget
 
@@ -71,16 +71,20 @@ def static_saving(q: np.ndarray, rep: np.ndarray, costs: np.ndarray, loss_pct: f
 
 def run_pipeline(estimator, solve_log: pa.Table, test_log: pa.Table, costs, budget: float,
                  confidence: float = 0.5, label_solve=None, credit_gains: bool = True) -> PipelineResult:
-    """estimator: a fitted EffectLossEstimator; costs [K+1] with c_0 = 1."""
+    """estimator: a fitted EffectLossEstimator; costs [K+1] with c_0 = 1. λ and the family of
+    rules as `comrecycle solve` chooses them (certify_families, the loss floor)."""
     costs = np.asarray(costs, np.float64)
     q_hat, dq = predict(solve_log, estimator)
-    rule = {"costs": list(costs), "lambda": 0.0, "omega": 0.0, "credit_gains": credit_gains}
+    rep_s = solve_log["is_repeat"].to_numpy()
+    rule = {"costs": list(costs), "lambda": 0.0, "omega": 0.0, "credit_gains": credit_gains,
+            "loss_floor": LOSS_FLOOR_SHARE * max(float(q_hat[rep_s, 0].mean()), 1e-9)}
     avail = available_from_log(solve_log)
     r = solve_log["reward"].to_numpy() if label_solve is None else label_solve
-    cert = certify_lambda(costs, policy_dq(dq, rule), avail, q_hat, solve_log["strategy"].to_numpy(),
-                          solve_log["propensity"].to_numpy(), r, solve_log["session_id"].to_numpy(),
-                          solve_log["is_repeat"].to_numpy(), budget, confidence=confidence)
+    fam, cert, _ = certify_families(costs, policy_dq(dq, rule), avail, q_hat, solve_log["strategy"].to_numpy(),
+                                    solve_log["propensity"].to_numpy(), r, solve_log["session_id"].to_numpy(),
+                                    rep_s, budget, confidence=confidence)
     rule["lambda"] = cert.lam
+    rule["strategies"] = fam
     _, dq_t = predict(test_log, estimator)
     rep = test_log["is_repeat"].to_numpy()
     s = decide(policy_dq(dq_t, rule), available_from_log(test_log), rule).astype(np.int64)
@@ -117,15 +121,75 @@ def ranking_saving(q: np.ndarray, rep: np.ndarray, costs: np.ndarray, dq_hat: np
     return np.array([pts[pts[:, 0] <= b, 1].max(initial=0.0) for b in loss_pcts])
 
 
+def ranking_comparison(estimator, train: pa.Table, test: pa.Table, ceiling_log: pa.Table, costs,
+                       loss_pcts, seed: int = 0) -> dict[str, list[float]]:
+    """Compute saved % at each true loss in loss_pcts on `test`, λ tuned on the true loss, for
+    the ΔQ̂ of: the GRU + MMoE estimator, a T-learner and a DR-learner (gradient-boosted trees
+    on the tabular features, fitted on `train`), the feature ceiling (regressors of the true ΔQ
+    fitted on `ceiling_log`), DCAF by one feature (the best of three), the best static rule and
+    the oracle. The same held-out rows for all: how well each ranking serves the policy."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    from ..estimator.baselines import TLearner
+    from ..estimator.train_cli import tabular_features
+    from .frontier import feature_ceiling, feature_values, ipw_mean_loss
+
+    costs = np.asarray(costs, np.float64)
+    q = true_q(test)
+    rep = test["is_repeat"].to_numpy()
+    k1 = len(costs)
+    zero = np.zeros((test.num_rows, 1))
+    out = {"oracle": [oracle_saving(q, rep, costs, b) for b in loss_pcts]}
+    _, dq = predict(test, estimator)
+    out["GRU + MMoE"] = ranking_saving(q, rep, costs, dq, loss_pcts).tolist()
+    tr_rep = train["is_repeat"].to_numpy()
+    X, Xt = tabular_features(train)[tr_rep], tabular_features(test)
+    t = train["strategy"].to_numpy()[tr_rep].astype(np.int64)
+    y = train["reward"].to_numpy()[tr_rep].astype(np.float64)
+    w = 1.0 / train["propensity"].to_numpy()[tr_rep].astype(np.float64)
+    tl = TLearner(min_samples_leaf=100, random_state=seed).fit(X, t, y, w)
+    qt = tl.predict(Xt)
+    out["T-learner"] = ranking_saving(q, rep, costs, np.concatenate([zero, qt[:, :1] - qt[:, 1:]], 1),
+                                      loss_pcts).tolist()
+    # DR-learner: nuisance Q̂ cross-fitted over two folds of sessions, then the DR pseudo-outcome
+    # of ΔQ_j regressed on the features
+    _, sess = np.unique(train["session_id"].to_numpy()[tr_rep], return_inverse=True)
+    fold = sess % 2
+    qh = np.zeros((len(y), k1))
+    for f in (0, 1):
+        m = TLearner(min_samples_leaf=100, random_state=seed).fit(X[fold != f], t[fold != f], y[fold != f],
+                                                                   w[fold != f])
+        qh[fold == f] = m.predict(X[fold == f])
+    res = y - qh[np.arange(len(y)), t]
+    dr = np.zeros((test.num_rows, k1))
+    for j in range(1, k1):
+        phi = qh[:, 0] - qh[:, j] + ((t == 0).astype(np.float64) - (t == j)) * w * res
+        dr[:, j] = HistGradientBoostingRegressor(min_samples_leaf=200, random_state=seed).fit(X, phi).predict(Xt)
+    out["DR-learner"] = ranking_saving(q, rep, costs, dr, loss_pcts).tolist()
+    out["feature ceiling"] = ranking_saving(q, rep, costs, feature_ceiling(ceiling_log, test, seed),
+                                            loss_pcts).tolist()
+    mean_loss = ipw_mean_loss(train)
+    dcaf = []
+    for f in ("cache_pages", "secs_since_prev", "prev_clicks"):
+        v = feature_values(test, f)
+        proxy = mean_loss[None, :] * (0.05 + v[:, None] / max(v[rep].mean(), 1e-12))
+        dcaf.append(ranking_saving(q, rep, costs, proxy, loss_pcts))
+    out["best DCAF (one feature)"] = np.max(dcaf, axis=0).tolist()
+    out["best static"] = [static_saving(q, rep, costs, b) for b in loss_pcts]
+    return out
+
+
 def feed_world_check(requests: int, seeds, budgets, confidence: float = 0.95, train_requests: int | None = None,
-                     max_epochs: int = 15, progress: bool = True) -> list[dict]:
+                     max_epochs: int = 15, progress: bool = True, compare: bool = False) -> tuple[list, dict]:
     """The pipeline on the feed world (sim/feed_world.py), per seed: logs seed·10 + 1, 2, 3 for
-    training, solving and testing (disjoint users), the log's own costs, every budget."""
+    training, solving and testing (disjoint users), the log's own costs, every budget. With
+    compare: ranking_comparison per seed at the budgets' loss levels (and a fourth log, seed·10
+    + 4, of 200 000 requests for the feature ceiling). Returns (rows, {seed: comparison})."""
     from ..estimator.estimator import EffectLossEstimator
     from ..sim.feed_world import simulate_feed_log
     from .commands import _costs_in_log
 
-    rows = []
+    rows, comparisons = [], {}
     for seed in seeds:
         train = simulate_feed_log(train_requests or requests, seed=seed * 10 + 1)
         solve, test = simulate_feed_log(requests, seed=seed * 10 + 2), simulate_feed_log(requests, seed=seed * 10 + 3)
@@ -138,7 +202,24 @@ def feed_world_check(requests: int, seeds, budgets, confidence: float = 0.95, tr
             r = run_pipeline(est, solve, test, costs, b, confidence=confidence).as_dict()
             r["ranking_saved_pct"] = float(ranking_saving(q, rep, costs, dq, [r["realised_loss_pct"]])[0])
             rows.append({"seed": seed, "requests": requests, **r})
-    return rows
+        if compare:
+            comparisons[seed] = ranking_comparison(est, train, test, simulate_feed_log(200_000, seed=seed * 10 + 4),
+                                                   costs, [100 * b for b in budgets], seed=seed)
+    return rows, comparisons
+
+
+def comparison_markdown(comparisons: dict, budgets) -> str:
+    if not comparisons:
+        return ""
+    names = list(next(iter(comparisons.values())))
+    head = " | ".join(f"{100 * b:g}% loss" for b in budgets)
+    lines = ["", "## Rankings at equal true loss (one step, the test log; compute saved %, mean over seeds "
+                 f"{', '.join(map(str, comparisons))})", "", f"| ΔQ̂ from | {head} |",
+             "|---" * (len(budgets) + 1) + "|"]
+    for name in names:
+        vals = np.mean([comparisons[s][name] for s in comparisons], axis=0)
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def check_markdown(rows: list[dict], title: str) -> str:

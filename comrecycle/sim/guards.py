@@ -52,10 +52,13 @@ def _q(log: pa.Table) -> np.ndarray:
     return q
 
 
-def _cache_state(log: pa.Table) -> np.ndarray:
-    if "cache_state" not in log.column_names:
-        raise ValueError("the calibration guards need the `cache_state` column of a recycling log")
+def _cache_state(log: pa.Table, required: bool = True) -> np.ndarray:
+    """[n, 3K]; a log without the column (a contract-only log) gives -1 (absent) unless required."""
     width = CACHE_STATE.dims[0]
+    if "cache_state" not in log.column_names:
+        if required:
+            raise ValueError("the calibration guards need the `cache_state` column of a recycling log")
+        return np.full((log.num_rows, width), -1.0, np.float32)
     return log["cache_state"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
@@ -64,11 +67,12 @@ OBSERVABLE_EXTRA = ("prev_clicks", "secs_since_prev", "prev_exposures", "gender"
 
 
 def observable_features(log: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(cache state [n, 3K], extra [n, len(OBSERVABLE_EXTRA)]) float64: what a router sees of a request."""
+    """(cache state [n, 3K], extra [n, len(OBSERVABLE_EXTRA)]) float64: what a router sees of a request
+    (the cache state is -1 everywhere for a log without it)."""
     col = lambda n: log[n].to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
     hist_len = np.asarray(pc.list_value_length(log["history"]).to_numpy(zero_copy_only=False), np.float64)
     extra = np.stack([col(n) for n in OBSERVABLE_EXTRA[:-1]] + [hist_len], 1)
-    return _cache_state(log).astype(np.float64), extra
+    return _cache_state(log, required=False).astype(np.float64), extra
 
 
 def noisy_target_regressor(seed: int = 0):

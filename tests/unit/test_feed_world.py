@@ -74,7 +74,7 @@ def test_certified_budget_holds_on_unseen_feed_logs():
     loss stays within 1.15 × budget, and the policy saves compute."""
     from comrecycle.policy.pipeline import feed_world_check
 
-    rows = feed_world_check(40_000, [1, 2, 3], [0.01, 0.02], confidence=0.95, max_epochs=6, progress=False)
+    rows, _ = feed_world_check(40_000, [1, 2, 3], [0.01, 0.02], confidence=0.95, max_epochs=6, progress=False)
     held = [r["realised_loss_pct"] <= 115 * r["budget"] for r in rows]
     assert sum(held) >= len(rows) - 1, rows
     assert all(r["saved_pct"] > 0 for r in rows if r["budget"] == 0.02), rows
