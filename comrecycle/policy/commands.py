@@ -128,7 +128,7 @@ def cmd_solve(a) -> int:
         est_cost = secs / sum(prof["seconds_per_request"].values())
     est_note = (f"estimator cost {est_cost:.4f} per repeated request" if prof is not None else
                 "estimator cost not counted (it is timed against a cost profile: pass --cost-profile)")
-    q_hat, dq = predict(log, est)
+    q_hat, dq = predict(log, est, repeated_only=True)
     params = solve_params(log, q_hat, dq, costs, a.budget, omega=a.omega, choice=a.choice, estimator_cost=est_cost,
                           max_pages=a.max_pages, credit_gains=not a.no_credit_gains)
     params.update({"costs_source": source, "estimator": estimator_version(a.estimator),

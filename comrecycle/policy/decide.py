@@ -78,8 +78,17 @@ def available_from_log(log: pa.Table, max_pages: int | None = None) -> np.ndarra
     return avail
 
 
-def predict(log: pa.Table, estimator) -> tuple[np.ndarray, np.ndarray]:
-    """(Q̂ [n, K+1], ΔQ̂ [n, K+1] with column 0 = 0) for every request of the log."""
+def predict(log: pa.Table, estimator, repeated_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(Q̂ [n, K+1], ΔQ̂ [n, K+1] with column 0 = 0) for every request of the log; with
+    repeated_only, zeros for the initial requests, which nothing is decided for (the
+    estimator's GRU is most of `solve`'s time)."""
+    if repeated_only:
+        rep = log["is_repeat"].to_numpy()
+        q = np.zeros((log.num_rows, N_RECYCLE + 1))
+        dq = np.zeros((log.num_rows, N_RECYCLE + 1))
+        if rep.any():
+            q[rep], dq[rep] = predict(log.filter(pa.array(rep)), estimator)
+        return q, dq
     q, dq = estimator.predict_log(log)
     return q.astype(np.float64), np.concatenate([np.zeros((len(dq), 1)), dq], 1).astype(np.float64)
 

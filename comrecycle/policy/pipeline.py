@@ -70,11 +70,18 @@ def static_saving(q: np.ndarray, rep: np.ndarray, costs: np.ndarray, loss_pct: f
 
 
 def run_pipeline(estimator, solve_log: pa.Table, test_log: pa.Table, costs, budget: float,
-                 confidence: float = 0.5, label_solve=None, credit_gains: bool = True) -> PipelineResult:
+                 confidence: float = 0.5, label_solve=None, credit_gains: bool = True,
+                 predictions: dict | None = None) -> PipelineResult:
     """estimator: a fitted EffectLossEstimator; costs [K+1] with c_0 = 1. λ and the family of
-    rules as `comrecycle solve` chooses them (certify_families, the loss floor)."""
+    rules as `comrecycle solve` chooses them (certify_families, the loss floor). predictions:
+    a dict run_pipeline fills with the estimator's predictions of both logs and reuses (for
+    several budgets with one estimator)."""
     costs = np.asarray(costs, np.float64)
-    q_hat, dq = predict(solve_log, estimator)
+    predictions = {} if predictions is None else predictions
+    if "solve" not in predictions:
+        predictions["solve"] = predict(solve_log, estimator, repeated_only=True)
+        predictions["test"] = predict(test_log, estimator, repeated_only=True)
+    q_hat, dq = predictions["solve"]
     rep_s = solve_log["is_repeat"].to_numpy()
     rule = {"costs": list(costs), "lambda": 0.0, "omega": 0.0, "credit_gains": credit_gains,
             "loss_floor": LOSS_FLOOR_SHARE * max(float(q_hat[rep_s, 0].mean()), 1e-9)}
@@ -85,7 +92,7 @@ def run_pipeline(estimator, solve_log: pa.Table, test_log: pa.Table, costs, budg
                                     rep_s, budget, confidence=confidence)
     rule["lambda"] = cert.lam
     rule["strategies"] = fam
-    _, dq_t = predict(test_log, estimator)
+    _, dq_t = predictions["test"]
     rep = test_log["is_repeat"].to_numpy()
     s = decide(policy_dq(dq_t, rule), available_from_log(test_log), rule).astype(np.int64)
     s[~rep] = 0
@@ -140,7 +147,7 @@ def ranking_comparison(estimator, train: pa.Table, test: pa.Table, ceiling_log: 
     k1 = len(costs)
     zero = np.zeros((test.num_rows, 1))
     out = {"oracle": [oracle_saving(q, rep, costs, b) for b in loss_pcts]}
-    _, dq = predict(test, estimator)
+    _, dq = predict(test, estimator, repeated_only=True)
     out["GRU + MMoE"] = ranking_saving(q, rep, costs, dq, loss_pcts).tolist()
     tr_rep = train["is_repeat"].to_numpy()
     X, Xt = tabular_features(train)[tr_rep], tabular_features(test)
@@ -197,9 +204,10 @@ def feed_world_check(requests: int, seeds, budgets, confidence: float = 0.95, tr
         est = EffectLossEstimator(max_epochs=max_epochs, seed=seed, progress=progress).fit(train)
         q = true_q(test)
         rep = test["is_repeat"].to_numpy()
-        _, dq = predict(test, est)
+        cache: dict = {}
         for b in budgets:
-            r = run_pipeline(est, solve, test, costs, b, confidence=confidence).as_dict()
+            r = run_pipeline(est, solve, test, costs, b, confidence=confidence, predictions=cache).as_dict()
+            dq = cache["test"][1]
             r["ranking_saved_pct"] = float(ranking_saving(q, rep, costs, dq, [r["realised_loss_pct"]])[0])
             rows.append({"seed": seed, "requests": requests, **r})
         if compare:
