@@ -106,6 +106,9 @@ def run_pipeline(estimator, solve_log: pa.Table, test_log: pa.Table, costs, budg
                           static_saving(q, rep, costs, loss), mix)
 
 
+RANKING_LOSS_FLOOR = 1e-6  # clicks
+
+
 def ranking_saving(q: np.ndarray, rep: np.ndarray, costs: np.ndarray, dq_hat: np.ndarray,
                    loss_pcts, grid: int = 256) -> np.ndarray:
     """[len(loss_pcts)] the most compute saved % by the rule argmin c_j + λ ΔQ̂_ij, over λ, with a
@@ -116,7 +119,9 @@ def ranking_saving(q: np.ndarray, rep: np.ndarray, costs: np.ndarray, dq_hat: np
     q0 = q[:, 0]
     avail = np.isfinite(q) & rep[:, None]
     avail[:, 0] = True
-    d = np.where(avail, np.nan_to_num(dq_hat), 0.0)
+    # as the deployed rule counts it (loss_floor): no recycling is free, so a predicted gain is
+    # not recycled at every λ and a large λ serves everything in full
+    d = np.where(avail, np.maximum(np.nan_to_num(dq_hat), RANKING_LOSS_FLOOR), 0.0)
     d[:, 0] = 0.0
     rows = np.arange(len(q))
     qt = np.nan_to_num(q)
