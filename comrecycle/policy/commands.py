@@ -384,12 +384,27 @@ def cmd_closed_loop(a) -> int:
         res["lambda_end"] = controller.lam
         res["lambda_trace"] = controller.trace[:: max(1, len(controller.trace) // 50)]
     print(json.dumps({k: v for k, v in res.items() if k != "lambda_trace"}, indent=2))
+    warning = budget_warning(res)
+    if warning:
+        print(warning)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     if a.log_out:
         pq.write_table(table, a.log_out)
     return 0
+
+
+def budget_warning(res: dict) -> str | None:
+    """A line when a closed-loop run's realised loss is above its budget beyond its interval."""
+    budget, ci = res.get("budget_pct"), res.get("loss_ci95")
+    if budget is None or not ci or "strategy" in str(res.get("policy")) or "random" in str(res.get("policy")):
+        return None
+    if ci[0] > budget:
+        return (f"WARNING: the realised loss {res['effect_loss_pct']:.2f}% [95% CI {ci[0]:.2f}, {ci[1]:.2f}] is above "
+                f"the {budget:g}% budget. λ from a log certifies the loss on the logged cache states; a deployed "
+                "policy ages its caches. Try `solve --confidence 0.95`, a larger --budget margin, or --controller.")
+    return None
 
 
 def cmd_closed_loop_frontier(a) -> int:

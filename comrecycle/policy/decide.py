@@ -177,8 +177,12 @@ def load_params(path: str | Path) -> dict:
         raise SolverError(f"params file {path} does not exist; write one with `comrecycle solve`")
     try:
         p = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SolverError(f"{path}: not JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SolverError(f"{path}: not a params JSON file (expected the output of `comrecycle solve`): "
+                          f"{type(e).__name__}: {str(e)[:120]}") from None
+    if not isinstance(p, dict):
+        raise SolverError(f"{path}: expected a JSON object (the output of `comrecycle solve`), got "
+                          f"{type(p).__name__}")
     missing = [k for k in PARAMS_KEYS if k not in p]
     if missing:
         raise SolverError(f"{path}: missing keys {missing}; expected {list(PARAMS_KEYS)}")

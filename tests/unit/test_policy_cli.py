@@ -244,3 +244,19 @@ def test_closed_loop_warmup_serves_but_does_not_measure(files, tiny_model_set, t
     want = closed_loop_metrics(pq.read_table(full_log).slice(200), [1, 0.9, 0.8, 0.05], 0.01)
     assert m["effect_loss_pct"] == pytest.approx(want["effect_loss_pct"])
     assert m["compute_saved_pct"] == pytest.approx(want["compute_saved_pct"])
+
+
+def test_decide_refuses_a_params_file_that_is_not_json(files):
+    r = cli("decide", "--logs", files["held"], "--estimator", files["est"], "--params", files["log"],
+            "--out", files["dir"] / "d.parquet")
+    assert r.returncode == 2 and "not a params JSON file (expected the output of `comrecycle solve`)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_closed_loop_warns_when_the_budget_is_missed():
+    from comrecycle.policy.commands import budget_warning
+
+    over = {"budget_pct": 1.0, "loss_ci95": [1.5, 2.9], "effect_loss_pct": 2.18, "policy": "comrecycle, fixed λ"}
+    assert "above the 1% budget" in budget_warning(over)
+    assert budget_warning({**over, "loss_ci95": [0.5, 1.4]}) is None  # the interval covers the budget
+    assert budget_warning({**over, "policy": "strategy 3"}) is None  # a fixed rule has no budget
