@@ -133,7 +133,7 @@ def cmd_solve(a) -> int:
                           max_pages=a.max_pages, credit_gains=not a.no_credit_gains)
     params.update({"costs_source": source, "estimator": estimator_version(a.estimator),
                    "solved_on": {"log": str(a.logs), "requests": log.num_rows}})
-    print(f"c = " + ", ".join(f"{c:.3f}" for c in costs) + f" ({source}); {est_note}")
+    print("c = " + ", ".join(f"{c:.3f}" for c in costs) + f" ({source}); {est_note}")
     pr = params["predicted"]
     cert = None
     if a.loss_estimate == "dr":
