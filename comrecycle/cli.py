@@ -296,6 +296,11 @@ def cmd_demo(a) -> int:
         raise CliError(f"--budget is a relative loss in (0, 1), e.g. 0.01 for 1%; got {a.budget}")
     if a.max_pages < 0:
         raise CliError(f"--max-pages must be >= 0 (0 = no depth guard), got {a.max_pages}")
+    if not 0.5 <= a.confidence < 1:  # before minutes of simulation, not when `solve` gets it
+        raise CliError(f"--confidence: expected a level in [0.5, 1) (0.95 = a 95% upper bound), got {a.confidence:g}")
+    if a.train_requests < 1000 or a.certify_requests < 1000:
+        raise CliError(f"--train-requests and --certify-requests: expected at least 1000 requests each, got "
+                       f"{a.train_requests}, {a.certify_requests}")
     return run_demo(a)
 
 
@@ -468,7 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    a = ap.parse_args(argv)
+    a, unknown = ap.parse_known_args(argv)
+    if unknown:
+        if hasattr(a, "rest"):  # perf, build-models: their own options go after `--`
+            ap.error(f"unrecognized arguments: {' '.join(unknown)}; the options of `comrecycle {a.command}` go "
+                     f"after `--`: comrecycle {a.command} -- {' '.join(unknown + list(a.rest or []))}")
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(a, "rest", None) and a.rest[:1] == ["--"]:

@@ -76,3 +76,16 @@ def test_clear_errors(args, message):
     r = cli(*args)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_options_of_wrapped_tools_must_follow_the_separator():
+    r = subprocess.run([sys.executable, "-m", "comrecycle.cli", "perf", "--concurrency", "1"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2
+    assert "the options of `comrecycle perf` go after `--`: comrecycle perf -- --concurrency 1" in r.stderr
+
+
+def test_demo_refuses_a_confidence_level_before_any_work():
+    r = subprocess.run([sys.executable, "-m", "comrecycle.cli", "demo", "--confidence", "2"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "--confidence: expected a level in [0.5, 1)" in r.stderr
