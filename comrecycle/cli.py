@@ -379,12 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(stochastic weight averaging) instead of the best epoch; for noisy labels")
     s.add_argument("--no-list-origin", action="store_true",
                    help="leave out the list-origin feature (the session page each cached list was computed "
-                        "for), as estimators trained before it (docs/RESULTS.md, session 7)")
+                        "for), as estimators trained before it had (docs/RESULTS.md)")
     s.add_argument("--label", choices=LABELS, default="clicks",
                    help="what the estimator learns from: the logged clicks, or view-adjusted clicks (the "
                         "scrolling-depth noise removed by a control variate, unbiased under position-based "
                         "examination; needs the n_viewed, page_items and clicked_items columns; "
-                        "docs/RESULTS.md, session 8)")
+                        "docs/RESULTS.md)")
     s.add_argument("--select", choices=("outcome", "uplift"), default="outcome",
                    help="what early stopping and the choice of epoch watch on the validation sessions: the loss of "
                         "the logged reward (outcome) or minus the summed IPW Qini of ΔQ̂_j (uplift; on the feed "

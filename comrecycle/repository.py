@@ -46,12 +46,12 @@ ROUTER_QUEUE_DELAY_US = 100  # short: at low load a batch of one should not wait
 # out earlier, so the instance count bounds the batches in flight. With the stages in the
 # router's process (local_stages), fewer and hotter processes answer a recycled request
 # faster at low load, and more instances overlap more full cascades under saturation. On
-# 2 cores (docs/RESULTS.md, session 10; medians of 5 rounds, 1 / 2 / 3 / 4 instances):
+# 2 cores (docs/RESULTS.md; medians of 5 rounds, 1 / 2 / 3 / 4 instances):
 # strategy-3 p50 / cascade at concurrency 1: 0.24 / 0.29 / 0.32 / 0.34; throughput of the
 # 74% mix / always-full at 16: 1.47 / 1.64 / 1.60 / 1.57; initial p50 / cascade at 16:
 # 1.34 / 1.12 / 0.97 / 0.94. Two is the only count within every target. The GPU and
 # container variants call their stages by BLS, where four instances were measured better
-# (session 5: initial requests at concurrency 16, 1.18x against 1.38x with two).
+# (measured: initial requests at concurrency 16, 1.18x against 1.38x with two).
 ROUTER_INSTANCES = {"cpu": 2, "gpu": 4, "container": 4}
 # old and new versions stay loaded together while a router/estimator update rolls out
 ROLLOUT_VERSIONS = 2

@@ -121,7 +121,7 @@ class EffectLossEstimator:
     min_epochs: int = 0
     # > 0: the model is the average of the weights at the end of the last `average_epochs`
     # epochs (stochastic weight averaging) instead of the best epoch; with noisy labels the
-    # single last epoch has memorised rows (session 8)
+    # single last epoch has memorised rows (docs/RESULTS.md)
     average_epochs: int = 0
     valid_fraction: float = 0.1
     ipw: bool = True
@@ -226,7 +226,7 @@ class EffectLossEstimator:
         if self.label == "clicks":
             return (w * (torch.exp(lt) - y * lt)).mean()  # Poisson NLL, log link
         # View-adjusted labels can be negative. The Poisson loss is then unbounded below per
-        # row (l -> -inf), and the net memorises those rows (session 8: the validation loss
+        # row (l -> -inf), and the net memorises those rows (measured: the validation loss
         # rose from epoch 3 and blew up at 5). Squared error also has its minimum at E[y | x]
         # and is bounded.
         return (w * (torch.exp(lt) - y) ** 2).mean()

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from ..specs import N_RECYCLE
 from .certify import LOSS_FLOOR_SHARE
+from .decide import costs_in_log
 
 
 class CommandError(ValueError):
@@ -36,21 +37,6 @@ def _load_estimator(est_dir):
     return EffectLossEstimator.load(d)
 
 
-def _costs_in_log(log: pa.Table) -> tuple[np.ndarray | None, str]:
-    """(c_j normalised to c_0 = 1, "") from the log's `cost` column, or (None, why not)."""
-    if "cost" not in log.column_names:
-        return None, "the log has no `cost` column"
-    s = log["strategy"].to_numpy()
-    c = log["cost"].to_numpy().astype(np.float64)
-    missing = [j for j in range(N_RECYCLE + 1) if not (s == j).any()]
-    if missing:
-        return None, f"the log has no request served by strategy {missing}"
-    costs = np.array([c[s == j].mean() for j in range(N_RECYCLE + 1)])
-    if not np.isfinite(costs).all() or (costs < 0).any() or costs[0] <= 0:
-        return None, f"mean `cost` per strategy must be finite, >= 0 and > 0 for strategy 0, got {costs.tolist()}"
-    return costs / costs[0], ""
-
-
 def resolve_costs(log: pa.Table, cost_profile: str | None, from_logs: bool,
                   default_profile: str | None = None) -> tuple[np.ndarray, str, dict | None]:
     """c_j, where they come from (said in every report), and the cost profile if one was used.
@@ -61,7 +47,7 @@ def resolve_costs(log: pa.Table, cost_profile: str | None, from_logs: bool,
     if from_logs and cost_profile:
         raise CommandError("--cost-profile and --costs-from-logs: pass one of them")
     if from_logs or not cost_profile:
-        costs, why = _costs_in_log(log)
+        costs, why = costs_in_log(log)
         if costs is not None:
             return costs, "mean `cost` per strategy in the log (normalised to c_0 = 1)", None
         if from_logs:

@@ -37,6 +37,21 @@ def depth_guard(available: np.ndarray, cache_state: np.ndarray, max_pages: int |
     return out
 
 
+def costs_in_log(log: pa.Table) -> tuple[np.ndarray | None, str]:
+    """(c_j normalised to c_0 = 1, "") from the log's `cost` column, or (None, why not)."""
+    if "cost" not in log.column_names:
+        return None, "the log has no `cost` column"
+    s = log["strategy"].to_numpy()
+    c = log["cost"].to_numpy().astype(np.float64)
+    missing = [j for j in range(N_RECYCLE + 1) if not (s == j).any()]
+    if missing:
+        return None, f"the log has no request served by strategy {missing}"
+    costs = np.array([c[s == j].mean() for j in range(N_RECYCLE + 1)])
+    if not np.isfinite(costs).all() or (costs < 0).any() or costs[0] <= 0:
+        return None, f"mean `cost` per strategy must be finite, >= 0 and > 0 for strategy 0, got {costs.tolist()}"
+    return costs / costs[0], ""
+
+
 def allowed_strategies(available: np.ndarray, strategies) -> np.ndarray:
     """available [n, K+1] restricted to `strategies` (ids; 0 is always kept), or unchanged for
     None: the family of rules a certified λ belongs to (`solve` may certify "full or the

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from ..specs import N_RECYCLE
 from .certify import LOSS_FLOOR_SHARE, certify_families
-from .decide import available_from_log, decide, policy_dq, predict
+from .decide import available_from_log, costs_in_log, decide, policy_dq, predict
 from .solver import solve_loss_budget
 
 
@@ -199,13 +199,12 @@ def feed_world_check(requests: int, seeds, budgets, confidence: float = 0.95, tr
     + 4, of 200 000 requests for the feature ceiling). Returns (rows, {seed: comparison})."""
     from ..estimator.estimator import EffectLossEstimator
     from ..sim.feed_world import simulate_feed_log
-    from .commands import _costs_in_log
 
     rows, comparisons = [], {}
     for seed in seeds:
         train = simulate_feed_log(train_requests or requests, seed=seed * 10 + 1)
         solve, test = simulate_feed_log(requests, seed=seed * 10 + 2), simulate_feed_log(requests, seed=seed * 10 + 3)
-        costs, _ = _costs_in_log(train)
+        costs, _ = costs_in_log(train)
         est = EffectLossEstimator(max_epochs=max_epochs, seed=seed, progress=progress).fit(train)
         q = true_q(test)
         rep = test["is_repeat"].to_numpy()

@@ -49,8 +49,8 @@ SETTINGS = {  # parameter -> (environment variable, default)
     # or "none"). Every BLS call is a round trip to Triton plus one inter-process hop per stage
     # of the ensemble; on a 2-core machine those hops cost more CPU than the CPU stages
     # themselves. In-process, a strategy-3 request is a re-rank on the router's own thread and
-    # an initial request costs what calling `cascade` directly costs (docs/RESULTS.md,
-    # session 9). "none" (BLS only) is for stages on a GPU, served by Triton.
+    # an initial request costs what calling `cascade` directly costs (docs/RESULTS.md).
+    # "none" (BLS only) is for stages on a GPU, served by Triton.
     "local_stages": ("COMRECYCLE_ROUTER_LOCAL_STAGES", "all"),
     # every pb_utils metric update is an inter-process round trip (~65-80 us measured here),
     # ~13 per batch: they were 10% of a router instance's busy time under load. Counters are
