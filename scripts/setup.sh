@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything ComRecycle needs on a fresh Debian 12 / Python 3.11 machine:
 #   * Debian packages: libb64-0d (perf_analyzer) and redis-server
-#   * a virtual environment with the pinned dependencies of requirements.lock, cached outside the
-#     repository under a key derived from the requirements (so a second run takes seconds)
-#   * the project itself (editable), which provides the `comrecycle` console script
-# The venv is linked at ./.venv. Override the cache folder with COMRECYCLE_VENV_HOME.
+#   * the pinned dependencies of requirements.lock in a virtual environment cached outside the
+#     repository under a key derived from the requirements (so a second run takes seconds); the
+#     cached environment never holds this project, so any number of clones can share it
+#   * ./.venv: a small virtual environment of this clone's own, which sees the cached dependencies
+#     (a .pth file) and holds this clone's editable install and its `comrecycle` console script
+# Override the cache folder with COMRECYCLE_VENV_HOME.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -20,7 +22,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-KEY=$(cat requirements.lock | sha256sum | cut -c1-16)
+# The layout tag is part of the key: deps-only environments are not mixed with older ones that
+# held an editable install of whichever clone ran set-up last.
+LAYOUT=deps-only-1
+KEY=$( { cat requirements.lock; echo "$LAYOUT"; } | sha256sum | cut -c1-16)
 VENV_HOME=${COMRECYCLE_VENV_HOME:-$HOME/.cache/comrecycle}
 VENV=$VENV_HOME/venv-py$($PY -c 'import sys;print(f"{sys.version_info[0]}{sys.version_info[1]}")')-$KEY
 if [ ! -f "$VENV/.complete" ]; then
@@ -36,9 +41,24 @@ if [ ! -f "$VENV/.complete" ]; then
 else
   echo "[setup] dependencies cached in $VENV"
 fi
-# Point the editable install at this checkout (cheap; keeps a cached venv valid for any clone).
-"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 \
+# This clone's own environment. An older layout linked .venv to the shared cache: remove the link
+# only (never what it points to).
+if [ -L .venv ]; then rm -f .venv; fi
+DEPS_SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -x .venv/bin/python ] || ! grep -qs "$VENV" .venv/.comrecycle-deps; then
+  rm -rf .venv
+  $PY -m venv --without-pip .venv
+  echo "$VENV" > .venv/.comrecycle-deps
+fi
+SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# addsitedir (not a bare path) so that the cached environment's own .pth files are processed too.
+echo "import site; site.addsitedir('$DEPS_SITE')" > "$SITE/_comrecycle_deps.pth"
+# Tools the cached environment carries as binaries (perf_analyzer, perf_client): linked into .venv/bin.
+for tool in perf_analyzer perf_client; do
+  if [ -e "$VENV/bin/$tool" ]; then ln -sfn "$VENV/bin/$tool" ".venv/bin/$tool"; fi
+done
+# The editable install of this clone, with its console script, goes into .venv only.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 \
   | { grep -v "^WARNING: Location" || true; }
 test "${PIPESTATUS[0]}" = 0
-ln -sfn "$VENV" .venv
-"$VENV/bin/python" -c "import comrecycle, tritonclient, onnxruntime, torch; print('[setup] ok:', comrecycle.__file__)"
+.venv/bin/python -c "import comrecycle, tritonclient, onnxruntime, torch; print('[setup] ok:', comrecycle.__file__)"
