@@ -21,7 +21,9 @@ import numpy as np
 
 from comrecycle.sim import SessionSimulator, World
 
-from .triton_client import PROTOCOLS, CascadeClient
+from comrecycle.specs import ROUTER
+
+from .triton_client import PROTOCOLS, CascadeClient, ServerUnreachable
 
 
 @dataclass
@@ -40,11 +42,16 @@ class ReplayReport:
 
     def summary(self) -> str:
         lat = self.latency_ms
-        return (f"{self.model} over {self.protocol}: {self.requests} requests ({self.errors} errors) "
+        text = (f"{self.model} over {self.protocol}: {self.requests} requests ({self.errors} errors) "
                 f"in {self.seconds:.1f}s = {self.throughput_rps:.1f} req/s at concurrency {self.concurrency}; "
                 f"expected clicks/request {self.expected_clicks_per_request:.4f}; "
                 f"latency p50 {lat.get('p50', float('nan')):.2f} ms, p95 {lat.get('p95', float('nan')):.2f} ms, "
                 f"p99 {lat.get('p99', float('nan')):.2f} ms")
+        return text + _first_error_line(self.errors, self.first_errors)
+
+
+def _first_error_line(errors: int, first_errors: list) -> str:
+    return f"\nfirst error (of {errors}): {first_errors[0]}" if errors and first_errors else ""
 
 
 def latency_summary(seconds: list[float]) -> dict:
@@ -97,9 +104,19 @@ def replay(url: str, protocol: str, world: World, n_requests: int, concurrency: 
            model: str = "cascade", progress: bool = True) -> ReplayReport:
     async def main():
         async with CascadeClient(url, protocol) as c:
+            await c.check(model)  # one clear line instead of one error per page when nothing answers
             return await replay_async(c, world, n_requests, concurrency, seed, model, progress)
 
     return asyncio.run(main())
+
+
+def check_server(url: str, protocol: str, model: str) -> None:
+    """ServerUnreachable (one line: URL, protocol, first error) unless `model` is ready there."""
+    async def main():
+        async with CascadeClient(url, protocol) as c:
+            await c.check(model)
+
+    asyncio.run(main())
 
 
 def world_from_repository(repo: str | Path) -> World:
@@ -113,29 +130,42 @@ def world_from_repository(repo: str | Path) -> World:
     return world_for(json.loads(mpath.read_text()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m client.replay", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m client.replay") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", required=True, help="host:port of the server (HTTP or gRPC port)")
+    ap.add_argument("--url", required=True, help="host:port of the server (its HTTP or gRPC port)")
     ap.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
     ap.add_argument("--repository", default="model_repository",
                     help="model repository whose manifest names the simulated world")
-    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--requests", type=int, default=2000, help="requests to replay (>= 1)")
     ap.add_argument("--concurrency", type=int, default=16, help="concurrent sessions (in-flight requests)")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--model", default="cascade")
+    ap.add_argument("--seed", type=int, default=1, help="simulator seed (the same seed replays the same users)")
+    ap.add_argument("--model", default="cascade",
+                    help=f"served model to call: cascade (the full cascade for every request, the default) or "
+                         f"{ROUTER} (the client sends the previous page's viewed/clicked items, request_time and "
+                         f"new_session, as the main job does; reports the strategy mix)")
     ap.add_argument("--json", help="also write the report here")
     a = ap.parse_args(argv)
-    rep = replay(a.url, a.protocol, world_from_repository(a.repository), a.requests, a.concurrency,
-                 a.seed, a.model)
-    print(rep.summary())
+    if a.requests < 1 or a.concurrency < 1:
+        ap.error(f"--requests and --concurrency must be >= 1, got {a.requests} and {a.concurrency}")
+    try:
+        check_server(a.url, a.protocol, a.model)  # before the world is built: a dead port fails in seconds
+        world = world_from_repository(a.repository)
+        if a.model == ROUTER:
+            rep = replay_router(a.url, a.protocol, world, a.requests, a.concurrency, a.seed)
+            summary, report = rep.summary(a.protocol, a.concurrency), rep.report()
+        else:
+            rep = replay(a.url, a.protocol, world, a.requests, a.concurrency, a.seed, a.model)
+            summary, report = rep.summary(), asdict(rep)
+    except (ServerUnreachable, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(summary)
     if a.json:
-        Path(a.json).write_text(json.dumps(asdict(rep), indent=2))
+        Path(a.json).write_text(json.dumps(report, indent=2))
     return 0 if rep.errors == 0 else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # ---- through recycle_router -------------------------------------------------------------------
@@ -162,6 +192,40 @@ class RouterReplay:
     def latency_by_strategy(self) -> dict:
         return {int(j): latency_summary(list(self.latency_s[self.strategy == j]))
                 for j in np.unique(self.strategy) if j >= 0}
+
+    def mix(self, repeated_only: bool = False) -> dict[int, float]:
+        """Share of each strategy (0-3) over all answered requests, or over the repeated ones."""
+        ok = self.strategy >= 0
+        if repeated_only:
+            ok &= self.is_repeat
+        n = int(ok.sum())
+        return {j: float((self.strategy[ok] == j).sum() / n) if n else 0.0 for j in range(4)}
+
+    def report(self) -> dict:
+        return {"model": self.model, "requests": self.requests, "errors": self.errors, "seconds": self.seconds,
+                "throughput_rps": self.requests / self.seconds if self.seconds else None,
+                "repeated_requests": int(self.is_repeat.sum()),
+                "mix_all_requests": self.mix(), "mix_repeated_requests": self.mix(repeated_only=True),
+                "expected_clicks_per_request": float(self.expected_clicks.mean()) if self.requests else None,
+                "latency_ms": latency_summary(list(self.latency_s)),
+                "latency_ms_by_strategy": self.latency_by_strategy(), "first_errors": self.first_errors}
+
+    def summary(self, protocol: str, concurrency: int) -> str:
+        r = self.report()
+
+        def fmt(mix: dict) -> str:
+            return " / ".join(f"{100 * mix[j]:.1f}" for j in range(4))
+
+        lat = r["latency_ms"]
+        return (f"{self.model} over {protocol}: {self.requests} requests ({self.errors} errors) in "
+                f"{self.seconds:.1f}s = {r['throughput_rps'] or 0:.1f} req/s at concurrency {concurrency}\n"
+                f"strategy mix 0/1/2/3 (% of all {self.requests - self.errors} answered requests): "
+                f"{fmt(r['mix_all_requests'])}\n"
+                f"strategy mix 0/1/2/3 (% of the {r['repeated_requests']} repeated requests): "
+                f"{fmt(r['mix_repeated_requests'])}\n"
+                f"expected clicks/request {r['expected_clicks_per_request'] or 0:.4f}; latency p50 "
+                f"{lat.get('p50', float('nan')):.2f} ms, p99 {lat.get('p99', float('nan')):.2f} ms"
+                + _first_error_line(self.errors, self.first_errors))
 
 
 class _RouterServe:
@@ -263,6 +327,17 @@ async def replay_full_async(client: CascadeClient, world: World, n_requests: int
     return await _replay(serve, world, n_requests, concurrency, seed, progress, "replay always-full (cascade)")
 
 
+def replay_router(url: str, protocol: str, world: World, n_requests: int, concurrency: int = 16, seed: int = 0,
+                  progress: bool = True) -> RouterReplay:
+    """Sessions replayed through recycle_router with the client in the loop (as the main job does)."""
+    async def main():
+        async with CascadeClient(url, protocol) as c:
+            await c.check(ROUTER)
+            return await replay_router_async(c, world, n_requests, concurrency, seed, progress=progress)
+
+    return asyncio.run(main())
+
+
 def replay_pair(url: str, world: World, n_requests: int, concurrency: int = 16, seed: int = 0,
                 progress: bool = True) -> tuple[RouterReplay, RouterReplay]:
     """recycle_router, then always-full, on the same simulator seed (gRPC)."""
@@ -292,3 +367,7 @@ def shadow_full_cascade(replay: RouterReplay, world: World, model_dir, chunk: in
         q_full[list(idx)] = page_expected_clicks(world, replay.interests[list(idx)], pages)
     q_served = page_expected_clicks(world, replay.interests, replay.pages)
     return q_served, q_full
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,6 +26,25 @@ class ServingError(RuntimeError):
     """A request the server answered with an error."""
 
 
+class ServerUnreachable(ConnectionError):
+    """The server (or the model) cannot be used at all: one line that names the URL, the protocol and
+    the first error, instead of one failed request per replayed page."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+    text = (text or type(exc).__name__).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# Transport failures (refused connection, DNS, reset) as the gRPC and HTTP clients raise them.
+try:  # aiohttp comes with tritonclient[http]
+    from aiohttp import ClientError as _HttpClientError
+except ImportError:  # pragma: no cover
+    _HttpClientError = OSError
+TRANSPORT_ERRORS = (OSError, _HttpClientError, asyncio.TimeoutError)
+
+
 def model_inputs(model: str) -> list[str]:
     """Input tensor names of a served model (ensemble or stage)."""
     if model == "estimator":
@@ -88,6 +107,24 @@ class CascadeClient:
             return bool(await self._client.is_server_ready())
         return bool(await self._client.is_model_ready(model))
 
+    async def check(self, model: str) -> None:
+        """Raise ServerUnreachable unless the server answers and ``model`` is ready to serve."""
+        where = f"tritonserver at {self.url} over {self.protocol}"
+        try:
+            live = await asyncio.wait_for(self._client.is_server_live(), self.timeout_s)
+        except (InferenceServerException, *TRANSPORT_ERRORS) as e:
+            raise ServerUnreachable(f"cannot reach {where}: {_first_line(e)} (is `comrecycle serve` running, "
+                                    f"and is {self.url} its {self.protocol.upper()} port?)") from None
+        if not live:
+            raise ServerUnreachable(f"{where} answers but is not live")
+        try:
+            ready = await self._client.is_model_ready(model)
+        except (InferenceServerException, *TRANSPORT_ERRORS) as e:
+            raise ServerUnreachable(f"{where}: readiness of model {model!r} unknown: {_first_line(e)}") from None
+        if not ready:
+            raise ServerUnreachable(f"{where} answers, but model {model!r} is not loaded or not ready "
+                                    f"(`comrecycle serve` logs every model it did not load, and why)")
+
     def _inputs(self, model: str, tensors: dict[str, np.ndarray]):
         ins = []
         optional = {t.name for t in ROUTER_INPUTS if t.optional} if model == ROUTER else set()
@@ -124,8 +161,10 @@ class CascadeClient:
         try:
             out = await self.infer(model, tensors)
             return Timed(out, time.perf_counter() - t0)
-        except (ServingError, asyncio.TimeoutError) as e:
+        except ServingError as e:
             return Timed(None, time.perf_counter() - t0, str(e))
+        except TRANSPORT_ERRORS as e:  # the server went away mid-run: one failed request, with the reason
+            return Timed(None, time.perf_counter() - t0, f"{model}: {type(e).__name__}: {_first_line(e)}")
 
     async def page(self, context: dict[str, np.ndarray]) -> np.ndarray:
         """The page (item ids, best first) of the full cascade for one request."""

@@ -1,7 +1,7 @@
 """Build a model set: bootstrap log -> four trained stages -> ONNX -> quality -> cost profile.
 
 Output directory (one model set):
-  bootstrap.parquet      the simulated log the stages learned from (DESIGN.md §7 schema)
+  bootstrap.parquet      the simulated log the stages learned from (docs/contracts.md#request-log-schema)
   {stage}.onnx           raw-id ONNX models (vocabularies inside)
   manifest.json          profile, sizes, world seed, versions, git SHA, time, training metrics
   quality.json / .md     stage quality in the simulator vs popularity and random

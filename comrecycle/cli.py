@@ -1,6 +1,6 @@
 """`comrecycle` — the project's one console script.
 
-  comrecycle simulate       write a simulated request log (DESIGN.md §7 Parquet schema)
+  comrecycle simulate       write a simulated request log (docs/contracts.md#request-log-schema)
   comrecycle check-simulator  the simulator's calibration guards on a randomised log (ground truth q_j)
   comrecycle build-models   train the four stages, export ONNX, install the model repository
   comrecycle train-estimator  fit + evaluate the effect-loss estimator on a randomised log
@@ -12,7 +12,9 @@
   comrecycle closed-loop    a policy inside the simulator: realised loss on its own cache states
   comrecycle closed-loop-frontier  every policy family over its knob and seeds, in the closed loop
   comrecycle profile-costs  re-measure per-stage cost and the strategy cost profile c_j
-  comrecycle serve          run the embedded tritonserver on a model repository
+  comrecycle install-estimator  install a trained estimator as a new `estimator` version
+  comrecycle install-params  install router params (solve) as a new `recycle_router` version
+  comrecycle serve          run the embedded tritonserver on a model repository (--with-redis)
   comrecycle replay         replay simulated sessions against a running server
   comrecycle perf           perf_analyzer on `cascade` and the trivial-model floor (CSV)
   comrecycle demo           the main job: build if needed, serve, replay, report
@@ -259,26 +261,66 @@ def _check_repository(repo: Path) -> dict:
 
 
 def cmd_serve(a) -> int:
-    from .repository import loadable_models
+    import contextlib
+    import os
+
+    from .repository import load_plan
     from .serving.server import main as server_main
 
     repo = Path(a.repository)
     _check_repository(repo)
     args = ["--model-repository", str(repo), "--http-port", str(a.http_port), "--grpc-port", str(a.grpc_port),
             "--metrics-port", str(a.metrics_port), "--model-control", "explicit"]
-    for m in loadable_models(repo):
+    models, skipped = load_plan(repo)
+    for m in models:
         args += ["--load-model", m]
-    return server_main(args)
+    for name, reason in skipped.items():
+        log.warning("not loading %s: %s", name, reason)
+    with contextlib.ExitStack() as stack:
+        if a.with_redis:
+            from .serving.redis_server import RedisServer, RedisStartError
+
+            try:
+                redis_srv = stack.enter_context(RedisServer(a.redis_port or None, maxmemory=a.redis_maxmemory))
+            except RedisStartError as e:
+                raise CliError(f"--with-redis: {e}") from None
+            os.environ["COMRECYCLE_REDIS_URL"] = redis_srv.url  # inherited by tritonserver and the router
+            log.info("redis-server %s on %s (memory only; stopped with the server)", redis_srv.pid, redis_srv.url)
+        elif "recycle_router" in models:
+            log.info("recycle_router will use Redis at %s (COMRECYCLE_REDIS_URL; --with-redis starts one)",
+                     os.environ.get("COMRECYCLE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+        return server_main(args)
+
+
+def cmd_install_estimator(a) -> int:
+    from .repository import install_estimator
+
+    dst = install_estimator(a.repository, a.estimator, version=a.version)
+    print(f"installed {a.estimator} as {dst} (estimator version {dst.name})")
+    print(f"a running server (explicit model control) loads it with: curl -X POST "
+          f"localhost:8000/v2/repository/models/estimator/load; `comrecycle serve` loads the latest version")
+    return 0
+
+
+def cmd_install_params(a) -> int:
+    from .repository import install_router_params
+
+    dst = install_router_params(a.repository, a.params, estimator_version=a.estimator_version, version=a.version)
+    est = json.loads((dst / "params.json").read_text())["estimator_model_version"]
+    print(f"installed {a.params} as {dst} (recycle_router version {dst.name}, calling estimator version {est})")
+    print("a running server (explicit model control) switches to it with: curl -X POST "
+          "localhost:8000/v2/repository/models/recycle_router/load (no downtime)")
+    return 0
 
 
 def cmd_replay(a) -> int:
     from client.replay import main as replay_main
 
     args = ["--url", a.url, "--protocol", a.protocol, "--repository", a.repository, "--requests",
-            str(a.requests), "--concurrency", str(a.concurrency), "--seed", str(a.seed)]
+            str(a.requests), "--concurrency", str(a.concurrency), "--seed", str(a.seed), "--model", a.model]
     if a.json:
         args += ["--json", a.json]
-    return replay_main(args)
+    return replay_main(args, prog="comrecycle replay")
 
 
 def cmd_perf(a) -> int:
@@ -313,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     s = sub.add_parser("simulate-feed", help="write a randomised log of the feed world, a second generator unlike the "
-                                             "simulator (DESIGN.md §7 columns only, sparse ids, cost in ms, q_0..q_3)")
+                                             "simulator (docs/contracts.md#contract-columns only, sparse ids, cost in ms, q_0..q_3)")
     s.add_argument("--out", required=True, help="output Parquet file")
     s.add_argument("--requests", type=int, default=60_000, help="about this many requests (whole sessions)")
     s.add_argument("--seed", type=int, default=0, help="users, sessions and draws; split logs by using several seeds")
@@ -432,16 +474,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--with-redis", action="store_true",
+                   help="also start a loopback redis-server (memory only) for recycle_router's cache, stopped "
+                        "with the server; otherwise the router uses $COMRECYCLE_REDIS_URL "
+                        "(default redis://127.0.0.1:6379/0)")
+    s.add_argument("--redis-port", type=int, default=0, help="--with-redis: its port (0 = a free one, printed)")
+    s.add_argument("--redis-maxmemory", default="256mb", help="--with-redis: maxmemory (allkeys-lru eviction)")
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("replay", help="replay simulated sessions against a running server")
-    s.add_argument("--url", default="127.0.0.1:8001")
-    s.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    s = sub.add_parser("install-estimator", help="install a trained estimator as a new version of `estimator`")
+    s.add_argument("--estimator", required=True, help="directory written by `comrecycle train-estimator --out`")
     s.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]))
-    s.add_argument("--requests", type=int, default=2000)
-    s.add_argument("--concurrency", type=int, default=16)
-    s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--json")
+    s.add_argument("--version", type=int, help="version number (default: the highest installed + 1)")
+    s.set_defaults(func=cmd_install_estimator)
+
+    s = sub.add_parser("install-params", help="install router params (`comrecycle solve`) as a new version of "
+                                              "recycle_router")
+    s.add_argument("--params", required=True, help="params JSON written by `comrecycle solve --out`")
+    s.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]))
+    s.add_argument("--estimator-version", type=int,
+                   help="estimator version the router calls (default: the latest installed)")
+    s.add_argument("--version", type=int, help="version number (default: the highest installed + 1)")
+    s.set_defaults(func=cmd_install_params)
+
+    s = sub.add_parser("replay", help="replay simulated sessions against a running server")
+    s.add_argument("--url", default="127.0.0.1:8001", help="host:port of the server's gRPC (or HTTP) port")
+    s.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    s.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]),
+                   help="the served model repository (its manifest names the simulated world)")
+    s.add_argument("--requests", type=int, default=2000, help="requests to replay")
+    s.add_argument("--concurrency", type=int, default=16, help="concurrent simulated sessions")
+    s.add_argument("--seed", type=int, default=1, help="simulator seed")
+    s.add_argument("--model", default="cascade",
+                   help="cascade (full cascade for every request) or recycle_router (feedback, request_time and "
+                        "new_session sent as the main job does; prints the strategy mix)")
+    s.add_argument("--json", help="also write the report (JSON) here")
     s.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("perf", help="perf_analyzer on cascade + floor (options after --; try -- --help)")

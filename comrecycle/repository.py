@@ -289,6 +289,10 @@ def install_estimator(repo: str | Path, estimator_dir: str | Path, version: int 
     root = repo / "estimator"
     if not (root / "config.pbtxt").exists():
         raise FileNotFoundError(f"{root}/config.pbtxt missing: generate the repository first (build_models.py)")
+    missing = [f for f in ("estimator.onnx", "manifest.json") if not (estimator_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{estimator_dir}: expected a trained estimator directory (`comrecycle "
+                                f"train-estimator --out DIR` writes estimator.onnx and manifest.json); missing {missing}")
     existing = installed_versions(root, "model.onnx")
     version = version or (max(existing) + 1 if existing else 1)
     dst = root / str(version)
@@ -315,12 +319,22 @@ def install_router_params(repo: str | Path, params_path: str | Path, estimator_v
     root = repo / ROUTER
     if not (root / "config.pbtxt").exists():
         raise FileNotFoundError(f"{root}/config.pbtxt missing: generate the repository first (build_models.py)")
-    p = json.loads(Path(params_path).read_text())
+    try:
+        p = json.loads(Path(params_path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{params_path}: not a params JSON file (expected the output of `comrecycle solve`): "
+                         f"{type(e).__name__}: {str(e)[:120]}") from None
+    if not isinstance(p, dict):
+        raise ValueError(f"{params_path}: expected a JSON object (the output of `comrecycle solve`), "
+                         f"got {type(p).__name__}")
     if estimator_version is None:
         est = installed_versions(repo / "estimator", "model.onnx")
         if not est:
             raise FileNotFoundError(f"{repo}/estimator has no installed version: install an estimator first")
         estimator_version = max(est)
+    elif estimator_version not in installed_versions(repo / "estimator", "model.onnx"):
+        raise FileNotFoundError(f"estimator version {estimator_version} is not installed in {repo}/estimator "
+                                f"(installed: {installed_versions(repo / 'estimator', 'model.onnx')})")
     p["estimator_model_version"] = int(estimator_version)
     RouterParams.from_dict(p, str(params_path))  # fail here, not when Triton loads it
     existing = installed_versions(root, PARAMS_FILE)
@@ -355,26 +369,53 @@ def _version_ready(cfg: mc.ModelConfig, d: Path) -> bool:
     return d.is_dir() and d.name.isdigit() and (d / need).exists()
 
 
-def loadable_models(repo: str | Path) -> list[str]:
-    """Models of a repository that can load: a version dir with its model.onnx (ensembles:
-    when all their steps can). The servers start with explicit model control on this list,
-    so a repository whose estimator is not trained yet still serves the cascade."""
+def load_plan(repo: str | Path) -> tuple[list[str], dict[str, str]]:
+    """Which models of a repository can load, and why each other one cannot.
+
+    Returns (loadable names sorted, {name: reason} for the rest). A model can load when a version
+    dir holds its model.onnx (the router: params.json); an ensemble when all its steps can; the
+    router when, besides, the estimator and every cascade suffix it calls can. The servers start
+    with explicit model control on the loadable list, so a repository whose estimator is not
+    trained yet still serves the cascade (and says why the router is missing)."""
     repo = Path(repo)
     cfgs = {}
     for p in sorted(repo.glob("*/config.pbtxt")):
         cfg = mc.ModelConfig()
         text_format.Parse(p.read_text(), cfg)
         cfgs[cfg.name] = cfg
-    ok = {n for n, c in cfgs.items() if c.platform != "ensemble" and n != ROUTER
-          and any(_version_ready(c, v) for v in (repo / n).iterdir())}
+    ok, why = set(), {}
     for n, c in cfgs.items():
-        if c.platform == "ensemble" and all(s.model_name in ok for s in c.ensemble_scheduling.step):
+        if c.platform == "ensemble" or n == ROUTER:
+            continue
+        if any(_version_ready(c, v) for v in (repo / n).iterdir()):
             ok.add(n)
-    # the router calls the estimator and every cascade suffix
-    if ROUTER in cfgs and any(_version_ready(cfgs[ROUTER], v) for v in (repo / ROUTER).iterdir()) \
-            and {"estimator", "cascade", "cascade_from_prerank", "cascade_from_rank", "rerank"} <= ok:
-        ok.add(ROUTER)
-    return sorted(ok)
+        elif n == "estimator":
+            why[n] = ("no version holds model.onnx: train one (`comrecycle train-estimator`) and install it "
+                      "(`comrecycle install-estimator`)")
+        else:
+            why[n] = "no version holds model.onnx: build the model set (`comrecycle build-models`)"
+    for n, c in cfgs.items():
+        if c.platform == "ensemble":
+            missing = [s.model_name for s in c.ensemble_scheduling.step if s.model_name not in ok]
+            if missing:
+                why[n] = f"its steps {missing} cannot load"
+            else:
+                ok.add(n)
+    if ROUTER in cfgs:  # the router calls the estimator and every cascade suffix
+        needs = {"estimator", "cascade", "cascade_from_prerank", "cascade_from_rank", "rerank"}
+        if not any(_version_ready(cfgs[ROUTER], v) for v in (repo / ROUTER).iterdir()):
+            why[ROUTER] = ("no version holds params.json: certify λ (`comrecycle solve`) and install the params "
+                           "(`comrecycle install-params`)")
+        elif not needs <= ok:
+            why[ROUTER] = f"it calls {sorted(needs - ok)}, which cannot load"
+        else:
+            ok.add(ROUTER)
+    return sorted(ok), why
+
+
+def loadable_models(repo: str | Path) -> list[str]:
+    """Models of a repository that can load (see load_plan for the reasons of the others)."""
+    return load_plan(repo)[0]
 
 
 def repository_server(repo: str | Path, **kwargs):
@@ -383,7 +424,9 @@ def repository_server(repo: str | Path, **kwargs):
 
     for f in sync_installed_code(repo):
         log.info("refreshed %s from this checkout", f)
-    models = loadable_models(repo)
+    models, skipped = load_plan(repo)
     if not models:
         raise FileNotFoundError(f"{repo}: no model can load (no model.onnx installed): run build_models.py")
+    for name, reason in skipped.items():
+        log.warning("not loading %s: %s", name, reason)
     return TritonServer(repo, model_control="explicit", load_models=models, **kwargs)

@@ -167,7 +167,7 @@ STRATEGY_CANDIDATES = {0: None, 1: "retrieval_items", 2: "prerank_items", 3: "ca
 N_RECYCLE = len(STRATEGIES) - 1  # K
 # The state of the user's cache, as the request filter sees it: for each cached list that
 # strategy j = 1..K reads (STAGES[j-1]), three numbers. Recycling loses quality mostly as a
-# cached list ages and is depleted by exposure, which no §7 request feature shows.
+# cached list ages and is depleted by exposure, which no request-log feature (docs/contracts.md) shows.
 CACHE_STATE_FIELDS = ("age_s", "pages", "items")
 CACHE_STATE = TensorSpec("cache_state", "float32", (N_RECYCLE * len(CACHE_STATE_FIELDS),),
                          "per cached list read by strategies 1..K, in that order: seconds since it "

@@ -1,4 +1,4 @@
-"""Benchmark: the policy solver on 1M requests (DESIGN.md §2, issue 4: < 5 s).
+"""Benchmark: the policy solver on 1M requests (docs/method.md#policy; goal < 5 s).
 
     python -m perf.solver_bench [--requests 1000000] [--out docs/solver_bench.md]
 

@@ -1,1 +1,1 @@
-"""Effect-loss estimator (DESIGN.md §2): model, baselines and uplift evaluation."""
+"""Effect-loss estimator (docs/method.md): model, baselines and uplift evaluation."""

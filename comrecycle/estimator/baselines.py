@@ -1,4 +1,4 @@
-"""Baseline effect-loss estimators with an sklearn-like surface (DESIGN.md §2, §8).
+"""Baseline effect-loss estimators with an sklearn-like surface (docs/method.md#effect-loss-estimator).
 
 Both are fitted on a randomised log: X [n, d] float features of repeated requests, t [n] int
 logged strategy in 0..K (0 = full computation), y [n] float observed reward (clicks), and

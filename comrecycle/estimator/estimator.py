@@ -40,7 +40,7 @@ class LogError(ValueError):
 def validate_training_log(table: pa.Table, where: str = "log") -> None:
     missing = [c for c in TRAIN_COLUMNS if c not in table.column_names]
     if missing:
-        raise LogError(f"{where}: missing columns {missing}; expected the DESIGN.md §7 schema")
+        raise LogError(f"{where}: missing columns {missing}; expected the request-log schema of docs/contracts.md#request-log-schema")
     wrong = [f"{c}: expected {LOG_SCHEMA.field(c).type}, got {table.schema.field(c).type}"
              for c in TRAIN_COLUMNS if table.schema.field(c).type != LOG_SCHEMA.field(c).type]
     if wrong:

@@ -1,4 +1,4 @@
-"""Uplift evaluation of effect-loss estimators (DESIGN.md §2): curves, AUUC, Qini, rank and
+"""Uplift evaluation of effect-loss estimators (docs/method.md): curves, AUUC, Qini, rank and
 calibration checks, a plot and a Markdown report.
 
 Setting. Each repeated request i of a *randomised* log was served with a strategy

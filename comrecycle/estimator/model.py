@@ -1,4 +1,4 @@
-"""The effect-loss estimator (DESIGN.md §2): GRU over the click history + embeddings of the
+"""The effect-loss estimator (docs/method.md): GRU over the click history + embeddings of the
 user and request features -> MMoE with K+1 task towers.
 
     l_ctrl = tower_0(x),  l_j^uplift = tower_j(x),  l_j^treat = l_j^uplift + l_ctrl

@@ -1,4 +1,4 @@
-"""`comrecycle solve | decide | evaluate` (DESIGN.md §7)."""
+"""`comrecycle solve | decide | evaluate` (docs/contracts.md)."""
 from __future__ import annotations
 
 import json
@@ -270,7 +270,7 @@ def cmd_frontier(a) -> int:
         costs, _, _ = resolve_costs(log, a.cost_profile, a.costs_from_logs, a.default_cost_profile)
     if a.estimator:
         q_hat, dq = predict(log, _load_estimator(a.estimator))
-    budgets = [float(b) / 100.0 for b in a.budgets.split(",")]
+    budgets = _budgets_pct(a.budgets)
     ceiling = _read_log(a.feature_ceiling_logs) if a.feature_ceiling_logs else None
     res = frontier(log, costs, q_hat, dq, estimator_cost=est_cost, budgets=budgets, seed=a.seed,
                    ceiling_log=ceiling)
@@ -455,7 +455,7 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     from ..estimator.labels import LABELS
 
     s = sub.add_parser("solve", help="λ for a loss budget on a log with the estimator -> params JSON")
-    s.add_argument("--logs", required=True, help="request log (Parquet, DESIGN.md §7)")
+    s.add_argument("--logs", required=True, help="request log (Parquet, docs/contracts.md#request-log-schema)")
     s.add_argument("--estimator", required=True, help="estimator directory (comrecycle train-estimator --out)")
     s.add_argument("--budget", type=float, default=0.01, help="allowed relative effect loss b (0.01 = 1%%)")
     s.add_argument("--omega", type=float, default=0.0, help="ω > 0: the regularised (soft) form")

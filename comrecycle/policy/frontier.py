@@ -1,4 +1,4 @@
-"""The compute-quality frontier (DESIGN.md §6): compute saved vs effect loss for ComRecycle,
+"""The compute-quality frontier (docs/evaluation.md#oracle-and-feature-ceiling): compute saved vs effect loss for ComRecycle,
 the baselines and the oracle, on a randomised log with ground truth q_0..q_K.
 
 Every policy has one knob that trades compute for loss; sweeping it traces a curve of
@@ -128,7 +128,7 @@ def feature_values(log: pa.Table, name: str) -> np.ndarray:
 def feature_ceiling(train_log: pa.Table, log: pa.Table, seed: int = 0) -> np.ndarray:
     """[n, K+1] ΔQ̂ of `log` (column 0 = 0) by regressors of the *true* ΔQ_j fitted on a separate
     randomised log of the same world, from the observable features (sim.guards.observable_features).
-    With λ swept and read at the realised loss, this is the feature ceiling of DESIGN.md §6: the
+    With λ swept and read at the realised loss, this is the feature ceiling of docs/evaluation.md#oracle-and-feature-ceiling: the
     best a policy that sees only these features can expect, as opposed to the oracle, which also
     knows the latent intent and the noise of each request."""
     from ..sim.guards import noisy_target_regressor, observable_features

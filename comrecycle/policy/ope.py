@@ -1,4 +1,4 @@
-"""Off-policy evaluation of a recycling policy on a randomised request log (DESIGN.md §6, §7).
+"""Off-policy evaluation of a recycling policy on a randomised request log (docs/evaluation.md#protocol).
 
 A policy is a strategy per logged request (π_i). Compute under π is known exactly (c_{π_i},
 plus the estimator's own cost on every repeated request); the effect is estimated from the
@@ -15,7 +15,7 @@ session are correlated), 2.5 and 97.5 percentiles.
 
 Caveat written into every report: a log evaluation is the effect of π's decisions given the
 logged cache states. A deployed policy changes later cache states (it recycles more, so caches
-grow older); `comrecycle frontier --closed-loop` measures that in the simulator.
+grow older); `comrecycle closed-loop` measures that in the simulator.
 """
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def ranking_saving(q: np.ndarray, rep: np.ndarray, costs: np.ndarray, dq_hat: np
                    loss_pcts, grid: int = 256) -> np.ndarray:
     """[len(loss_pcts)] the most compute saved % by the rule argmin c_j + λ ΔQ̂_ij, over λ, with a
     true loss of at most each loss_pct: how well a ranking ΔQ̂ [n, K+1] (column 0 = 0) serves the
-    policy, with λ tuned on the true loss (the feature ceiling's protocol, DESIGN.md §6)."""
+    policy, with λ tuned on the true loss (the feature ceiling's protocol, docs/evaluation.md#oracle-and-feature-ceiling)."""
     from .certify import lambda_grid, rule_allocation
 
     q0 = q[:, 0]

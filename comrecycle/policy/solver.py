@@ -1,4 +1,4 @@
-"""The recycling policy's solver (DESIGN.md §2): pure, vectorised functions.
+"""The recycling policy's solver (docs/method.md): pure, vectorised functions.
 
 Notation: n requests, strategies 0..K (0 = full cascade). Per request i and strategy j:
     cost c_j        [K+1]      compute units (c_0 = 1 by the cost profile's convention)

@@ -1,4 +1,4 @@
-"""The logic of `recycle_router` (DESIGN.md §2), testable without Triton.
+"""The logic of `recycle_router` (docs/method.md), testable without Triton.
 
 Per dynamically formed batch of client requests (one page each):
 

@@ -27,7 +27,7 @@ class ParamsError(ValueError):
 class RouterParams:
     lam: float  # λ, the multiplier of the loss budget
     costs: tuple[float, ...]  # c_j of strategies 0..K (strategy 0 = 1.0)
-    omega: float = 0.0  # ω > 0: choice from the simplex projection (DESIGN §2)
+    omega: float = 0.0  # ω > 0: choice from the simplex projection (docs/method.md#rule-options)
     choice: str = "argmax"  # ω > 0: "argmax" or "sample"
     estimator_cost: float = 0.0  # compute units the estimator spends per repeated request
     budget: float | None = None  # the relative loss budget b the λ was solved for
@@ -93,7 +93,7 @@ class RouterParams:
     def load(cls, path: str | Path) -> "RouterParams":
         path = Path(path)
         if not path.exists():
-            raise ParamsError(f"{path} does not exist: install params with `comrecycle deploy-params` "
+            raise ParamsError(f"{path} does not exist: install params with `comrecycle install-params` "
                               "(or write the output of `comrecycle solve` there)")
         try:
             p = json.loads(path.read_text())

@@ -1,4 +1,4 @@
-"""Measured per-stage cost and the strategy cost profile c_j (DESIGN.md §2).
+"""Measured per-stage cost and the strategy cost profile c_j (docs/method.md).
 
 Each stage is timed per request at a reference batch size, in-process with onnxruntime on
 realistic inputs (real candidate lists produced by the upstream stages). c_j = the cost of

@@ -5,7 +5,7 @@ request, hands the batch to a `serve` function (the in-process cascade, a Triton
 a logging policy...), then plays the user on what was served: views, clicks, interest drift,
 the gap to the next request. Deterministic for a seed and a deterministic `serve`.
 
-Calibration (DESIGN.md §5): P(repeat) ≈ 0.74 (pages per session = 1 + Geom), gaps ≈46% < 10 s
+Calibration (docs/method.md#simulator): P(repeat) ≈ 0.74 (pages per session = 1 + Geom), gaps ≈46% < 10 s
 and ≈75% < 2 min (log-normal), ≈70% of pages less than half viewed (see world.VIEW_P).
 Real-time intent (what a cached candidate list misses, and a fresh cascade can see):
   * a click moves the session's interest a little towards the clicked item and more towards

@@ -3,7 +3,7 @@
 The project's simulator (world.py, env.py) runs the real cascade models on a catalogue of
 embedded items, and the loss of a recycled list emerges from the pages it would serve. This
 generator shares none of that: no stage models, no embeddings, no click model over positions.
-It writes randomised request logs in the DESIGN.md §7 contract only (no cache_state, no
+It writes randomised request logs in the contract columns of docs/contracts.md only (no cache_state, no
 exposure columns, sparse 40-bit ids, its own unnormalised `cost` column in milliseconds) with
 the ground truth q_0..q_3, so that the estimator and the policy can be checked on a world they
 were not designed against.

@@ -1,4 +1,4 @@
-"""The request log (DESIGN.md §7): one Parquet row per request.
+"""The request log (docs/contracts.md): one Parquet row per request.
 
 Contract columns are fixed; the simulator adds `expected_reward` (the served page's exact
 expected clicks), `page_items`, `clicked_items` and `n_viewed` which model training uses.
@@ -119,7 +119,7 @@ def read_log(path: str | Path, require_sim_columns: bool = False) -> pa.Table:
     expected = SIM_SCHEMA if require_sim_columns else LOG_SCHEMA
     missing = [n for n in expected.names if n not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing}; expected the DESIGN.md §7 schema "
+        raise ValueError(f"{path}: missing columns {missing}; expected the request-log schema of docs/contracts.md#request-log-schema "
                          f"{list(expected.names)}")
     wrong = [f"{f.name}: expected {f.type}, got {table.schema.field(f.name).type}"
              for f in expected if table.schema.field(f.name).type != f.type]

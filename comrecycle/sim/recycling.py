@@ -1,5 +1,5 @@
 """Recycling inside the simulator: the per-user stage cache a served system keeps, and a
-`serve` function that answers repeated requests by any strategy 0-3 (DESIGN.md §2) with
+`serve` function that answers repeated requests by any strategy 0-3 (docs/method.md) with
 the same ONNX stage models Triton serves (in-process onnxruntime).
 
 Cache semantics (as the router will implement them):

@@ -1,4 +1,4 @@
-"""The command line: --help everywhere, clear errors, simulate writes the §7 schema."""
+"""The command line: --help everywhere, clear errors, simulate writes the request-log schema."""
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +8,8 @@ import pytest
 from comrecycle.sim.logs import read_log
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["simulate", "train-estimator", "build-models", "profile-costs", "serve", "replay", "perf", "demo"]
+COMMANDS = ["simulate", "train-estimator", "build-models", "profile-costs", "serve", "replay", "perf", "demo",
+            "install-estimator", "install-params"]
 
 
 def cli(*args, timeout=300):
@@ -89,3 +90,62 @@ def test_demo_refuses_a_confidence_level_before_any_work():
     r = subprocess.run([sys.executable, "-m", "comrecycle.cli", "demo", "--confidence", "2"], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "--confidence: expected a level in [0.5, 1)" in r.stderr
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_replay_against_a_dead_port_is_one_line(protocol):
+    port = _dead_port()
+    r = cli("replay", "--url", f"127.0.0.1:{port}", "--protocol", protocol, "--requests", "50",
+            "--repository", "/nonexistent", timeout=120)
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"comrecycle replay: error: cannot reach tritonserver at 127.0.0.1:{port} over "
+                               f"{protocol}: ")
+    assert "refused" in lines[0].lower() or "connect" in lines[0].lower()
+
+
+def test_replay_help_names_the_router():
+    r = cli("replay", "--help")
+    assert "--model" in r.stdout and "recycle_router" in r.stdout
+
+
+def test_install_commands_refuse_what_cannot_be_installed(tmp_path, tiny_repository, tiny_estimator):
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repo)
+    # not an estimator directory
+    r = cli("install-estimator", "--repository", str(repo), "--estimator", str(tmp_path))
+    assert r.returncode == 2 and "expected a trained estimator directory" in r.stderr
+    assert "missing ['estimator.onnx', 'manifest.json']" in r.stderr
+    # a Parquet file given as params
+    bad = tmp_path / "params.parquet"
+    bad.write_bytes(b"PAR1\x80\x00binary")
+    r = cli("install-params", "--repository", str(repo), "--params", str(bad))
+    assert r.returncode == 2 and "not a params JSON file (expected the output of `comrecycle solve`)" in r.stderr
+    # params without costs
+    half = tmp_path / "half.json"
+    half.write_text('{"lambda": 1.0}')
+    r = cli("install-params", "--repository", str(repo), "--params", str(half))
+    assert r.returncode == 2 and "missing keys ['costs']" in r.stderr
+    good = tmp_path / "p.json"
+    good.write_text('{"lambda": 0.5, "costs": [1.0, 0.9, 0.8, 0.05]}')
+    r = cli("install-params", "--repository", str(repo), "--params", str(good), "--estimator-version", "9")
+    assert r.returncode == 2 and "estimator version 9 is not installed" in r.stderr
+    # what works: a second estimator version, then params calling it
+    r = cli("install-estimator", "--repository", str(repo), "--estimator", str(tiny_estimator))
+    assert r.returncode == 0, r.stderr
+    assert "estimator version 2" in r.stdout
+    r = cli("install-params", "--repository", str(repo), "--params", str(good))
+    assert r.returncode == 0, r.stderr
+    assert "calling estimator version 2" in r.stdout
+    assert '"estimator_model_version": 2' in (repo / "recycle_router" / "1" / "params.json").read_text()

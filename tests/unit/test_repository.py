@@ -74,3 +74,24 @@ def test_model_py_is_the_template():
     src = (REPO_ROOT / "python_backends" / "stage" / "model.py").read_text()
     for s in STAGES:
         assert (DEFAULT_REPOSITORY["cpu"] / s / "1" / "model.py").read_text() == src
+
+
+def test_load_plan_says_why_each_model_cannot_load(tmp_path):
+    from comrecycle.repository import load_plan
+
+    write_configs(tmp_path, get_profile("tiny").sizes, "cpu")
+    ok, why = load_plan(tmp_path)
+    assert ok == []
+    for stage in STAGES:
+        assert "build the model set" in why[stage]
+    assert "comrecycle train-estimator" in why["estimator"] and "install-estimator" in why["estimator"]
+    assert "install-params" in why["recycle_router"]
+    assert "cannot load" in why["cascade"]
+    # with the stages "built" (any model.onnx), the ensembles load and the router says what it lacks
+    for stage in STAGES:
+        (tmp_path / stage / "1" / "model.onnx").write_bytes(b"")
+    (tmp_path / "recycle_router" / "1" / "params.json").write_text("{}")
+    ok, why = load_plan(tmp_path)
+    assert {"cascade", "cascade_from_prerank", "cascade_from_rank", *STAGES} <= set(ok)
+    assert set(why) == {"estimator", "recycle_router"}
+    assert why["recycle_router"] == "it calls ['estimator'], which cannot load"

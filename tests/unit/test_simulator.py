@@ -1,4 +1,4 @@
-"""The simulator is calibrated to the published traffic (DESIGN.md §5) and deterministic."""
+"""The simulator is calibrated to the published traffic (docs/method.md#simulator) and deterministic."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-"""recycle_router: the clients' entry point (DESIGN.md §2-3), a Python-backend BLS model.
+"""recycle_router: the clients' entry point (docs/method.md#serving-flow), a Python-backend BLS model.
 
 Thin by design: Triton tensors <-> numpy, BLS calls and metrics. The request filter, the
 decision and the cache logic are comrecycle.router (tested without Triton).
