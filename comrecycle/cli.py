@@ -209,13 +209,20 @@ def cmd_calibrate_estimator(a) -> int:
     est.save(out, extra=extra)
     print(f"{'strategy':>8s} {'depth':>5s} {'rows':>7s} {'DR mean':>8s} {'± se':>6s} {'isotonic':>8s} "
           f"{'ΔQ̂ mean':>8s} {'offset':>7s}")
+    warnings = []
     for j, r in est.calibration_.report["strategies"].items():
         if "skipped" in r:
             print(f"{j:>8s} skipped: {r['skipped']}")
+            if r.get("unexplored"):
+                warnings.append(f"WARNING: strategy {j} is not calibrated (offsets 0): {r['skipped']}. Calibrate on "
+                                "a log that explores it (`comrecycle simulate --logging random`), or keep it out "
+                                f"of the policy (`solve --strategies` without {j}).")
             continue
         for k, d in enumerate(r["depths"]):
             print(f"{j:>8s} {d:>5d} {r['rows'][k]:>7d} {r['dr_mean'][k]:>8.3f} {r['dr_se'][k]:>6.3f} "
                   f"{r['isotonic'][k]:>8.3f} {r['predicted_mean'][k]:>8.3f} {r['offset'][k]:>7.3f}")
+    for w in warnings:
+        print(w)
     print(f"wrote {out}/calibration.json and the calibrated {out}/estimator.onnx")
     return 0
 

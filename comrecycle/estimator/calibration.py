@@ -79,13 +79,16 @@ def _pav(y: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def fit_depth_calibration(q: np.ndarray, dq: np.ndarray, cache_state: np.ndarray, strategy: np.ndarray,
                           reward: np.ndarray, propensity: np.ndarray, max_depth: int = 12,
-                          min_rows: int = 400) -> DepthCalibration:
+                          min_rows: int = 400, min_explored: int = 50) -> DepthCalibration:
     """Fit the offsets on repeated requests of a randomised log.
 
     q [n, K+1], dq [n, K]: the estimator's raw predictions; cache_state [n, K·3]; strategy,
     reward, propensity [n]: the logged arm, its clicks and its logging probability.
     Depths with fewer than `min_rows` usable rows are pooled into the deepest depth that has
-    enough (so sparse tails borrow the last well-measured level, never extrapolate)."""
+    enough (so sparse tails borrow the last well-measured level, never extrapolate). A strategy
+    the log served (or left at strategy 0) on fewer than `min_explored` usable rows is not
+    calibrated (offsets 0, the reason in the report): its DR pseudo-outcome would rest on the
+    estimator alone, so an offset printed for it would measure nothing."""
     n = len(strategy)
     s = np.asarray(strategy, np.int64)
     y = np.asarray(reward, np.float64)
@@ -104,6 +107,13 @@ def fit_depth_calibration(q: np.ndarray, dq: np.ndarray, cache_state: np.ndarray
         gamma = dq[:, j - 1] + corr
         counts = np.bincount(np.clip(d[usable], 0, max_depth), minlength=max_depth + 1)
         deep = [k for k in range(1, max_depth + 1) if counts[k] >= min_rows]
+        n_arm, n_full = int((usable & (s == j)).sum()), int((usable & (s == 0)).sum())
+        if min(n_arm, n_full) < min_explored:
+            report["strategies"][str(j)] = {
+                "skipped": f"not explored: the log served strategy {j} on {n_arm} and strategy 0 on {n_full} of "
+                           f"the {int(usable.sum())} requests where strategy {j} was available (fewer than "
+                           f"{min_explored}), so its loss cannot be measured", "unexplored": True}
+            continue
         if not deep:
             report["strategies"][str(j)] = {"skipped": f"fewer than {min_rows} usable rows at every depth"}
             continue

@@ -200,6 +200,7 @@ def closed_loop_metrics(table, costs, estimator_cost: float = 0.0) -> dict:
             "compute_saved_pct": 100 * (1 - spent / (costs[0] * n)),
             "compute_saved_without_estimator_pct": 100 * (1 - costs[s].sum() / (costs[0] * n)),
             "strategy_mix": {str(j): float(np.mean(s[rep] == j)) for j in range(N_RECYCLE + 1)},
+            "strategy_mix_over": "repeated requests",
             "expected_clicks_per_request": float(np.mean(served))}
 
 

@@ -172,6 +172,9 @@ def cmd_solve(a) -> int:
         print(f"on {log.num_rows:,} logged requests (the estimator's own prediction): effect loss "
               f"{pr['effect_loss_pct']:.3f}%, compute saved {pr['compute_saved_pct']:.2f}%, mix of repeated: " +
               ", ".join(f"{j}: {v:.1%}" for j, v in pr["strategy_mix"].items()))
+        warning = prediction_warning(pr["effect_loss_pct"], a.budget)
+        if warning:
+            print(warning)
     else:
         c = params["certification"]
         lvl = ("95% interval" if a.confidence == 0.5 else
@@ -181,6 +184,9 @@ def cmd_solve(a) -> int:
               f"compute saved {cert.saved_pct:.2f}%, mix of repeated: " +
               ", ".join(f"{j}: {v:.1%}" for j, v in cert.strategy_mix.items()))
         print(f"the estimator itself predicts {c['estimator_predicted_loss_pct']:.3f}% for this rule")
+        warning = prediction_warning(c["estimator_predicted_loss_pct"], a.budget, dr_loss_pct=cert.loss_pct)
+        if warning:
+            print(warning)
         if len(c["families"]) > 1:
             print("families certified: " + "; ".join(
                 f"strategies {','.join(map(str, f['strategies']))}: λ = {f['lambda']:.4g}, loss {f['loss_pct']:.3f}%, "
@@ -204,6 +210,23 @@ def cmd_solve(a) -> int:
     return 0
 
 
+def prediction_warning(predicted_loss_pct: float, budget: float, dr_loss_pct: float | None = None) -> str | None:
+    """A line when the estimator predicts that recycling *gains* more effect than the budget allows
+    to lose: skipping stages rarely improves a page, so such a prediction is optimism, not news."""
+    if not predicted_loss_pct < -100 * budget:
+        return None
+    if dr_loss_pct is None:
+        return (f"WARNING: the estimator predicts an effect loss of {predicted_loss_pct:.3f}% (a gain) for the "
+                f"chosen rule, and with --loss-estimate predicted the {100 * budget:g}% budget is checked against "
+                "that prediction, so it does not bound the realised loss. Solve with --loss-estimate dr on a "
+                "held-out randomised log, or with --no-credit-gains.")
+    return (f"WARNING: the estimator predicts an effect loss of {predicted_loss_pct:.3f}% (a gain) for this rule "
+            f"while the off-policy estimate is {dr_loss_pct:.3f}%: it is optimistic about recycling on some "
+            "requests. λ rests on the off-policy estimate, not on this prediction; for a better ranking, "
+            "calibrate it (`comrecycle calibrate-estimator` on a held-out randomised log) or solve with "
+            "--no-credit-gains.")
+
+
 def cmd_decide(a) -> int:
     from .decide import available_from_log, decide, load_params, policy_dq, predict
 
@@ -218,8 +241,14 @@ def cmd_decide(a) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"request_id": log["request_id"], "strategy": pa.array(s, pa.int8())}), out)
-    mix = np.bincount(s, minlength=N_RECYCLE + 1) / max(1, len(s))
-    print(f"{len(s):,} decisions (" + ", ".join(f"{j}: {m:.1%}" for j, m in enumerate(mix)) + f") -> {out}")
+    rep = log["is_repeat"].to_numpy()
+
+    def mix(x):
+        return ", ".join(f"{j}: {m:.1%}" for j, m in enumerate(np.bincount(x, minlength=N_RECYCLE + 1) /
+                                                               max(1, len(x))))
+
+    print(f"{len(s):,} decisions -> {out}; strategy mix of all {len(s):,} requests: {mix(s)}; "
+          f"of the {int(rep.sum()):,} repeated: {mix(s[rep])}")
     return 0
 
 

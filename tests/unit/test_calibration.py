@@ -148,3 +148,28 @@ def test_calibration_can_use_the_view_adjusted_label(tiny_estimator, tiny_random
                                  rep["propensity"].to_numpy(), min_rows=20).offsets
     np.testing.assert_allclose(adjusted, want)
     assert not np.allclose(adjusted, clicks)
+
+
+def test_a_strategy_the_log_never_served_is_not_calibrated():
+    q, dq, cs, s, y, p, _, _ = synthetic_log(n=20000, seed=3)
+    keep = s != 2  # strategy 2 never explored
+    cal = fit_depth_calibration(q[keep], dq[keep], cs[keep], s[keep], y[keep], p[keep], max_depth=10, min_rows=200)
+    r = cal.report["strategies"]["2"]
+    assert r["unexplored"] and "served strategy 2 on 0" in r["skipped"]
+    assert np.all(cal.offsets[1] == 0)
+    assert np.any(cal.offsets[2] != 0) and "depths" in cal.report["strategies"]["3"]
+
+
+def test_calibrate_estimator_cli_warns_about_unexplored_strategies(tiny_estimator, tiny_random_log, tmp_path):
+    import pyarrow.compute as pc
+
+    log = tmp_path / "no2.parquet"
+    pq.write_table(tiny_random_log.filter(pc.not_equal(tiny_random_log["strategy"], 2)), log)
+    src = tmp_path / "est"
+    shutil.copytree(tiny_estimator, src)
+    r = subprocess.run([sys.executable, "-m", "comrecycle.cli", "calibrate-estimator", "--estimator", str(src),
+                        "--logs", str(log), "--out", str(tmp_path / "cal"), "--min-rows", "20"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "WARNING: strategy 2 is not calibrated (offsets 0): not explored: the log served strategy 2 on 0" in r.stdout
+    assert "WARNING: strategy 3" not in r.stdout

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -52,6 +53,8 @@ def test_solve_decide_evaluate_frontier(files, tiny_random_log):
     assert dec.column_names == ["request_id", "strategy"] and dec.num_rows == tiny_random_log.num_rows
     s = dec["strategy"].to_numpy()
     assert (s[~tiny_random_log["is_repeat"].to_numpy()] == 0).all()
+    n, n_rep = tiny_random_log.num_rows, int(tiny_random_log["is_repeat"].to_numpy().sum())
+    assert f"strategy mix of all {n:,} requests: " in r.stdout and f"of the {n_rep:,} repeated: " in r.stdout
 
     r = cli("evaluate", "--logs", files["log"], "--decisions", d / "dec.parquet", "--params", d / "params.json",
             "--estimator", files["est"], "--bootstrap", 50, "--out", d / "eval.json")
@@ -66,6 +69,8 @@ def test_solve_decide_evaluate_frontier(files, tiny_random_log):
     truth = 100 * (1 - q[np.arange(len(pi)), pi].sum() / q[:, 0].sum())
     assert ev["methods"]["exact"]["effect_loss_pct"] == pytest.approx(truth, rel=1e-5, abs=1e-9)
 
+    r = cli("frontier", "--logs", files["log"], "--budgets", "200", "--out", d / "bad")
+    assert r.returncode == 2 and "--budgets: expected percentages in [0, 100), got [200.0]" in r.stderr
     r = cli("frontier", "--logs", files["log"], "--estimator", files["est"], "--params", d / "params.json",
             "--out", d / "frontier")
     assert r.returncode == 0, r.stderr
@@ -260,3 +265,30 @@ def test_closed_loop_warns_when_the_budget_is_missed():
     assert "above the 1% budget" in budget_warning(over)
     assert budget_warning({**over, "loss_ci95": [0.5, 1.4]}) is None  # the interval covers the budget
     assert budget_warning({**over, "policy": "strategy 3"}) is None  # a fixed rule has no budget
+
+
+def test_solve_warns_when_the_estimator_predicts_a_gain():
+    from comrecycle.policy.commands import prediction_warning
+
+    assert prediction_warning(0.8, 0.01) is None
+    assert prediction_warning(-0.5, 0.01) is None  # a small gain is within noise of the budget
+    w = prediction_warning(-90.024, 0.01)
+    assert w.startswith("WARNING: the estimator predicts an effect loss of -90.024% (a gain)")
+    assert "--loss-estimate dr" in w
+    w = prediction_warning(-3.0, 0.01, dr_loss_pct=0.9)
+    assert "off-policy estimate is 0.900%" in w and "calibrate-estimator" in w
+
+
+def test_frontier_refuses_a_log_without_ground_truth(files, tiny_random_log, tmp_path):
+    no_q = tmp_path / "no_q.parquet"
+    pq.write_table(tiny_random_log.drop([f"q_{j}" for j in range(4)]), no_q)
+    r = cli("frontier", "--logs", no_q, "--out", tmp_path / "fr")
+    assert r.returncode == 2 and "the frontier needs ground-truth columns" in r.stderr
+    nan_q = tiny_random_log
+    for j in range(1, 4):  # a --logging full log: q_0 only
+        i = nan_q.column_names.index(f"q_{j}")
+        nan_q = nan_q.set_column(i, f"q_{j}", pa.array(np.full(nan_q.num_rows, np.nan, np.float32)))
+    path = tmp_path / "nan_q.parquet"
+    pq.write_table(nan_q, path)
+    r = cli("frontier", "--logs", path, "--out", tmp_path / "fr")
+    assert r.returncode == 2 and "the frontier needs q_1..q_3 on repeated requests; this log has none" in r.stderr
