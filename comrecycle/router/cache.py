@@ -4,13 +4,18 @@ Per user ``uid`` two keys live in Redis:
 
 * ``{prefix}u:{uid}``    the user's :class:`CacheEntry`, encoded by :func:`encode_entry`,
   expiring ``ttl_s`` after its last write;
-* ``{prefix}lock:{uid}`` a short lock (``lock_ms``) holding the token of the batch that serves
-  the user's request right now, so that two in-flight requests of one user never both recycle
-  (and serve) the same cached items.
+* ``{prefix}lock:{uid}`` a short lock (``lock_ms``, extended while the batch runs) holding the
+  token of the batch that serves the user's request right now, so that two in-flight requests
+  of one user never both recycle (and serve) the same cached items;
+* ``{prefix}fb:{uid}``   viewed items parked by requests that found the lock held (packed int64),
+  taken over and applied by the next request that holds the lock: no feedback is dropped.
 
-A batch makes two round trips: :meth:`RedisStageCache.claim` (lock + read) before serving and
-:meth:`RedisStageCache.commit` (write + unlock) after it, each one Lua script call for the whole
-batch (one command to pack and one reply to parse, instead of two per user). Redis is an
+A batch makes two round trips: :meth:`RedisStageCache.claim` (lock + read, for new sessions
+too) before serving and :meth:`RedisStageCache.commit` (write + unlock) after it, each one Lua
+script call for the whole batch (one command to pack and one reply to parse, instead of two per
+user). A write-back happens only while the batch still holds the user's lock
+(:meth:`RedisStageCache.extend` keeps it alive during long batches); a key of the wrong Redis
+type or larger than ``max_entry_bytes`` is deleted at the claim and counted. Redis is an
 optimisation, never a dependency: when it is down or slow every claim answers ``"error"`` (the
 router then runs the full cascade) and a circuit breaker skips Redis for ``retry_after_s`` so
 that a dead server does not add a timeout to every batch.
@@ -33,7 +38,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Mapping, Sequence
 
@@ -48,6 +53,10 @@ LOG = logging.getLogger("comrecycle.router.cache")
 
 CACHED_STAGES = STAGES[:-1]  # ("retrieval", "prerank", "rank"): the page itself is not cached
 CLAIM_STATUSES = ("hit", "miss", "busy", "corrupt", "error")
+RECENT_PAGES = 4  # the entry's `last_page` holds the items of the user's last pages (newest first)
+# A full entry is ~30 KB (lists of 1000 + 300 + 100 ids, 2000 exposed); anything far larger under a
+# user's key is not ours and would slow every claim of the batch it is read in.
+ENTRY_MAX_BYTES = 256 * 1024
 
 MAGIC = b"CRE1"
 VERSION_MAX_BYTES = 255
@@ -60,7 +69,7 @@ _HEADER = struct.Struct("<diIHBB")  # last_ts, page, n_exposed, n_last_page, ver
 _LIST_HEADER = struct.Struct("<BdiI")  # stage code, ts, pages, n_items
 
 __all__ = [
-    "CACHED_STAGES", "CLAIM_STATUSES", "CacheEntry", "Claim", "CorruptEntry", "RedisStageCache",
+    "CACHED_STAGES", "CLAIM_STATUSES", "CacheEntry", "Claim", "CommitResult", "CorruptEntry", "RedisStageCache",
     "StageList", "decode_entry", "encode_entry", "redact_url",
 ]
 
@@ -96,7 +105,7 @@ class CacheEntry:
     last_ts        float                  time (s) of the user's last served request
     page           int                    pages served in this session so far
     exposed        int64 [n <= 2000]      items the user viewed in this session, most recent last
-    last_page      int64 [<= PAGE_SIZE]   the items served on the last page
+    last_page      int64 [<= RECENT_PAGES·PAGE_SIZE]  the items served on the user's last pages, newest first
     lists          {stage: StageList}     a subset of CACHED_STAGES
     """
 
@@ -115,17 +124,46 @@ class CacheEntry:
                 and np.array_equal(self.last_page, other.last_page) and self.lists == other.lists)
 
 
+_NO_IDS = np.zeros(0, np.int64)
+
+
 @dataclass(frozen=True)
 class Claim:
     """The answer of :meth:`RedisStageCache.claim` for one user.
 
-    status  "hit" | "miss" | "corrupt": the caller holds the user's lock and must commit or release it;
-            "busy": another in-flight request holds it; "error": Redis could not be used.
-    entry   the decoded entry for "hit", else None
+    status    "hit" | "miss" | "corrupt": the caller holds the user's lock and must commit or release it;
+              "busy": another in-flight request holds it; "error": Redis could not be used.
+    entry     "hit": the decoded entry; "busy": the entry as it stands, read without the lock (what
+              the user has been shown: for exclusions only), or None
+    pending   viewed items parked by requests that found the lock held: taken over (and deleted
+              in Redis) by a holding claim, which must apply them; for "busy", what is parked so far
+    repaired  "wrong_type" | "oversize" when the user's key held something that is not an entry of
+              ours and was deleted, else None
     """
 
     status: str
     entry: CacheEntry | None = None
+    pending: np.ndarray = field(default_factory=lambda: _NO_IDS)
+    repaired: str | None = None
+    stamp: bytes = b""  # the first 8 bytes (magic + crc) of the value read, b"" if none: commit's check
+
+    @property
+    def held(self) -> bool:
+        return self.status in ("hit", "miss", "corrupt")
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What :meth:`RedisStageCache.commit` did: ``stored`` entries written, ``lost`` writes skipped
+    because the batch no longer held the user's lock (another request had it), ``ok`` False when
+    Redis failed or an entry could not be encoded. Truthy when ok."""
+
+    ok: bool
+    stored: int = 0
+    lost: int = 0
+
+    def __bool__(self) -> bool:
+        return self.ok
 
 
 class CorruptEntry(ValueError):
@@ -198,7 +236,7 @@ def _normalized(entry: CacheEntry, err: type[ValueError]) -> CacheEntry:
                                      _count(f"lists[{stage!r}].pages", lst.pages, err))
     return CacheEntry(entry.model_version, _finite("last_ts", entry.last_ts, err),
                       _count("page", entry.page, err), _ids("exposed", entry.exposed, EXCLUDE_MAX, err),
-                      _ids("last_page", entry.last_page, PAGE_SIZE, err), lists)
+                      _ids("last_page", entry.last_page, RECENT_PAGES * PAGE_SIZE, err), lists)
 
 
 def encode_entry(entry: CacheEntry) -> bytes:
@@ -251,7 +289,7 @@ def decode_entry(data: bytes) -> CacheEntry:
     last_ts, page, n_exposed, n_last, n_version, n_lists = r.unpack(_HEADER, "the header")
     version = bytes(r.take(n_version, "the model version"))
     exposed = r.ids("exposed", n_exposed, EXCLUDE_MAX)
-    last_page = r.ids("last_page", n_last, PAGE_SIZE)
+    last_page = r.ids("last_page", n_last, RECENT_PAGES * PAGE_SIZE)
     if n_lists > len(CACHED_STAGES):
         raise CorruptEntry(f"expected at most {len(CACHED_STAGES)} stage lists, found {n_lists}")
     lists, prev = {}, -1
@@ -295,62 +333,115 @@ end
 return n
 """
 
-# Per user, KEYS holds (lock key, entry key); ARGV[1] is the batch's token, ARGV[2] the lock's
-# lifetime in ms. Takes each free lock and reads the entry under it: per user the entry (a hit),
-# 0 (locked, no entry) or -1 (the lock is someone else's: busy). A user twice in one batch is
-# busy the second time.
+# Per user, KEYS holds (lock key, entry key, parked-feedback key). ARGV[1]: the batch's token,
+# ARGV[2]: the lock's lifetime (ms), ARGV[3]: the largest entry kept (bytes), ARGV[4]: the parked
+# feedback's lifetime (ms), ARGV[5]: its cap (bytes); then per user k: ARGV[4 + 2k] the mode
+# ('n': a new session, which reads nothing; 'o': an ongoing one) and ARGV[5 + 2k] the viewed items
+# it reports (packed int64). First a key that is not one of our entries (another Redis type,
+# oversize) is deleted. Then the lock: taken -> {1, entry, parked feedback (taken over: deleted),
+# repaired}; held by someone else -> the viewed items are parked and {0, entry, parked, repaired}
+# is returned for exclusions. A user twice in one batch is busy the second time.
 _CLAIM_LUA = """
 local out = {}
-for i = 1, #KEYS, 2 do
-  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    out[#out + 1] = redis.call('GET', KEYS[i + 1]) or 0
+local max_bytes, cap = tonumber(ARGV[3]), tonumber(ARGV[5])
+for i = 1, #KEYS, 3 do
+  local k = (i + 2) / 3
+  local mode, viewed = ARGV[4 + 2 * k], ARGV[5 + 2 * k]
+  local lock, entry, parked = KEYS[i], KEYS[i + 1], KEYS[i + 2]
+  local repaired = 0
+  local t = redis.call('TYPE', entry)['ok']
+  if t ~= 'none' and t ~= 'string' then
+    redis.call('DEL', entry)
+    repaired = 1
+  elseif t == 'string' and redis.call('STRLEN', entry) > max_bytes then
+    redis.call('DEL', entry)
+    repaired = 2
+  end
+  local pt = redis.call('TYPE', parked)['ok']
+  if pt ~= 'none' and pt ~= 'string' then
+    redis.call('DEL', parked)
+  end
+  if redis.call('SET', lock, ARGV[1], 'NX', 'PX', ARGV[2]) then
+    if mode == 'n' then
+      redis.call('DEL', parked)
+      out[#out + 1] = {1, false, false, repaired}
+    else
+      local p = redis.call('GET', parked)
+      if p then
+        redis.call('DEL', parked)
+      end
+      out[#out + 1] = {1, redis.call('GET', entry), p, repaired}
+    end
+  elseif mode == 'n' then
+    out[#out + 1] = {0, false, false, repaired}
   else
-    out[#out + 1] = -1
+    if #viewed > 0 then
+      redis.call('APPEND', parked, viewed)
+      local n = redis.call('STRLEN', parked)
+      if n > cap then
+        redis.call('SET', parked, redis.call('GETRANGE', parked, n - cap, n - 1))
+      end
+      redis.call('PEXPIRE', parked, ARGV[4])
+    end
+    out[#out + 1] = {0, redis.call('GET', entry), redis.call('GET', parked), repaired}
   end
 end
 return out
 """
 
-# KEYS: the n entry keys to write (ARGV[3 + i]: the payload, empty = delete), then the lock keys
-# to release if they still hold the token ARGV[1]; ARGV[2]: the entries' TTL in ms, ARGV[3]: n.
+# KEYS: per write (entry key, lock key), then the lock keys to release only. ARGV[1]: the batch's
+# token, ARGV[2]: the entries' TTL (ms), ARGV[3]: n, the number of writes, ARGV[3 + i]: the i-th
+# payload (empty = delete), ARGV[3 + n + i]: the first 8 bytes (magic + crc) of the entry the
+# batch read ('' = none, '-' = not given). An entry is written while its lock holds the token, or,
+# when the lock is gone (expired, evicted under maxmemory) and nobody else holds it, if the entry
+# is still the one the batch read: a batch that lost the race to another request of the user must
+# not overwrite that request's state. Returns {written, lost}.
 _COMMIT_LUA = """
 local n = tonumber(ARGV[3])
+local written, lost = 0, 0
 for i = 1, n do
-  local data = ARGV[3 + i]
-  if data == '' then
-    redis.call('DEL', KEYS[i])
+  local entry, lock = KEYS[2 * i - 1], KEYS[2 * i]
+  local holder = redis.call('GET', lock)
+  local ours = holder == ARGV[1]
+  if not holder then
+    local expect = ARGV[3 + n + i]
+    ours = expect ~= '-' and redis.call('GETRANGE', entry, 0, 7) == expect
+  end
+  if ours then
+    local data = ARGV[3 + i]
+    if data == '' then
+      redis.call('DEL', entry)
+    else
+      redis.call('SET', entry, data, 'PX', ARGV[2])
+    end
+    redis.call('DEL', lock)
+    written = written + 1
   else
-    redis.call('SET', KEYS[i], data, 'PX', ARGV[2])
+    lost = lost + 1
   end
 end
-for i = n + 1, #KEYS do
+for i = 2 * n + 1, #KEYS do
   if redis.call('GET', KEYS[i]) == ARGV[1] then
     redis.call('DEL', KEYS[i])
   end
 end
-return n
+return {written, lost}
 """
 
-# Per user, KEYS holds (lock key, entry key) and ARGV[1 + k] the k-th payload (empty = delete);
-# ARGV[1] is the TTL in ms. Stores each entry unless the user's lock is held (a request of that
-# user is being served and will write its own entry). Returns how many were stored.
-_STORE_IF_UNLOCKED_LUA = """
+# Extends each lock in KEYS that still holds the token ARGV[1] to ARGV[2] ms; returns how many.
+_EXTEND_LUA = """
 local n = 0
-for i = 1, #KEYS, 2 do
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    local data = ARGV[1 + (i + 1) / 2]
-    if data == '' then
-      redis.call('DEL', KEYS[i + 1])
-    else
-      redis.call('SET', KEYS[i + 1], data, 'PX', ARGV[1])
-    end
-    n = n + 1
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    n = n + redis.call('PEXPIRE', key, ARGV[2])
   end
 end
 return n
 """
 
-_COUNTERS = ("hits", "misses", "busy", "corrupt", "errors", "write_errors", "writes", "circuit_opens")
+_COUNTERS = ("hits", "misses", "busy", "corrupt", "errors", "write_errors", "writes", "lost_writes", "repaired",
+             "circuit_opens")
+_REPAIRED = {1: "wrong_type", 2: "oversize"}
 _STATUS_COUNTER = {"hit": "hits", "miss": "misses", "busy": "busy", "corrupt": "corrupt", "error": "errors"}
 
 
@@ -371,6 +462,15 @@ def redact_url(url: str) -> str:
     userinfo, _, host = parts.netloc.rpartition("@")
     user = userinfo.partition(":")[0]
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _parked_ids(raw) -> np.ndarray:
+    """The ids of a parked-feedback value (packed int64; a torn tail is ignored, negatives dropped)."""
+    if not raw:
+        return _NO_IDS
+    raw = bytes(raw)
+    ids = np.frombuffer(raw[:len(raw) - len(raw) % _ID.itemsize], _ID).astype(np.int64)
+    return ids[ids >= 0]
 
 
 def _payloads(writes: Mapping[int, CacheEntry | None]) -> tuple[dict[int, bytes], int]:
@@ -398,7 +498,7 @@ class RedisStageCache:
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, ttl_s: float = 900.0, lock_ms: int = 2000,
                  timeout_s: float = 0.05, retry_after_s: float = 1.0, prefix: str = "comrecycle:",
-                 password: str | None = None):
+                 password: str | None = None, max_entry_bytes: int = ENTRY_MAX_BYTES):
         """``url``: ``redis://`` or ``rediss://`` (TLS), optionally ``user:password@``; ``password``
         overrides the URL's. ``timeout_s`` bounds connecting and every reply."""
         if not ttl_s > 0 or not lock_ms > 0 or not timeout_s > 0 or not retry_after_s >= 0:
@@ -409,6 +509,7 @@ class RedisStageCache:
         self.url = redact_url(url)
         self.ttl_s, self.lock_ms, self.timeout_s = float(ttl_s), int(lock_ms), float(timeout_s)
         self.retry_after_s, self.prefix = float(retry_after_s), prefix
+        self.max_entry_bytes = int(max_entry_bytes)
         self._ttl_ms = max(1, round(self.ttl_s * 1000))  # PX, not EX: fractional TTLs (tests) work
         # No retries: redis-py's default (3 with backoff) would multiply the timeout; the
         # circuit breaker is the retry policy.
@@ -418,7 +519,7 @@ class RedisStageCache:
         self._release_script = self._client.register_script(_RELEASE_LUA)
         self._claim_script = self._client.register_script(_CLAIM_LUA)
         self._commit_script = self._client.register_script(_COMMIT_LUA)
-        self._store_script = self._client.register_script(_STORE_IF_UNLOCKED_LUA)
+        self._extend_script = self._client.register_script(_EXTEND_LUA)
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._open_until = 0.0  # time.monotonic() before which Redis is not tried
@@ -434,92 +535,112 @@ class RedisStageCache:
     def lock_key(self, uid: int) -> str:
         return f"{self.prefix}lock:{uid}"
 
-    def _lock_and_entry_keys(self, uids) -> list[str]:
-        """[lock 1, entry 1, lock 2, entry 2, ...]: the KEYS of the claim and store scripts."""
-        return [k for uid in uids for k in (self.lock_key(uid), self.entry_key(uid))]
+    def parked_key(self, uid: int) -> str:
+        return f"{self.prefix}fb:{uid}"
 
     # -- the two round trips of a batch -----------------------------------------------------
-    def claim(self, user_ids: Sequence[int], token: str) -> list[Claim]:
+    def claim(self, user_ids: Sequence[int], token: str, viewed: Sequence[np.ndarray] | None = None,
+              new_session: Sequence[bool] | None = None) -> list[Claim]:
         """Lock and read the users' entries in one script call: a :class:`Claim` per user, in order.
 
+        ``viewed[k]``: the items user k reports viewed on its previous page; parked in Redis when
+        the lock is held by another request (its successor under the lock applies them).
+        ``new_session[k]``: a new session takes the lock but reads nothing (its state starts afresh;
+        feedback parked by the old session is dropped).
         A duplicate user in the batch is "busy" after its first occurrence (its lock is taken).
-        "hit"/"miss"/"corrupt" claims hold the lock until commit/release (or ``lock_ms``). After a
-        timeout Redis may still run the batch, so "error" users can stay locked ("busy") for up
-        to ``lock_ms``: harmless, a busy user is served by the full cascade."""
+        "hit"/"miss"/"corrupt" claims hold the lock until commit/release (or ``lock_ms``, extended
+        by :meth:`extend`). After a timeout Redis may still run the batch, so "error" users can stay
+        locked ("busy") for up to ``lock_ms``: harmless, a busy user is served by the full cascade."""
         uids = [int(u) for u in user_ids]
         if not uids:
             return []
         if self._circuit_open():
             return self._errors(len(uids))
+        viewed = [_NO_IDS] * len(uids) if viewed is None else viewed
+        modes = ["o"] * len(uids) if new_session is None else ["n" if n else "o" for n in new_session]
         try:
-            keys = self._lock_and_entry_keys(uids)
-            replies = self._claim_script(keys=keys, args=[token, self.lock_ms])
+            keys = [k for uid in uids for k in (self.lock_key(uid), self.entry_key(uid), self.parked_key(uid))]
+            args = [token, self.lock_ms, self.max_entry_bytes, self._ttl_ms, EXCLUDE_MAX * _ID.itemsize]
+            for mode, v in zip(modes, viewed):
+                args += [mode, np.asarray(v, _ID).tobytes()]
+            replies = self._claim_script(keys=keys, args=args)
         except Exception as exc:  # whatever breaks talking to Redis must not fail the batch
             self._failed("claim", exc)
             return self._errors(len(uids))
         self._recovered()
-        claims = []
-        for uid, raw in zip(uids, replies):
-            if raw == -1:
-                claims.append(Claim("busy"))
-            elif raw == 0:
-                claims.append(Claim("miss"))
-            else:
-                try:
-                    claims.append(Claim("hit", decode_entry(raw)))
-                except CorruptEntry as exc:
-                    LOG.warning("user %d: cached entry under %s is corrupt (%s); treated as a miss",
-                                uid, self.entry_key(uid), exc)
-                    claims.append(Claim("corrupt"))
+        claims = [self._claim_of(uid, reply) for uid, reply in zip(uids, replies)]
         self._count_claims(claims)
         return claims
 
-    def commit(self, writes: Mapping[int, CacheEntry | None], token: str, release: Sequence[int] = ()) -> bool:
-        """Store (``None``: delete) the users' entries and release their locks held by ``token``,
-        plus those of ``release``, in one script call. True when every write was stored.
+    def _claim_of(self, uid: int, reply) -> Claim:
+        locked, raw, parked, repaired = reply
+        repaired = _REPAIRED.get(int(repaired))
+        if repaired:
+            LOG.warning("user %d: %s held %s, not a cache entry; deleted", uid, self.entry_key(uid),
+                        "another Redis type" if repaired == "wrong_type" else
+                        f"a value over {self.max_entry_bytes} bytes")
+        pending = _parked_ids(parked)
+        entry, corrupt = None, False
+        if raw:
+            try:
+                entry = decode_entry(raw)
+            except CorruptEntry as exc:
+                LOG.warning("user %d: cached entry under %s is corrupt (%s); treated as a miss",
+                            uid, self.entry_key(uid), exc)
+                corrupt = True
+        if not int(locked):
+            return Claim("busy", entry, pending, repaired)
+        status = "corrupt" if corrupt or repaired else ("hit" if entry is not None else "miss")
+        return Claim(status, entry, pending, repaired, bytes(raw[:_PREFIX.size]) if raw else b"")
 
-        An entry that cannot be encoded is logged and its key deleted (the old entry no longer
-        matches what was served)."""
+    def commit(self, writes: Mapping[int, CacheEntry | None], token: str, release: Sequence[int] = (),
+               stamps: Mapping[int, bytes] | None = None) -> CommitResult:
+        """Store (``None``: delete) the users' entries while their locks still hold ``token``, release
+        those locks and the ones of ``release``, in one script call.
+
+        ``stamps[uid]``: the :attr:`Claim.stamp` of the entry the batch read; with it, a write whose
+        lock is gone (expired, evicted) still lands if nobody holds the lock and the entry is
+        unchanged. A write that lost the race (another request of the user holds the lock or
+        changed the entry) is skipped and counted (``lost``). An entry that cannot be encoded is
+        logged and its key deleted (the old entry no longer matches what was served)."""
         payloads, invalid = _payloads(writes)
-        unlock = list(dict.fromkeys([*payloads, *(int(u) for u in release)]))
-        if not unlock:
-            return True
+        unlock = [u for u in dict.fromkeys(int(u) for u in release) if u not in payloads]
+        if not payloads and not unlock:
+            return CommitResult(True)
         if self._circuit_open():
             self._add(write_errors=len(payloads))
-            return False
+            return CommitResult(False)
         try:
-            keys = [self.entry_key(u) for u in payloads] + [self.lock_key(u) for u in unlock]
-            self._commit_script(keys=keys, args=[token, self._ttl_ms, len(payloads), *payloads.values()])
+            keys = [k for u in payloads for k in (self.entry_key(u), self.lock_key(u))]
+            keys += [self.lock_key(u) for u in unlock]
+            expect = [b"-" if stamps is None or u not in stamps else stamps[u] for u in payloads]
+            written, lost = self._commit_script(keys=keys, args=[token, self._ttl_ms, len(payloads),
+                                                                 *payloads.values(), *expect])
         except Exception as exc:  # see claim()
             self._failed("commit", exc)
             self._add(write_errors=len(payloads))
-            return False
+            return CommitResult(False)
         self._recovered()
-        self._add(writes=len(payloads) - invalid, write_errors=invalid)
-        return invalid == 0
+        written, lost = int(written), int(lost)
+        if lost:
+            LOG.warning("%d cache write(s) skipped: the batch no longer held the user's lock (lock_ms %d too "
+                        "short for this batch?)", lost, self.lock_ms)
+        self._add(writes=written - min(invalid, written), write_errors=invalid, lost_writes=lost)
+        return CommitResult(invalid == 0, written, lost)
 
-    def store_if_unlocked(self, writes: Mapping[int, CacheEntry]) -> int | None:
-        """Store the entries of users whose lock is free, without taking it (one script call,
-        atomic per user): the fresh entries of new sessions, which read nothing from the cache.
-        A user whose lock is held is skipped; the request holding it writes its own entry.
-        Returns how many were stored (an invalid entry counts, its key deleted), None when
-        Redis failed."""
-        payloads, _ = _payloads(writes)
-        if not payloads:
+    def extend(self, user_ids: Sequence[int], token: str) -> int:
+        """Extend the users' locks that still hold ``token`` by ``lock_ms`` (a long batch keeps its
+        users); returns how many were extended, 0 when Redis is unavailable (never raises)."""
+        keys = [self.lock_key(int(u)) for u in dict.fromkeys(user_ids)]
+        if not keys or self._circuit_open():
             return 0
-        if self._circuit_open():
-            self._add(write_errors=len(payloads))
-            return None
-        keys = self._lock_and_entry_keys(payloads)
         try:
-            stored = int(self._store_script(keys=keys, args=[self._ttl_ms, *payloads.values()]))
+            n = int(self._extend_script(keys=keys, args=[token, self.lock_ms]))
         except Exception as exc:  # see claim()
-            self._failed("store", exc)
-            self._add(write_errors=len(payloads))
-            return None
+            self._failed("extend", exc)
+            return 0
         self._recovered()
-        self._add(writes=stored)
-        return stored
+        return n
 
     def release(self, user_ids: Sequence[int], token: str) -> None:
         """Release the users' locks that still hold ``token`` (an abandoned claim); never raises."""
@@ -538,7 +659,7 @@ class RedisStageCache:
         the claim/commit/release scripts, so that the first batches run EVALSHA directly."""
         try:
             self._client.ping()
-            for script in (self._claim_script, self._commit_script, self._store_script, self._release_script):
+            for script in (self._claim_script, self._commit_script, self._extend_script, self._release_script):
                 self._client.script_load(script.script)
         except Exception:  # a health probe: any failure is a "no"
             return False
@@ -566,6 +687,7 @@ class RedisStageCache:
         with self._lock:
             for c in claims:
                 self._counts[_STATUS_COUNTER[c.status]] += 1
+                self._counts["repaired"] += c.repaired is not None
 
     def _errors(self, n: int) -> list[Claim]:
         self._add(errors=n)
@@ -602,54 +724,79 @@ class RedisStageCache:
 
 
 class MemoryStageCache:
-    """The claim/commit/release surface of RedisStageCache over a dict, for in-process routers
-    (reference runs, unit tests). Entries are stored encoded, so the codec is on the path;
-    `down = True` makes it answer like an unreachable Redis."""
+    """The claim/commit/extend/release surface of RedisStageCache over a dict, for in-process
+    routers (reference runs, unit tests), with the same rules (locks, parked feedback, writes only
+    under the lock). Entries are stored encoded, so the codec is on the path; `down = True` makes
+    it answer like an unreachable Redis."""
 
     def __init__(self):
         self.data: dict[int, bytes] = {}
         self.locks: dict[int, str] = {}
+        self.parked: dict[int, np.ndarray] = {}
         self.down = False
 
-    def claim(self, user_ids: Sequence[int], token: str) -> list[Claim]:
+    def claim(self, user_ids: Sequence[int], token: str, viewed: Sequence[np.ndarray] | None = None,
+              new_session: Sequence[bool] | None = None) -> list[Claim]:
         if self.down:
-            return [Claim("error", None) for _ in user_ids]
+            return [Claim("error") for _ in user_ids]
         out = []
-        for u in user_ids:
+        for k, u in enumerate(user_ids):
+            u = int(u)
+            new = bool(new_session[k]) if new_session is not None else False
+            raw = self.data.get(u)
             if u in self.locks:
-                out.append(Claim("busy", None))
+                if new:
+                    out.append(Claim("busy"))
+                    continue
+                v = np.asarray(viewed[k], np.int64) if viewed is not None else _NO_IDS
+                if v.size:
+                    self.parked[u] = np.concatenate([self.parked.get(u, _NO_IDS), v])[-EXCLUDE_MAX:]
+                out.append(Claim("busy", self._decoded(raw), self.parked.get(u, _NO_IDS)))
                 continue
             self.locks[u] = token
-            raw = self.data.get(u)
-            if raw is None:
-                out.append(Claim("miss", None))
+            pending = self.parked.pop(u, _NO_IDS)
+            if new:
+                out.append(Claim("miss"))
                 continue
-            try:
-                out.append(Claim("hit", decode_entry(raw)))
-            except CorruptEntry:
-                out.append(Claim("corrupt", None))
+            if raw is None:
+                out.append(Claim("miss", None, pending))
+                continue
+            entry, stamp = self._decoded(raw), raw[:_PREFIX.size]
+            out.append(Claim("corrupt", None, pending, None, stamp) if entry is None
+                       else Claim("hit", entry, pending, None, stamp))
         return out
 
-    def commit(self, writes: Mapping[int, CacheEntry | None], token: str, release: Sequence[int] = ()) -> bool:
+    @staticmethod
+    def _decoded(raw: bytes | None) -> CacheEntry | None:
+        if raw is None:
+            return None
+        try:
+            return decode_entry(raw)
+        except CorruptEntry:
+            return None
+
+    def commit(self, writes: Mapping[int, CacheEntry | None], token: str, release: Sequence[int] = (),
+               stamps: Mapping[int, bytes] | None = None) -> CommitResult:
         if self.down:
-            return False
+            return CommitResult(False)
+        stored = lost = 0
         for u, e in writes.items():
+            holder = self.locks.get(u)
+            unchanged = (holder is None and stamps is not None and u in stamps
+                         and self.data.get(u, b"")[:_PREFIX.size] == stamps[u])
+            if holder != token and not unchanged:
+                lost += 1
+                continue
             if e is None:
                 self.data.pop(u, None)
             else:
                 self.data[u] = encode_entry(e)
+            stored += 1
         self.release(list(writes) + list(release), token)
-        return True
+        return CommitResult(True, stored, lost)
 
-    def store_if_unlocked(self, writes: Mapping[int, CacheEntry]) -> int | None:
-        if self.down:
-            return None
-        stored = 0
-        for u, e in writes.items():
-            if u not in self.locks:
-                self.data[u] = encode_entry(e)
-                stored += 1
-        return stored
+    def extend(self, user_ids: Sequence[int], token: str) -> int:
+        return 0 if self.down else sum(self.locks.get(int(u)) == token for u in dict.fromkeys(user_ids))
 
     def release(self, user_ids: Sequence[int], token: str) -> None:
         for u in user_ids:

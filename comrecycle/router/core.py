@@ -12,13 +12,26 @@ The calls go through a `Backend` (Triton BLS in python_backends/recycle_router/m
 in-process onnxruntime cascade in tests and replays), the cache through a `RedisStageCache`
 (or any object with its claim/commit/release surface).
 
-Safe fallbacks (never another user's data, never a crash):
-  * Redis down, slow or busy user (a concurrent request of the same user holds the lock):
-    strategy 0 with an empty session state; nothing is written for that request;
-  * corrupt entry / entry of other model versions / expired / new_session: initial request;
-  * estimator call failed: strategy 0 for the batch's repeated requests (counted);
+Safe fallbacks (never another user's data, never a crash, every request answered once):
+  * Redis down or slow: strategy 0, excluding the viewed items the request reports; nothing
+    written for it;
+  * busy user (a concurrent request of the same user holds the lock): strategy 0, excluding what
+    is known to be exposed (the entry read without the lock, the feedback parked by other busy
+    requests and the request's own viewed items); its viewed items are parked in Redis and applied
+    by the next request under the lock, so no feedback is lost;
+  * corrupt entry / expired session: initial request; entry of other models (stale version): the
+    session's exposed items and page count carry over, the lists do not;
+  * estimator call failed (or answered the wrong shape): strategy 0 for the batch's repeated requests;
   * a recycling group's call failed: that group re-served by strategy 0 (counted);
-  * strategy 0 itself failed: a per-request INTERNAL error naming the model and its message.
+  * strategy 0 itself failed: a per-request INTERNAL error naming the model and its message;
+  * anything else that raises: the unanswered requests get strategy 0 where it can still run, an
+    INTERNAL error otherwise; the batch's locks are released (or its entries written) in a finally.
+The write-back happens only while the batch still holds each user's lock (extended while the
+batch runs); a request whose page is not served still writes back the feedback it brought.
+
+`request_time` (optional, seconds): finite and within [0, TIME_MAX] (else INVALID_ARG); within
+`request_time_window_s` of the server clock when that is set (> 0; else INVALID_ARG); never earlier
+than the user's last request (clamped to it, counted), so ages are never negative.
 """
 from __future__ import annotations
 
@@ -35,7 +48,7 @@ from ..policy.decide import allowed_strategies, decide, depth_guard, policy_dq
 from ..runtime.validation import InputError, check_tensor
 from ..specs import (CACHE_STATE_FIELDS, EXCLUDE_MAX, N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS,
                      STAGES, STRATEGIES, STRATEGY_CANDIDATES, STRATEGY_MODEL, UNAVAILABLE_SCORE)
-from .cache import CACHED_STAGES, CacheEntry, StageList
+from .cache import CACHED_STAGES, RECENT_PAGES, CacheEntry, StageList
 from .params import RouterParams
 
 log = logging.getLogger("comrecycle.router")
@@ -49,6 +62,8 @@ READS = {j: (STAGES[j - 1] if j > 0 else None) for j in STRATEGIES}
 STRATEGY_OUTPUTS = {j: [f"{s}_items" for s in STAGES[j:-1]] + ["rerank_items", "rerank_scores"]
                     for j in STRATEGIES}
 CALL_MAX_BATCH = 16  # the ensembles' max_batch_size (rank's)
+TIME_MAX = 1e10  # request_time upper bound in seconds (year 2286): larger values overflow the features
+RECENT_PAGES_MAX = RECENT_PAGES * PAGE_SIZE
 
 
 class BackendError(RuntimeError):
@@ -81,6 +96,7 @@ class RouterResult:
 
 
 PHASES = ("parse", "claim", "decide", "stages", "commit")
+CACHE_RESULTS = ("hit", "miss", "busy", "corrupt", "error", "stale_version", "expired", "new_session")
 
 
 def _lap(phase: dict, name: str, t0: float) -> float:
@@ -97,13 +113,17 @@ class BatchReport:
     invalid: int = 0
     failed: int = 0
     strategies: np.ndarray = field(default_factory=lambda: np.zeros(N_STRATEGIES, np.int64))
-    cache: dict = field(default_factory=lambda: dict.fromkeys(
-        ("hit", "miss", "busy", "corrupt", "error", "stale_version", "expired", "new_session"), 0))
+    # one result per look-up (they add up to the requests that passed the checks)
+    cache: dict = field(default_factory=lambda: dict.fromkeys(CACHE_RESULTS, 0))
     estimator_failures: int = 0
     fallbacks: int = 0  # recycling groups re-served by strategy 0
     compute_spent: float = 0.0  # in units of one full cascade
     compute_saved: float = 0.0  # versus strategy 0 for every served request
     cache_write_failed: bool = False
+    lost_writes: int = 0  # write-backs skipped: the batch no longer held the user's lock
+    repaired: int = 0  # keys that held no entry of ours (another Redis type, oversize), deleted
+    time_clamped: int = 0  # request_time earlier than the user's last request, clamped to it
+    parked_feedback: int = 0  # requests whose viewed items were parked for the next holder of the lock
     # wall seconds of each phase of the batch: where a slow request spent its time
     phase_seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
@@ -129,6 +149,10 @@ class _Req:
     outputs: dict | None = None
     error: str = ""  # why it could not be served (outputs None)
     estimated: bool = False  # the estimator was called for it (its cost counts)
+    index: int = -1  # position in the batch
+    new_session: bool = False
+    viewed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    clicked: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def isin(items: np.ndarray, small: np.ndarray) -> np.ndarray:
@@ -146,20 +170,23 @@ def _in_sorted(items: np.ndarray, sorted_small: np.ndarray) -> np.ndarray:
 
 
 def apply_feedback(entry: CacheEntry, viewed: np.ndarray, clicked: np.ndarray, now: float,
-                   ttl_s: float) -> tuple[CacheEntry, np.ndarray, np.ndarray, np.ndarray]:
+                   ttl_s: float, parked: np.ndarray | None = None) -> tuple[CacheEntry, np.ndarray, np.ndarray, np.ndarray]:
     """The request filter's view of a valid entry after the previous page's feedback.
 
-    Viewed items count only if they were on the last page (a client cannot remove other
-    items); they leave every cached list and join the session's exposed items. Returns
-    (entry with the lists updated, request_features [4], cache_state [3K], available [K+1]).
-    The numbers are those of the simulator's StageCache (sim/recycling.py)."""
-    viewed = np.intersect1d(viewed, entry.last_page)  # sorted, unique, only items of the page
+    Viewed items (the request's own and those parked by busy requests of the user) leave every
+    cached list and join the session's exposed items, as reported: they can only narrow this
+    user's own lists. The request features count the request's own viewed items and its clicks on
+    the user's recent pages. Returns (entry with the lists updated, request_features [4],
+    cache_state [3K], available [K+1]). The numbers are those of the simulator's StageCache
+    (sim/recycling.py)."""
+    gone = np.unique(viewed if parked is None or not parked.size else np.concatenate([viewed, parked]))
     n_clicked = np.intersect1d(clicked, entry.last_page).size if clicked.size else 0
-    lists = {s: StageList(lst.items[~_in_sorted(lst.items, viewed)] if viewed.size else lst.items, lst.ts, lst.pages)
+    lists = {s: StageList(lst.items[~_in_sorted(lst.items, gone)] if gone.size else lst.items, lst.ts, lst.pages)
              for s, lst in entry.lists.items()}
-    exposed = np.concatenate([entry.exposed, viewed])[-EXCLUDE_MAX:]
+    fresh = gone[~_in_sorted(gone, np.sort(entry.exposed))] if entry.exposed.size else gone
+    exposed = np.concatenate([entry.exposed, fresh])[-EXCLUDE_MAX:]
     new = CacheEntry(entry.model_version, entry.last_ts, entry.page, exposed, entry.last_page, lists)
-    feats = np.array([now - entry.last_ts, entry.page, viewed.size, n_clicked], np.float32)
+    feats = np.array([now - entry.last_ts, entry.page, np.unique(viewed).size, n_clicked], np.float32)
     state = np.full((N_RECYCLE, len(CACHE_STATE_FIELDS)), -1, np.float32)
     avail = np.zeros(N_STRATEGIES, bool)
     avail[0] = True
@@ -186,7 +213,8 @@ def next_entry(before: CacheEntry | None, strategy: int, outputs: dict[str, np.n
             lists[s] = StageList(lst.items, lst.ts, lst.pages + 1)
     exposed = np.zeros(0, np.int64) if before is None else before.exposed
     n_page = 0 if before is None else before.page
-    return CacheEntry(model_version, float(now), n_page + 1, exposed, page.astype(np.int64), lists)
+    recent = page.astype(np.int64) if before is None else np.concatenate([page, before.last_page]).astype(np.int64)
+    return CacheEntry(model_version, float(now), n_page + 1, exposed, recent[:RECENT_PAGES_MAX], lists)
 
 
 def _pad(rows: Sequence[np.ndarray], min_width: int = 1) -> np.ndarray:
@@ -207,11 +235,19 @@ class RecycleRouter:
 
     def __init__(self, cache, backend: Backend, params: RouterParams, model_version: str,
                  ttl_s: float = CACHE_TTL_S, clock: Callable[[], float] = time.time, seed: int = 0,
-                 session_ttl_s: float = SESSION_TTL_S):
+                 session_ttl_s: float = SESSION_TTL_S, request_time_window_s: float = 0.0,
+                 lock_refresh_s: float | None = None):
         """ttl_s: lifetime of a cached stage list; session_ttl_s: of the user's session state
-        (exposed items, page count); the Redis key lives as long."""
+        (exposed items, page count); the Redis key lives as long. request_time_window_s > 0: a
+        request_time further than this from the server clock is INVALID_ARG (0: not checked, for
+        clients on a simulated clock). lock_refresh_s: how often a running batch extends its users'
+        locks (default: a third of the cache's lock_ms)."""
         self.cache, self.backend, self.params = cache, backend, params
         self.model_version, self.ttl_s, self.clock = model_version, float(ttl_s), clock
+        self.request_time_window_s = float(request_time_window_s)
+        lock_ms = getattr(cache, "lock_ms", None)
+        self.lock_refresh_s = lock_refresh_s if lock_refresh_s is not None else (
+            lock_ms / 3000.0 if lock_ms else None)
         self.session_ttl_s = max(float(session_ttl_s), self.ttl_s)
         self.rng = np.random.default_rng(seed)
         self.costs = np.asarray(params.costs, np.float64)
@@ -237,9 +273,17 @@ class RecycleRouter:
         ns = tensors.get("new_session")
         if ns is not None and int(ns[0, 0]) not in (0, 1):
             raise InputError(f"model '{ROUTER}', input 'new_session': expected 0 or 1, got {int(ns[0, 0])}")
+        if t is not None:
+            t = float(t[0, 0])
+            if not 0.0 <= t <= TIME_MAX:  # also NaN; the spec already refuses ±inf
+                raise InputError(f"model '{ROUTER}', input 'request_time': expected seconds in [0, {TIME_MAX:g}] "
+                                 f"(Unix time or a replay's clock), got {t:g}")
+            if self.request_time_window_s > 0 and abs(t - now) > self.request_time_window_s:
+                raise InputError(f"model '{ROUTER}', input 'request_time': expected a time within "
+                                 f"{self.request_time_window_s:g} s of the server clock ({now:.3f}), got {t:.3f}")
         hist = tensors["history"][0]
         req = _Req(user_id=int(tensors["user_id"][0, 0]), user_features=tensors["user_features"][0],
-                   history=hist[hist != PAD_ID], now=float(t[0, 0]) if t is not None else now)
+                   history=hist[hist != PAD_ID], now=t if t is not None else now)
         viewed, clicked = tensors["viewed_items"][0], tensors["clicked_items"][0]
         return req, viewed[viewed != PAD_ID], clicked[clicked != PAD_ID], bool(ns is not None and ns[0, 0] == 1)
 
@@ -249,14 +293,19 @@ class RecycleRouter:
         """requests: one dict of input tensors (batch dim 1) per client request. Returns one
         RouterResult | InputError | ServingError per request, and the batch's report.
 
-        respond(i, result), when given, is called once per request as soon as its result is
-        known (invalid ones after the checks, the others when their strategy group is served):
+        respond(i, result), when given, is called exactly once per request as soon as its result
+        is known (invalid ones after the checks, the others when their strategy group is served):
         the Triton model answers from there, so a recycled request does not wait for a full
         cascade of its batch, nor for the cache write-back and the metrics that follow."""
         report = BatchReport(requests=len(requests))
         results: list = [None] * len(requests)
+        answered = [False] * len(requests)
 
         def answer(i: int, result) -> None:
+            if answered[i]:  # exactly once, whatever path reaches here twice
+                log.error("request %d of the batch was answered already; second answer dropped", i)
+                return
+            answered[i] = True
             results[i] = result
             if respond is not None:
                 try:
@@ -267,7 +316,7 @@ class RecycleRouter:
         now = self.clock()
         phase = report.phase_seconds
         t = time.perf_counter()
-        reqs: list[tuple[_Req, np.ndarray, np.ndarray, bool]] = []
+        reqs: list[_Req] = []
         for i, tensors in enumerate(requests):
             try:
                 r, viewed, clicked, new_session = self.parse(tensors, now)
@@ -275,8 +324,9 @@ class RecycleRouter:
                 report.invalid += 1
                 answer(i, e)
                 continue
-            r.index = i
-            reqs.append((r, viewed, clicked, new_session))
+            r.index, r.viewed, r.clicked, r.new_session = i, viewed, clicked, new_session
+            r.exposed = np.unique(viewed)  # what strategy 0 excludes unless the cache knows more
+            reqs.append(r)
         t = _lap(phase, "parse", t)
         if not reqs:
             return results, report
@@ -285,91 +335,161 @@ class RecycleRouter:
 
         def done(group: list[_Req]) -> None:
             for r in group:
-                if r.outputs is None:  # could not be served at all
-                    report.failed += 1
-                    answer(r.index, ServingError(r.error))
+                if answered[r.index]:
                     continue
-                page, page_scores = _row(r.outputs["rerank_items"], r.outputs["rerank_scores"])
-                page, page_scores = page[:PAGE_SIZE], page_scores[:PAGE_SIZE]
+                try:
+                    if r.outputs is None:  # could not be served at all
+                        raise ServingError(r.error or f"{ROUTER}: the request could not be served")
+                    page, page_scores = _row(r.outputs["rerank_items"], r.outputs["rerank_scores"])
+                    page, page_scores = page[:PAGE_SIZE], page_scores[:PAGE_SIZE]
+                    result = RouterResult(page, page_scores, r.strategy, r.scores)
+                except Exception as e:  # noqa: BLE001 - a malformed answer fails this request only
+                    report.failed += 1
+                    if not isinstance(e, ServingError):
+                        log.exception("request %d: could not build its answer", r.index)
+                        e = ServingError(f"{ROUTER}: internal error building the answer: {e}")
+                    answer(r.index, e)
+                    continue
                 pages[r.index] = page
                 report.strategies[r.strategy] += 1
                 spent = self.costs[r.strategy] + (self.params.estimator_cost if r.estimated else 0.0)
                 report.compute_spent += spent
                 report.compute_saved += self.costs[0] - spent
-                answer(r.index, RouterResult(page, page_scores, r.strategy, r.scores))
+                answer(r.index, result)
 
-        # A new session gets the full cascade whatever its cache holds (its exposed items are
-        # forgotten), so its call goes out at once and it never waits for Redis: it reads no
-        # cached items, so it needs no lock while it is served. Its fresh entry is stored after
-        # the answers, only if no other request of the user holds the lock at that moment (that
-        # request then writes its own entry).
-        fresh = [r for r, _, _, new_session in reqs if new_session]
+        # New sessions get the full cascade whatever the cache holds (their exposed items are
+        # forgotten): their call goes out at once, before the claim, since they read nothing. The
+        # claim still takes their lock in the same round trip, so a fast follow-up request of the
+        # user waits for (is busy during) the write of their fresh entry.
+        fresh = [r for r in reqs if r.new_session]
         for r in fresh:
             r.scores = initial_scores
-        report.cache["new_session"] += len(fresh)
-        fresh_call = None
-        if fresh:
-            fresh_call = asyncio.ensure_future(self._run_groups(fresh, report, done))
+        fresh_call = asyncio.ensure_future(self._run_groups(fresh, report, done)) if fresh else None
+        if fresh_call is not None:
             await asyncio.sleep(0)  # let the call go out before the blocking claim
-        ongoing = [(r, viewed, clicked) for r, viewed, clicked, new_session in reqs if not new_session]
-        rest = [r for r, *_ in ongoing]
+        rest = [r for r in reqs if not r.new_session]
         token = uuid.uuid4().hex
+        held: list[_Req] = []
+        stamps: dict[int, bytes] = {}  # what each held user's entry was when claimed (commit's check)
+        keeper = None
         try:
-            if rest:
-                claims = self.cache.claim([r.user_id for r in rest], token)
-                for (r, viewed, clicked), claim in zip(ongoing, claims):
-                    r.scores = initial_scores
-                    self._filter(r, claim, viewed, clicked, report)
-                t = _lap(phase, "claim", t)
-                await self._decide(rest, report)
-                t = _lap(phase, "decide", t)
-                await self._run_groups(rest, report, done)
-        finally:  # the new sessions' answers are out before this batch returns, even if it fails
+            claims = self.cache.claim([r.user_id for r in reqs], token, viewed=[r.viewed for r in reqs],
+                                      new_session=[r.new_session for r in reqs])
+            for r, claim in zip(reqs, claims):
+                r.scores = initial_scores
+                if claim.repaired:
+                    report.repaired += 1
+                try:
+                    self._filter(r, claim, report)
+                except Exception:  # noqa: BLE001 - a request filter bug fails no request
+                    log.exception("user %d: request filter failed; serving the full cascade", r.user_id)
+                    r.repeated, r.available = False, np.eye(1, N_STRATEGIES, dtype=bool)[0]
+                if claim.held:
+                    held.append(r)
+                    stamps[r.user_id] = claim.stamp
+            if held and self.lock_refresh_s:
+                keeper = asyncio.ensure_future(self._keep_locks([r.user_id for r in held], token))
+            t = _lap(phase, "claim", t)
+            await self._decide(rest, report)
+            t = _lap(phase, "decide", t)
+            await self._run_groups(rest, report, done)
             if fresh_call is not None:
                 await fresh_call
-        t = _lap(phase, "stages", t)
-        writes, release = {}, []
-        for r in rest:
-            if not r.writable:
-                continue
-            if r.index in pages:
-                writes[r.user_id] = next_entry(r.entry, r.strategy, r.outputs, pages[r.index], r.now,
-                                               self.model_version)
-            else:
-                release.append(r.user_id)
-        failed = False
-        if writes or release:
-            failed = not self.cache.commit(writes, token, release=release)
-        fresh_writes = {r.user_id: next_entry(None, 0, r.outputs, pages[r.index], r.now, self.model_version)
-                        for r in fresh if r.index in pages}
-        if fresh_writes:
-            stored = self.cache.store_if_unlocked(fresh_writes)
-            if stored is None:
-                failed = True
-            else:
-                report.cache["busy"] += len(fresh_writes) - stored
-        report.cache_write_failed = failed
-        _lap(phase, "commit", t)
+                fresh_call = None
+        except Exception:  # noqa: BLE001 - the requests still unanswered get strategy 0 below
+            log.exception("recycle_router: a batch of %d requests failed; answering what is left", len(reqs))
+        finally:
+            if fresh_call is not None:  # the new sessions' answers are out before this batch returns
+                try:
+                    await fresh_call
+                except Exception:  # noqa: BLE001
+                    log.exception("the new sessions' call failed")
+            left = [r for r in reqs if not answered[r.index]]
+            if left:  # strategy 0 where it can still run, an INTERNAL error otherwise
+                for r in left:
+                    r.strategy, r.outputs, r.scores = 0, None, initial_scores
+                try:
+                    await self._call(left, 0)
+                except Exception as e:  # noqa: BLE001
+                    for r in left:
+                        r.outputs, r.error = None, f"{ROUTER}: the full cascade failed: {e}"
+                done(left)
+            if keeper is not None:
+                keeper.cancel()
+            t = _lap(phase, "stages", t)
+            self._write_back(held, pages, token, stamps, report)
+            _lap(phase, "commit", t)
         return results, report
 
+    async def _keep_locks(self, user_ids: list[int], token: str) -> None:
+        """Extend the batch's locks every lock_refresh_s while it runs (cancelled at the write-back)."""
+        while True:
+            await asyncio.sleep(self.lock_refresh_s)
+            self.cache.extend(user_ids, token)
+
+    def _write_back(self, held: list[_Req], pages: dict[int, np.ndarray], token: str, stamps: dict[int, bytes],
+                    report: BatchReport) -> None:
+        """One round trip: the entries of the users whose lock the batch holds (served: the next
+        entry; not served: the feedback it brought, so none is lost), then the locks released."""
+        writes: dict[int, CacheEntry | None] = {}
+        for r in held:
+            if r.user_id in writes:
+                continue
+            if r.index in pages:
+                before = None if r.new_session else r.entry
+                writes[r.user_id] = next_entry(before, r.strategy if before is not None else 0, r.outputs,
+                                               pages[r.index], r.now, self.model_version)
+            elif r.entry is not None:
+                writes[r.user_id] = r.entry  # feedback applied, no page served
+        release = [r.user_id for r in held if r.user_id not in writes]
+        if not writes and not release:
+            return
+        try:
+            result = self.cache.commit(writes, token, release=release, stamps=stamps)
+        except Exception:  # noqa: BLE001 - a cache bug must not fail answered requests
+            log.exception("cache write-back failed")
+            report.cache_write_failed = True
+            return
+        report.cache_write_failed = not result
+        report.lost_writes += getattr(result, "lost", 0)
+
     # ---- 2. request filter ----------------------------------------------------------------------
-    def _filter(self, r: _Req, claim, viewed, clicked, report: BatchReport) -> None:
-        """A request of an ongoing session (new sessions never claim), after its claim."""
-        r.status = claim.status
-        report.cache[claim.status] += 1
-        if claim.status in ("busy", "error"):
-            return  # strategy 0, nothing written: never serve the same cached items twice
-        r.writable = True
+    def _filter(self, r: _Req, claim, report: BatchReport) -> None:
+        """The request's view of the user's state after its claim (new sessions: none)."""
+        if r.new_session:  # served by the fresh call; its entry is written if the claim holds the lock
+            report.cache[claim.status if claim.status in ("busy", "error") else "new_session"] += 1
+            return
+        status = claim.status
         e = claim.entry
-        if e is None:
+        if status == "busy":
+            # strategy 0, excluding everything known to be exposed (read without the lock); its
+            # viewed items were parked by the claim for the next request under the lock
+            if r.viewed.size:
+                report.parked_feedback += 1
+            known = [r.exposed, claim.pending] + ([e.exposed] if e is not None else [])
+            r.exposed = np.unique(np.concatenate(known))[-EXCLUDE_MAX:]
+        elif status == "hit" and e is not None:
+            if not 0.0 <= e.last_ts <= TIME_MAX:  # written by a build without the request_time rules
+                status, e = "corrupt", None
+            elif r.now - e.last_ts > self.session_ttl_s:
+                status, e = "expired", None
+            elif e.model_version != self.model_version:
+                # lists of other models are not recycled; the session (exposed items, pages) goes on
+                status = "stale_version"
+                e = CacheEntry(self.model_version, e.last_ts, e.page, e.exposed, e.last_page, {})
+        report.cache[status] += 1
+        if status in ("busy", "error"):
             return
-        if e.model_version != self.model_version:
-            report.cache["stale_version"] += 1
+        if e is None:  # miss, corrupt, expired: initial; the viewed items it reports (+ parked) are kept
+            exposed = np.unique(np.concatenate([r.viewed, claim.pending]))[-EXCLUDE_MAX:]
+            r.entry = CacheEntry(self.model_version, r.now, 0, exposed, np.zeros(0, np.int64), {})
+            r.exposed = exposed
             return
-        if r.now - e.last_ts > self.session_ttl_s:
-            report.cache["expired"] += 1
-            return
-        r.entry, r.request_features, r.cache_state, r.available = apply_feedback(e, viewed, clicked, r.now, self.ttl_s)
+        if r.now < e.last_ts:  # a client clock that went back: ages are never negative
+            report.time_clamped += 1
+            r.now = e.last_ts
+        r.entry, r.request_features, r.cache_state, r.available = apply_feedback(
+            e, r.viewed, r.clicked, r.now, self.ttl_s, parked=claim.pending)
         if self.params.max_pages:
             r.available = depth_guard(r.available[None], r.cache_state[None], self.params.max_pages)[0]
         if self.params.strategies is not None:  # the family λ was certified for
@@ -399,13 +519,21 @@ class RecycleRouter:
                               "request_features": np.stack([r.request_features for r in c]),
                               "cache_state": np.stack([r.cache_state for r in c])},
                 ["delta_q"], self.params.estimator_version) for c in chunks])
-        except BackendError as e:
+            dq = np.concatenate([np.asarray(o["delta_q"], np.float64).reshape(len(c), N_RECYCLE)
+                                 for o, c in zip(outs, chunks)])
+        except Exception as e:  # noqa: BLE001 - a failed or malformed estimator answer: strategy 0
             report.estimator_failures += len(rep)
-            log.warning("estimator call failed; %d repeated requests served by strategy 0: %s", len(rep), e)
+            spent = self.params.estimator_cost * len(rep)  # the call was paid for all the same
+            report.compute_spent += spent
+            report.compute_saved -= spent
+            if isinstance(e, BackendError):
+                log.warning("estimator call failed; %d repeated requests served by strategy 0: %s", len(rep), e)
+            else:
+                log.error("estimator answer unusable (%s: %s); %d repeated requests served by strategy 0",
+                          type(e).__name__, e, len(rep))
             return  # initial scores: strategy 0 only
         for r in rep:
             r.estimated = True
-        dq = np.concatenate([o["delta_q"] for o in outs]).astype(np.float64)
         dq = np.concatenate([np.zeros((len(rep), 1)), dq], axis=1)
         avail = np.stack([r.available for r in rep])
         bad = ~np.isfinite(dq).all(axis=1)
@@ -464,6 +592,9 @@ class RecycleRouter:
                 continue
             if not isinstance(res, BackendError):
                 log.exception("strategy %d call raised", j, exc_info=res)
+            wasted = self.costs[j] * len(g)  # the failed call's work is spent all the same
+            report.compute_spent += wasted
+            report.compute_saved -= wasted
             if j == 0:
                 for r in g:
                     r.outputs = None

@@ -43,7 +43,10 @@ SETTINGS = {  # parameter -> (environment variable, default)
     "cache_ttl_s": ("COMRECYCLE_CACHE_TTL_S", str(CACHE_TTL_S)),
     "session_ttl_s": ("COMRECYCLE_SESSION_TTL_S", str(SESSION_TTL_S)),
     "redis_timeout_ms": ("COMRECYCLE_REDIS_TIMEOUT_MS", "50"),
-    "lock_ms": ("COMRECYCLE_LOCK_MS", "2000"),
+    "lock_ms": ("COMRECYCLE_LOCK_MS", "2000"),  # extended every lock_ms/3 while a batch runs
+    # > 0: a request_time further than this (s) from the server clock is INVALID_ARG. 0 (default):
+    # not checked, for clients on a simulated clock (replays); set it where clients send Unix time
+    "request_time_window_s": ("COMRECYCLE_REQUEST_TIME_WINDOW_S", "0"),
     "retry_after_s": ("COMRECYCLE_REDIS_RETRY_S", "1.0"),
     # stages the router runs in its own process instead of a BLS call (comma-separated, "all"
     # or "none"). Every BLS call is a round trip to Triton plus one inter-process hop per stage
@@ -123,7 +126,7 @@ def build_router(args: dict, backend) -> RecycleRouter:
              args["model_version"], router_params.lam, router_params.omega, router_params.costs,
              router_params.estimator_version, fingerprint, redact_url(s["redis_url"]), cache.ping())
     return RecycleRouter(cache, backend, router_params, fingerprint, ttl_s=float(s["cache_ttl_s"]),
-                         session_ttl_s=session_ttl)
+                         session_ttl_s=session_ttl, request_time_window_s=float(s["request_time_window_s"]))
 
 
 def local_stage_names(setting: str) -> list[str]:
@@ -208,7 +211,9 @@ class RouterMetrics:
             MF("comrecycle_compute_saved_ratio", "1 - spent / always-full since this model instance started",
                MF.GAUGE),
             MF("comrecycle_router_events_total", "invalid requests, failed requests, estimator failures, "
-               "fallbacks to strategy 0, failed cache writes", MF.COUNTER),
+               "fallbacks to strategy 0, failed cache writes, write-backs skipped for a lost lock, keys "
+               "repaired (wrong type, oversize), request times clamped to the user's last one, feedback "
+               "parked by busy requests", MF.COUNTER),
             MF("comrecycle_router_latency_seconds", "time from the start of the router batch to the "
                "request's answer, by strategy", MF.HISTOGRAM),
             MF("comrecycle_router_phase_seconds", "wall time of each phase of a router batch: parse (input "
@@ -223,7 +228,8 @@ class RouterMetrics:
         self.saved_ratio = saved.Metric(labels=labels)
         self._spent = self._full = 0.0
         self.events = {k: events.Metric(labels={**labels, "event": k}) for k in
-                       ("invalid", "failed", "estimator_failure", "fallback", "cache_write_failure")}
+                       ("invalid", "failed", "estimator_failure", "fallback", "cache_write_failure", "lost_write",
+                        "repaired", "time_clamped", "parked_feedback")}
         self.latency = {j: latency.Metric(labels={**labels, "strategy": str(j)}, buckets=LATENCY_BUCKETS_S)
                         for j in STRATEGIES}
         self.phases = {k: phases.Metric(labels={**labels, "phase": k}, buckets=LATENCY_BUCKETS_S) for k in PHASES}
@@ -248,7 +254,9 @@ class RouterMetrics:
         add += [(self.compute["spent"], report.compute_spent), (self.compute["always_full"], full)]
         add += [(self.events[k], n) for k, n in (
             ("invalid", report.invalid), ("failed", report.failed), ("estimator_failure", report.estimator_failures),
-            ("fallback", report.fallbacks), ("cache_write_failure", int(report.cache_write_failed))) if n]
+            ("fallback", report.fallbacks), ("cache_write_failure", int(report.cache_write_failed)),
+            ("lost_write", report.lost_writes), ("repaired", report.repaired), ("time_clamped", report.time_clamped),
+            ("parked_feedback", report.parked_feedback)) if n]
         observed = [(self.phases[k], sec) for k, sec in report.phase_seconds.items()]
         observed += [(self.latency[j], sec) for j, sec in latencies if j in self.latency]
         with self._mutex:

@@ -49,23 +49,46 @@ def test_miss_commit_hit_returns_the_same_entry(cache):
     assert (s["hits"], s["misses"], s["writes"], s["errors"], s["write_errors"]) == (3, 4, 3, 0, 0)
 
 
-def test_store_if_unlocked_skips_users_whose_lock_is_held(cache, server):
-    assert [c.status for c in cache.claim([7], "in-flight")] == ["miss"]  # user 7 is being served
-    assert cache.store_if_unlocked({7: _entry(7), 8: _entry(8), 9: _entry(9)}) == 2
-    assert [c.status for c in cache.claim([8, 9], "b")] == ["hit", "hit"]
-    assert cache.claim([8], "c")[0].status == "busy"  # store took no lock; b's claim holds it
-    cache.release([8, 9], "b")
-    assert cache.commit({7: _entry(17)}, "in-flight")  # the request in flight writes its own entry
-    claims = cache.claim([7, 8], "d")
+def test_new_sessions_take_the_lock_read_nothing_and_drop_the_old_feedback(cache, server):
+    assert cache.claim([7], "a")[0].status == "miss"
+    assert cache.commit({7: _entry(7)}, "a")
+    # a busy request parks its viewed items; a new session then starts over them
+    assert cache.claim([7], "in-flight")[0].status == "hit"
+    busy = cache.claim([7], "b", viewed=[np.array([11, 12])])[0]
+    assert busy.status == "busy" and busy.entry == _entry(7)  # read without the lock, for exclusions
+    np.testing.assert_array_equal(busy.pending, [11, 12])
+    cache.release([7], "in-flight")
+    fresh = cache.claim([7, 8], "c", new_session=[True, True])
+    assert [c.status for c in fresh] == ["miss", "miss"] and fresh[0].entry is None and fresh[0].pending.size == 0
+    assert cache.claim([7], "d", new_session=[True])[0].status == "busy"  # c holds it until its commit
+    assert redis.Redis.from_url(server.url).exists(cache.parked_key(7)) == 0  # the old session's feedback
+    assert cache.commit({7: _entry(17), 8: _entry(8)}, "c")
+    claims = cache.claim([7, 8], "e")
     assert claims[0].entry == _entry(17) and claims[1].entry == _entry(8)
     ttl_ms = redis.Redis.from_url(server.url).pttl(cache.entry_key(8))
     assert 0 < ttl_ms <= cache.ttl_s * 1000
 
 
-def test_store_if_unlocked_with_redis_down_reports_failure():
+def test_feedback_parked_by_busy_requests_reaches_the_next_holder(cache, server):
+    assert cache.claim([3], "a")[0].status == "miss"
+    first = cache.claim([3], "b", viewed=[np.array([5, 6])])[0]
+    second = cache.claim([3], "c", viewed=[np.array([7])])[0]
+    assert first.status == second.status == "busy"
+    np.testing.assert_array_equal(second.pending, [5, 6, 7])
+    assert cache.commit({3: _entry(3)}, "a")
+    holder = cache.claim([3], "d")[0]
+    assert holder.status == "hit"
+    np.testing.assert_array_equal(holder.pending, [5, 6, 7])  # taken over...
+    assert redis.Redis.from_url(server.url).exists(cache.parked_key(3)) == 0  # ...and gone from Redis
+    cache.release([3], "d")
+
+
+def test_redis_down_reports_failure_for_every_operation():
     cache = RedisStageCache("redis://127.0.0.1:1/0", timeout_s=0.05, retry_after_s=5.0)
-    assert cache.store_if_unlocked({1: _entry()}) is None
-    assert cache.store_if_unlocked({1: _entry()}) is None  # circuit open: no network
+    assert [c.status for c in cache.claim([1], "a")] == ["error"]
+    assert not cache.commit({1: _entry()}, "a")
+    assert not cache.commit({1: _entry()}, "a")  # circuit open: no network
+    assert cache.extend([1], "a") == 0
     assert cache.stats["write_errors"] == 2
 
 
@@ -86,11 +109,63 @@ def test_a_stale_token_does_not_release_someone_elses_lock(server):
     assert cache.claim([7], "old")[0].status == "miss"
     time.sleep(0.2)  # "old" took too long: its lock expired
     assert other.claim([7], "new")[0].status == "miss"
-    assert cache.commit({7: _entry()}, "old")  # the late writer still stores its entry...
+    result = cache.commit({7: _entry()}, "old")  # the late writer must not overwrite "new"'s state
+    assert result.ok and (result.stored, result.lost) == (0, 1) and cache.stats["lost_writes"] == 1
+    # with the stamp of what it read it would still lose: "new" holds the lock
+    assert cache.commit({7: _entry()}, "old", stamps={7: b""}).lost == 1
     cache.release([7], "old")
-    assert cache.claim([7], "third")[0].status == "busy"  # ...but "new" keeps the lock
+    assert cache.claim([7], "third")[0].status == "busy"  # "new" keeps the lock
     raw = redis.Redis.from_url(server.url).get(cache.lock_key(7))
     assert raw == b"new"
+    assert redis.Redis.from_url(server.url).get(cache.entry_key(7)) is None
+
+
+def test_a_write_whose_lock_expired_lands_only_if_nobody_changed_the_entry(server):
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    cache = RedisStageCache(server.url, lock_ms=100, prefix=prefix)
+    assert cache.claim([8], "a")[0].status == "miss"
+    assert cache.commit({8: _entry(1)}, "a")
+    c = cache.claim([8], "slow")[0]
+    time.sleep(0.2)  # its lock expired; nobody else came: the write lands
+    assert cache.commit({8: _entry(2)}, "slow", stamps={8: c.stamp}).stored == 1
+    c = cache.claim([8], "slow2")[0]
+    time.sleep(0.2)
+    other = cache.claim([8], "fast")[0]  # another request of the user claims, writes, releases
+    assert cache.commit({8: _entry(3)}, "fast", stamps={8: other.stamp}).stored == 1
+    result = cache.commit({8: _entry(4)}, "slow2", stamps={8: c.stamp})  # the entry changed: lost
+    assert (result.stored, result.lost) == (0, 1)
+    assert cache.claim([8], "check")[0].entry == _entry(3)
+
+
+def test_extend_keeps_a_long_batch_s_locks(server):
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    cache = RedisStageCache(server.url, lock_ms=300, prefix=prefix)
+    assert cache.claim([4, 5], "long")[0].status == "miss"
+    for _ in range(4):  # 0.8 s, well past lock_ms, extended every 0.2 s
+        time.sleep(0.2)
+        assert cache.extend([4, 5], "long") == 2
+    assert cache.claim([4], "other")[0].status == "busy"
+    assert cache.extend([4], "not-mine") == 0
+    result = cache.commit({4: _entry(4)}, "long", release=[5])
+    assert (result.stored, result.lost) == (1, 0)
+    assert cache.claim([4, 5], "next")[0].entry == _entry(4)
+
+
+def test_keys_that_hold_no_entry_of_ours_are_deleted_and_counted(server, cache, caplog):
+    r = redis.Redis.from_url(server.url)
+    r.rpush(cache.entry_key(20), "a", "b")
+    r.hset(cache.entry_key(21), "f", "v")
+    r.sadd(cache.entry_key(22), "x")
+    r.set(cache.entry_key(23), b"\0" * (cache.max_entry_bytes + 1))
+    r.set(cache.entry_key(24), encode_entry(_entry(24)))
+    with caplog.at_level(logging.WARNING, logger="comrecycle.router.cache"):
+        claims = cache.claim([20, 21, 22, 23, 24], "a")
+    assert [c.status for c in claims] == ["corrupt"] * 4 + ["hit"]
+    assert [c.repaired for c in claims] == ["wrong_type"] * 3 + ["oversize", None]
+    assert cache.stats["repaired"] == 4 and "another Redis type" in caplog.text and "bytes" in caplog.text
+    assert all(r.exists(cache.entry_key(u)) == 0 for u in (20, 21, 22, 23))
+    assert cache.commit({u: _entry(u) for u in (20, 21, 22, 23)}, "a", release=[24])
+    assert [c.status for c in cache.claim([20, 21, 22, 23], "b")] == ["hit"] * 4
 
 
 def test_entries_expire_after_the_ttl(server):
@@ -132,7 +207,7 @@ def test_dead_redis_answers_error_fast_then_recovers(caplog):
             t0 = time.monotonic()
             for _ in range(20):  # the circuit is open: no network, no timeout
                 assert cache.claim(users, "c")[0].status == "error"
-                assert cache.commit({1: _entry()}, "c") is False
+                assert not cache.commit({1: _entry()}, "c")
             assert time.monotonic() - t0 < 0.1
             cache.release([1], "c")
             assert cache.ping() is False
@@ -176,7 +251,9 @@ def test_maxmemory_evicts_instead_of_failing():
             users = list(range(start, start + 50))
             claims = cache.claim(users, "t")
             assert {c.status for c in claims} <= {"miss", "hit"}
-            assert cache.commit({u: _entry(u % 7, n=1200) for u in users}, "t")  # ~10 KB each
+            stamps = {u: c.stamp for u, c in zip(users, claims)}
+            # ~10 KB each; locks may be evicted too (allkeys-lru): the stamps let the writes land
+            assert cache.commit({u: _entry(u % 7, n=1200) for u in users}, "t", stamps=stamps)
         info = redis.Redis.from_url(srv.url).info("memory")
         stats = redis.Redis.from_url(srv.url).info("stats")
         assert info["used_memory"] < 3 * 2**20 and stats["evicted_keys"] > 1000

@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
-from comrecycle.router.cache import (CACHED_STAGES, CacheEntry, CorruptEntry, StageList, decode_entry,
+from comrecycle.router.cache import (CACHED_STAGES, RECENT_PAGES, CacheEntry, CorruptEntry, StageList, decode_entry,
                                      encode_entry)
 from comrecycle.specs import EXCLUDE_MAX, PAGE_SIZE
 
@@ -114,7 +114,7 @@ _HDR, _LISTS = 8, 8 + 20 + 3 + 16 + 8
     (_HDR, "<d", float("inf"), "last_ts"),
     (_HDR + 8, "<i", -1, "page"),
     (_HDR + 12, "<I", EXCLUDE_MAX + 1, "exposed"),
-    (_HDR + 16, "<H", PAGE_SIZE + 1, "last_page"),
+    (_HDR + 16, "<H", RECENT_PAGES * PAGE_SIZE + 1, "last_page"),
     (_HDR + 19, "<B", 4, "stage lists"),
     (_HDR + 20 + 3, "<q", -1, "exposed"),  # a negative id
     (_LISTS, "<B", 7, "stage code"),
@@ -149,7 +149,7 @@ def _with(**changes) -> CacheEntry:
     (_with(exposed=np.array([2**63], np.uint64)), "fit int64"),
     (_with(exposed=np.arange(EXCLUDE_MAX + 1)), f"at most {EXCLUDE_MAX}"),
     (_with(exposed=np.array([[1, 2]])), "1-D"),
-    (_with(last_page=np.arange(PAGE_SIZE + 1)), "last_page"),
+    (_with(last_page=np.arange(RECENT_PAGES * PAGE_SIZE + 1)), "last_page"),
     (_with(last_page=np.array([3, -1])), ">= 0"),
     (_with(model_version="x" * 256), "255"),
     (_with(model_version="\ud800"), "utf-8"),
