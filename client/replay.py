@@ -239,6 +239,7 @@ class _RouterServe:
     def __init__(self, client: CascadeClient, loop, model: str):
         self.client, self.loop, self.model = client, loop, model
         self.feedback: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # session id -> (viewed, clicked)
+        self.tokens: dict[int, int] = {}  # session id -> page_token of the page the feedback describes
         self.rows: list[tuple] = []
         self.errors: list[str] = []
         self.contexts: list[dict] = []
@@ -250,10 +251,14 @@ class _RouterServe:
         first = not bool(batch.is_repeat[i])
         viewed, clicked = (np.zeros(0, np.int64),) * 2 if first else self.feedback.get(
             int(batch.session_id[i]), (np.zeros(0, np.int64),) * 2)
-        return {"user_id": ctx["user_id"], "user_features": ctx["user_features"], "history": ctx["history"],
-                "viewed_items": viewed, "clicked_items": clicked,
-                "request_time": np.array([batch.ts[i]], np.float64),
-                "new_session": np.array([1 if first else 0], np.int64)}
+        req = {"user_id": ctx["user_id"], "user_features": ctx["user_features"], "history": ctx["history"],
+               "viewed_items": viewed, "clicked_items": clicked,
+               "request_time": np.array([batch.ts[i]], np.float64),
+               "new_session": np.array([1 if first else 0], np.int64)}
+        token = None if first else self.tokens.get(int(batch.session_id[i]))
+        if token is not None:  # ties the feedback to the page it describes
+            req["page_token"] = np.array([token], np.int64)
+        return req
 
     def strategy(self, outputs: dict[str, np.ndarray]) -> int:
         return int(outputs["strategy"][0])
@@ -264,7 +269,7 @@ class _RouterServe:
                                           for i in range(len(batch))])
 
         results = asyncio.run_coroutine_threadsafe(all_(), self.loop).result()
-        pages, self._pending = [], []
+        pages, self._pending, self._tokens = [], [], []
         for r in results:
             if r.error is not None:
                 self.errors.append(r.error)
@@ -273,13 +278,19 @@ class _RouterServe:
             else:
                 pages.append(r.outputs[self.page_output])
                 self._pending.append((self.strategy(r.outputs), r.seconds))
+            self._tokens.append(None if r.error is not None else self.token(r.outputs))
         return pages
+
+    def token(self, outputs: dict[str, np.ndarray]) -> int | None:
+        return int(outputs["page_token"][0])
 
     def on_feedback(self, batch, outcome) -> None:
         for i in range(len(batch)):
             viewed = outcome.page_items[i][:int(outcome.n_viewed[i])]
             self.feedback[int(batch.session_id[i])] = (viewed.astype(np.int64),
                                                        np.asarray(outcome.clicked_items[i], np.int64))
+            if self._tokens[i] is not None:
+                self.tokens[int(batch.session_id[i])] = self._tokens[i]
             s, secs = self._pending[i]
             self.rows.append((s, secs, float(outcome.expected_clicks[i]), int(batch.session_id[i]),
                               bool(batch.is_repeat[i])))
@@ -299,6 +310,9 @@ class _FullServe(_RouterServe):
 
     def strategy(self, outputs: dict[str, np.ndarray]) -> int:
         return 0
+
+    def token(self, outputs: dict[str, np.ndarray]) -> int | None:
+        return None
 
 
 async def _replay(serve: _RouterServe, world: World, n_requests: int, concurrency: int, seed: int,

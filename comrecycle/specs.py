@@ -185,8 +185,8 @@ ESTIMATOR_OUTPUTS = (
 ROUTER = "recycle_router"
 PAGE_SIZE = 20
 VIEWED_ITEMS = TensorSpec("viewed_items", "int64", (-1,),
-                          "items of the previous page the user viewed (exposed), may be empty; items "
-                          "that were not on the previous page are ignored",
+                          "items of the previous page the user viewed (exposed), may be empty; they "
+                          "leave this user's cached lists and are not served again in the session",
                           min_len=0, max_len=EXCLUDE_MAX, nonnegative=True)
 CLICKED_ITEMS = TensorSpec("clicked_items", "int64", (-1,),
                            "items of the previous page the user clicked, may be empty",
@@ -197,7 +197,12 @@ REQUEST_TIME = TensorSpec("request_time", "float64", (1,),
 NEW_SESSION = TensorSpec("new_session", "int64", (1,),
                          "optional: 1 = the client starts a new session (the user's cache is dropped "
                          "and the request is initial); default 0", nonnegative=True, optional=True)
-ROUTER_INPUTS = (USER_ID, USER_FEATURES, HISTORY, VIEWED_ITEMS, CLICKED_ITEMS, REQUEST_TIME, NEW_SESSION)
+PAGE_TOKEN = TensorSpec("page_token", "int64", (1,),
+                        "optional: the page_token the router returned with the page that viewed_items and "
+                        "clicked_items describe; default: the user's latest page. Until the feedback of a "
+                        "page arrives, its items are held back from recycled pages", nonnegative=True,
+                        optional=True)
+ROUTER_INPUTS = (USER_ID, USER_FEATURES, HISTORY, VIEWED_ITEMS, CLICKED_ITEMS, REQUEST_TIME, NEW_SESSION, PAGE_TOKEN)
 # The strategy score of an unavailable strategy: the lowest float32, not -inf. Triton writes
 # -inf as `-Infinity` in JSON responses, which strict JSON parsers (JavaScript, Go, Jackson) and
 # perf_analyzer's profile export reject; a finite floor sorts the same.
@@ -209,4 +214,8 @@ ROUTER_OUTPUTS = (
     TensorSpec("strategy_scores", "float32", (N_RECYCLE + 1,),
                "-(c_j + λ ΔQ_j) of every strategy; UNAVAILABLE_SCORE (the lowest float32) where "
                "unavailable (all but 0 for initial requests)"),
+    TensorSpec("page_token", "int64", (1,),
+               "the page's number in the user's session (1 = first): send it back as page_token with the "
+               "feedback about this page; 0 = the page was not recorded in the cache (user busy, Redis "
+               "unavailable)"),
 )

@@ -338,9 +338,11 @@ return n
 # feedback's lifetime (ms), ARGV[5]: its cap (bytes); then per user k: ARGV[4 + 2k] the mode
 # ('n': a new session, which reads nothing; 'o': an ongoing one) and ARGV[5 + 2k] the viewed items
 # it reports (packed int64). First a key that is not one of our entries (another Redis type,
-# oversize) is deleted. Then the lock: taken -> {1, entry, parked feedback (taken over: deleted),
-# repaired}; held by someone else -> the viewed items are parked and {0, entry, parked, repaired}
-# is returned for exclusions. A user twice in one batch is busy the second time.
+# oversize) is deleted. Then the lock: taken -> {1, entry, parked feedback (taken over), repaired},
+# and the parked key then holds the claim's own viewed items until the next holder (so requests
+# that find the lock held before this batch writes back know them); held by someone else -> the
+# viewed items are parked and {0, entry, parked, repaired} is returned for exclusions. A user twice
+# in one batch is busy the second time.
 _CLAIM_LUA = """
 local out = {}
 local max_bytes, cap = tonumber(ARGV[3]), tonumber(ARGV[5])
@@ -367,7 +369,9 @@ for i = 1, #KEYS, 3 do
       out[#out + 1] = {1, false, false, repaired}
     else
       local p = redis.call('GET', parked)
-      if p then
+      if #viewed > 0 then
+        redis.call('SET', parked, viewed, 'PX', ARGV[4])
+      elseif p then
         redis.call('DEL', parked)
       end
       out[#out + 1] = {1, redis.call('GET', entry), p, repaired}
@@ -755,6 +759,9 @@ class MemoryStageCache:
                 continue
             self.locks[u] = token
             pending = self.parked.pop(u, _NO_IDS)
+            v = np.asarray(viewed[k], np.int64) if viewed is not None else _NO_IDS
+            if v.size and not new:  # known to busy requests until the next holder takes it over
+                self.parked[u] = v
             if new:
                 out.append(Claim("miss"))
                 continue

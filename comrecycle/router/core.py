@@ -86,13 +86,15 @@ class RouterResult:
     page_scores: np.ndarray  # [n] float32
     strategy: int
     strategy_scores: np.ndarray  # [K+1] float32, UNAVAILABLE_SCORE where unavailable
+    page_token: int = 0  # the page's number in the session (0: not recorded in the cache)
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Output tensors with the batch dim of 1 (names from specs.ROUTER_OUTPUTS)."""
         return {"page_items": self.page_items[None].astype(np.int64),
                 "page_scores": self.page_scores[None].astype(np.float32),
                 "strategy": np.array([[self.strategy]], np.int64),
-                "strategy_scores": self.strategy_scores[None].astype(np.float32)}
+                "strategy_scores": self.strategy_scores[None].astype(np.float32),
+                "page_token": np.array([[self.page_token]], np.int64)}
 
 
 PHASES = ("parse", "claim", "decide", "stages", "commit")
@@ -124,6 +126,7 @@ class BatchReport:
     repaired: int = 0  # keys that held no entry of ours (another Redis type, oversize), deleted
     time_clamped: int = 0  # request_time earlier than the user's last request, clamped to it
     parked_feedback: int = 0  # requests whose viewed items were parked for the next holder of the lock
+    feedback_mismatch: int = 0  # feedback whose page_token is not the user's latest page
     # wall seconds of each phase of the batch: where a slow request spent its time
     phase_seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
@@ -151,6 +154,9 @@ class _Req:
     estimated: bool = False  # the estimator was called for it (its cost counts)
     index: int = -1  # position in the batch
     new_session: bool = False
+    held: bool = False  # the batch holds the user's lock: its page is recorded in the cache
+    token_in: int | None = None  # the page_token the feedback refers to (None: the latest page)
+    recyclable: dict = field(default_factory=dict)  # stage -> cached items a recycled page may use
     viewed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     clicked: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
@@ -170,14 +176,16 @@ def _in_sorted(items: np.ndarray, sorted_small: np.ndarray) -> np.ndarray:
 
 
 def apply_feedback(entry: CacheEntry, viewed: np.ndarray, clicked: np.ndarray, now: float,
-                   ttl_s: float, parked: np.ndarray | None = None) -> tuple[CacheEntry, np.ndarray, np.ndarray, np.ndarray]:
+                   ttl_s: float, parked: np.ndarray | None = None,
+                   hold: np.ndarray | None = None) -> tuple[CacheEntry, np.ndarray, np.ndarray, np.ndarray]:
     """The request filter's view of a valid entry after the previous page's feedback.
 
     Viewed items (the request's own and those parked by busy requests of the user) leave every
     cached list and join the session's exposed items, as reported: they can only narrow this
     user's own lists. The request features count the request's own viewed items and its clicks on
-    the user's recent pages. Returns (entry with the lists updated, request_features [4],
-    cache_state [3K], available [K+1]). The numbers are those of the simulator's StageCache
+    the user's recent pages. `hold`: items held back from recycling (pages whose feedback has not
+    arrived): they stay in the lists but the cache state and availability count without them.
+    Returns (entry with the lists updated, request_features [4], cache_state [3K], available [K+1]). The numbers are those of the simulator's StageCache
     (sim/recycling.py)."""
     gone = np.unique(viewed if parked is None or not parked.size else np.concatenate([viewed, parked]))
     n_clicked = np.intersect1d(clicked, entry.last_page).size if clicked.size else 0
@@ -190,10 +198,14 @@ def apply_feedback(entry: CacheEntry, viewed: np.ndarray, clicked: np.ndarray, n
     state = np.full((N_RECYCLE, len(CACHE_STATE_FIELDS)), -1, np.float32)
     avail = np.zeros(N_STRATEGIES, bool)
     avail[0] = True
+    held_back = np.sort(hold) if hold is not None and hold.size else None
     for j in range(1, N_STRATEGIES):
         lst = lists.get(READS[j])
-        if lst is not None and lst.items.size > 0 and now - lst.ts <= ttl_s:
-            state[j - 1] = (now - lst.ts, lst.pages, lst.items.size)
+        if lst is None:
+            continue
+        left = lst.items.size if held_back is None else int((~_in_sorted(lst.items, held_back)).sum())
+        if left > 0 and now - lst.ts <= ttl_s:
+            state[j - 1] = (now - lst.ts, lst.pages, left)
             avail[j] = True
     return new, feats, state.reshape(-1), avail
 
@@ -284,6 +296,8 @@ class RecycleRouter:
         hist = tensors["history"][0]
         req = _Req(user_id=int(tensors["user_id"][0, 0]), user_features=tensors["user_features"][0],
                    history=hist[hist != PAD_ID], now=t if t is not None else now)
+        token = tensors.get("page_token")
+        req.token_in = int(token[0, 0]) if token is not None else None
         viewed, clicked = tensors["viewed_items"][0], tensors["clicked_items"][0]
         return req, viewed[viewed != PAD_ID], clicked[clicked != PAD_ID], bool(ns is not None and ns[0, 0] == 1)
 
@@ -342,7 +356,9 @@ class RecycleRouter:
                         raise ServingError(r.error or f"{ROUTER}: the request could not be served")
                     page, page_scores = _row(r.outputs["rerank_items"], r.outputs["rerank_scores"])
                     page, page_scores = page[:PAGE_SIZE], page_scores[:PAGE_SIZE]
-                    result = RouterResult(page, page_scores, r.strategy, r.scores)
+                    token = ((r.entry.page + 1 if r.entry is not None and not r.new_session else 1)
+                             if r.held else 0)
+                    result = RouterResult(page, page_scores, r.strategy, r.scores, token)
                 except Exception as e:  # noqa: BLE001 - a malformed answer fails this request only
                     report.failed += 1
                     if not isinstance(e, ServingError):
@@ -385,6 +401,7 @@ class RecycleRouter:
                     log.exception("user %d: request filter failed; serving the full cascade", r.user_id)
                     r.repeated, r.available = False, np.eye(1, N_STRATEGIES, dtype=bool)[0]
                 if claim.held:
+                    r.held = True
                     held.append(r)
                     stamps[r.user_id] = claim.stamp
             if held and self.lock_refresh_s:
@@ -488,8 +505,21 @@ class RecycleRouter:
         if r.now < e.last_ts:  # a client clock that went back: ages are never negative
             report.time_clamped += 1
             r.now = e.last_ts
+        # `last_page` holds the items of the pages served since the last one whose feedback arrived.
+        # Feedback about the latest page (or without a token) settles them; about an older page (a
+        # burst of requests), they stay held back from recycled pages until it does.
+        settled = r.token_in is None or r.token_in == e.page
+        if not settled:
+            report.feedback_mismatch += 1
         r.entry, r.request_features, r.cache_state, r.available = apply_feedback(
-            e, r.viewed, r.clicked, r.now, self.ttl_s, parked=claim.pending)
+            e, r.viewed, r.clicked, r.now, self.ttl_s, parked=claim.pending,
+            hold=None if settled else e.last_page)
+        if settled:
+            r.entry.last_page = np.zeros(0, np.int64)
+            r.recyclable = {s: lst.items for s, lst in r.entry.lists.items()}
+        else:
+            held_back = np.sort(r.entry.last_page)
+            r.recyclable = {s: lst.items[~_in_sorted(lst.items, held_back)] for s, lst in r.entry.lists.items()}
         if self.params.max_pages:
             r.available = depth_guard(r.available[None], r.cache_state[None], self.params.max_pages)[0]
         if self.params.strategies is not None:  # the family λ was certified for
@@ -555,7 +585,7 @@ class RecycleRouter:
         if j == 0:
             inputs["exclude_items"] = _pad([r.exposed for r in group])
         else:
-            inputs[STRATEGY_CANDIDATES[j]] = _pad([r.entry.lists[READS[j]].items for r in group])
+            inputs[STRATEGY_CANDIDATES[j]] = _pad([r.recyclable[READS[j]] for r in group])
         return inputs
 
     async def _call(self, group: list[_Req], j: int) -> None:

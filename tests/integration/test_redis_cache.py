@@ -81,6 +81,10 @@ def test_feedback_parked_by_busy_requests_reaches_the_next_holder(cache, server)
     np.testing.assert_array_equal(holder.pending, [5, 6, 7])  # taken over...
     assert redis.Redis.from_url(server.url).exists(cache.parked_key(3)) == 0  # ...and gone from Redis
     cache.release([3], "d")
+    # a holder's own viewed items stay visible to the requests that find its lock held
+    assert cache.claim([3], "e", viewed=[np.array([9])])[0].status == "hit"
+    np.testing.assert_array_equal(cache.claim([3], "f")[0].pending, [9])
+    cache.release([3], "e")
 
 
 def test_redis_down_reports_failure_for_every_operation():

@@ -19,7 +19,7 @@ from comrecycle.sim.recycling import StageCache
 VERSION = "test-models"
 
 
-def request(user, history=(), viewed=(), clicked=(), t=None, features=(0, 1, 2), new_session=None):
+def request(user, history=(), viewed=(), clicked=(), t=None, features=(0, 1, 2), new_session=None, token=None):
     r = {"user_id": np.array([[user]], np.int64), "user_features": np.array([features], np.int64),
          "history": np.array([list(history)], np.int64).reshape(1, -1),
          "viewed_items": np.array([list(viewed)], np.int64).reshape(1, -1),
@@ -28,6 +28,8 @@ def request(user, history=(), viewed=(), clicked=(), t=None, features=(0, 1, 2),
         r["request_time"] = np.array([[t]], np.float64)
     if new_session is not None:
         r["new_session"] = np.array([[new_session]], np.int64)
+    if token is not None:
+        r["page_token"] = np.array([[token]], np.int64)
     return r
 
 
@@ -448,3 +450,143 @@ def test_without_credit_for_gains_a_predicted_gain_does_not_lower_a_score(backen
     gain = -0.2 if credit_gains else 0.0
     np.testing.assert_allclose(res.strategy_scores, [-1.0, -(0.9 + gain), -1.3, -0.85], rtol=1e-6)
     assert res.strategy == strategy
+
+
+
+# ---- consistency rules (the same rules run against Redis and Triton in tests/integration) ---------
+@pytest.mark.parametrize("t", [1e308, -1e308, -5.0, float("nan"), 2e10])
+def test_a_request_time_out_of_range_is_invalid_and_poisons_nothing(backend, t):
+    router = make_router(backend)
+    serve(router, [request(60, t=0.0)])
+    (bad,), rep = serve(router, [request(60, t=t)])
+    assert isinstance(bad, InputError) and "request_time" in str(bad) and rep.invalid == 1
+    results, rep = serve(router, [request(60, t=5.0), request(60, t=6.0), request(60, t=7.0)])
+    ok = [r for r in results if isinstance(r, RouterResult)]
+    assert len(ok) == 3 and rep.failed == 0  # the user's later requests are served
+
+
+def test_a_request_time_before_the_last_one_is_clamped_so_ages_stay_positive(backend):
+    router = make_router(backend)
+    serve(router, [request(61, t=100.0)])
+    (res,), rep = serve(router, [request(61, t=50.0)])
+    assert isinstance(res, RouterResult) and rep.time_clamped == 1
+    assert router.cache.entry(61).last_ts == 100.0
+
+
+def test_the_request_time_window_follows_the_server_clock(backend):
+    params = RouterParams(lam=1e-3, costs=(1.0, 0.9, 0.8, 0.05), estimator_cost=0.02)
+    router = RecycleRouter(MemoryCache(), backend, params, VERSION, clock=lambda: 1_000_000.0,
+                           request_time_window_s=60.0)
+    (ok, late, early), rep = serve(router, [request(62, t=1_000_030.0), request(63, t=1_000_100.0),
+                                            request(64, t=10.0)])
+    assert isinstance(ok, RouterResult) and rep.invalid == 2
+    assert "within 60 s of the server clock" in str(late) and isinstance(early, InputError)
+
+
+class _WrongShapeEstimator:
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def infer(self, model, inputs, outputs, version=-1):
+        if model == "estimator":
+            return {"delta_q": np.zeros((len(inputs["history"]), 2), np.float32)}  # K = 3 expected
+        return await self.inner.infer(model, inputs, outputs, version)
+
+
+def test_an_estimator_answer_of_the_wrong_shape_serves_strategy_zero(backend):
+    router = make_router(_WrongShapeEstimator(backend))
+    serve(router, [request(65, t=0.0), request(66, t=0.0)])
+    results, rep = serve(router, [request(65, t=5.0), request(66, t=5.0)])
+    assert [r.strategy for r in results] == [0, 0] and rep.estimator_failures == 2 and rep.failed == 0
+    assert rep.compute_spent == pytest.approx(2 * (1.0 + 0.02))  # the failed call is paid for
+    assert router.cache.locks == {} and router.cache.entry(65).page == 2
+
+
+class _ExplodingFilterRouter(RecycleRouter):
+    def _decide(self, reqs, report):
+        raise RuntimeError("a bug in the decision")
+
+
+def test_anything_that_raises_still_answers_every_request_once_and_releases_the_locks(backend):
+    params = RouterParams(lam=1e-3, costs=(1.0, 0.9, 0.8, 0.05), estimator_cost=0.02)
+    router = _ExplodingFilterRouter(MemoryCache(), backend, params, VERSION, clock=lambda: 1000.0)
+    answers = []
+    results, rep = asyncio.run(router.serve([request(67, t=0.0), request(68, t=0.0, new_session=1)],
+                                            lambda i, r: answers.append(i)))
+    assert sorted(answers) == [0, 1] and all(isinstance(r, RouterResult) and r.strategy == 0 for r in results)
+    assert router.cache.locks == {} and router.cache.entry(67).page == 1  # written back in the finally
+
+
+def test_a_busy_request_parks_its_feedback_and_excludes_what_is_known_to_be_exposed(backend):
+    router = make_router(backend)
+    (first,), _ = serve(router, [request(69, t=0.0)])
+    page = first.page_items
+    router.cache.locks[69] = "another batch"  # a request of user 69 is in flight elsewhere
+    (busy,), rep = serve(router, [request(69, viewed=page[:5], t=5.0)])
+    assert busy.strategy == 0 and rep.cache["busy"] == 1 and rep.parked_feedback == 1 and busy.page_token == 0
+    assert not set(page[:5].tolist()) & set(busy.page_items.tolist())
+    np.testing.assert_array_equal(np.sort(router.cache.parked[69]), np.sort(page[:5]))
+    del router.cache.locks[69]
+    (nxt,), rep = serve(router, [request(69, t=6.0)])  # no feedback of its own: the parked one applies
+    assert nxt.strategy == 3 and 69 not in router.cache.parked
+    assert set(page[:5].tolist()) <= set(router.cache.entry(69).exposed.tolist())
+    assert not set(page[:5].tolist()) & set(nxt.page_items.tolist())
+
+
+def test_a_write_back_after_the_lock_was_taken_over_is_skipped_and_counted(backend):
+    class StealingCache(MemoryCache):
+        steal = False
+
+        def commit(self, writes, token, release=(), stamps=None):
+            for u in writes if self.steal else ():  # the lock expired; a newer request took it, changed the entry
+                self.locks[u] = "newer request"
+                self.data[u] = encode_entry(replace(self.entry(u), page=99))
+            return super().commit(writes, token, release, stamps)
+
+    cache = StealingCache()
+    router = make_router(backend, cache=cache)
+    serve(router, [request(70, t=0.0)])
+    cache.steal = True
+    (res,), rep = serve(router, [request(70, t=5.0)])
+    assert isinstance(res, RouterResult) and rep.lost_writes == 1
+    assert router.cache.entry(70).page == 99  # the newer request's state stands
+
+
+def test_an_entry_of_other_models_keeps_the_session_s_exposed_items(backend):
+    router = make_router(backend)
+    (first,), _ = serve(router, [request(71, t=0.0)])
+    serve(router, [request(71, viewed=first.page_items[:4], t=5.0)])
+    e = router.cache.entry(71)
+    router.cache.data[71] = encode_entry(replace(e, model_version="other models"))
+    (res,), rep = serve(router, [request(71, t=9.0)])
+    assert res.strategy == 0 and rep.cache["stale_version"] == 1 and rep.cache["hit"] == 0
+    assert not set(first.page_items[:4].tolist()) & set(res.page_items.tolist())
+    after = router.cache.entry(71)
+    assert set(first.page_items[:4].tolist()) <= set(after.exposed.tolist()) and after.page == e.page + 1
+
+
+def test_feedback_about_an_older_page_holds_the_newer_pages_back_from_recycling(backend):
+    router = make_router(backend)
+    (p1,), _ = serve(router, [request(72, t=0.0)])
+    assert p1.page_token == 1
+    # a burst: two requests both carry the feedback of page 1 (the client has seen nothing newer)
+    (a,), _ = serve(router, [request(72, viewed=p1.page_items[:3], t=5.0, token=1)])
+    (b,), rep = serve(router, [request(72, viewed=p1.page_items[:3], t=5.5, token=1)])
+    assert a.strategy == 3 and b.strategy == 3 and a.page_token == 2 and b.page_token == 3
+    assert rep.feedback_mismatch == 1
+    assert not set(a.page_items.tolist()) & set(b.page_items.tolist())  # page 2 is not recycled again
+    # the feedback of page 3 (the latest) settles the held pages: their unviewed items come back
+    (c,), rep = serve(router, [request(72, viewed=b.page_items[:2], t=9.0, token=3)])
+    assert rep.feedback_mismatch == 0 and c.strategy == 3
+    assert set(a.page_items.tolist()) & set(c.page_items.tolist())
+
+
+def test_lookups_add_up_to_the_valid_requests(backend):
+    router = make_router(backend)
+    serve(router, [request(73, t=0.0), request(74, t=0.0)])
+    router.cache.locks[74] = "elsewhere"
+    reqs = [request(73, t=5.0), request(74, t=5.0), request(75, t=5.0, new_session=1), request(73, t=5.0),
+            request(76, t=1e308)]
+    _, rep = serve(router, reqs)
+    assert sum(rep.cache.values()) == rep.requests - rep.invalid == 4
+    assert (rep.cache["hit"], rep.cache["busy"], rep.cache["new_session"]) == (1, 2, 1)
