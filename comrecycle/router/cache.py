@@ -53,7 +53,10 @@ LOG = logging.getLogger("comrecycle.router.cache")
 
 CACHED_STAGES = STAGES[:-1]  # ("retrieval", "prerank", "rank"): the page itself is not cached
 CLAIM_STATUSES = ("hit", "miss", "busy", "corrupt", "error")
-RECENT_PAGES = 4  # the entry's `last_page` holds the items of the user's last pages (newest first)
+# The entry's `last_page` holds the items of the pages served since the last page whose feedback
+# arrived (newest first; one page when the client sends feedback page by page), held back from
+# recycled pages meanwhile: up to this many pages (a burst of that many requests of one user).
+RECENT_PAGES = 8
 # A full entry is ~30 KB (lists of 1000 + 300 + 100 ids, 2000 exposed); anything far larger under a
 # user's key is not ours and would slow every claim of the batch it is read in.
 ENTRY_MAX_BYTES = 256 * 1024
@@ -105,7 +108,8 @@ class CacheEntry:
     last_ts        float                  time (s) of the user's last served request
     page           int                    pages served in this session so far
     exposed        int64 [n <= 2000]      items the user viewed in this session, most recent last
-    last_page      int64 [<= RECENT_PAGES·PAGE_SIZE]  the items served on the user's last pages, newest first
+    last_page      int64 [<= RECENT_PAGES·PAGE_SIZE]  items of the pages served since the last page whose
+                                          feedback arrived, newest first (usually just the last page)
     lists          {stage: StageList}     a subset of CACHED_STAGES
     """
 
@@ -146,6 +150,7 @@ class Claim:
     pending: np.ndarray = field(default_factory=lambda: _NO_IDS)
     repaired: str | None = None
     stamp: bytes = b""  # the first 8 bytes (magic + crc) of the value read, b"" if none: commit's check
+    parked_len: int = 0  # bytes of the parked key after the claim: what the write-back trims
 
     @property
     def held(self) -> bool:
@@ -338,11 +343,12 @@ return n
 # feedback's lifetime (ms), ARGV[5]: its cap (bytes); then per user k: ARGV[4 + 2k] the mode
 # ('n': a new session, which reads nothing; 'o': an ongoing one) and ARGV[5 + 2k] the viewed items
 # it reports (packed int64). First a key that is not one of our entries (another Redis type,
-# oversize) is deleted. Then the lock: taken -> {1, entry, parked feedback (taken over), repaired},
-# and the parked key then holds the claim's own viewed items until the next holder (so requests
-# that find the lock held before this batch writes back know them); held by someone else -> the
-# viewed items are parked and {0, entry, parked, repaired} is returned for exclusions. A user twice
-# in one batch is busy the second time.
+# oversize) is deleted. Then the lock: taken -> {1, entry, parked feedback (taken over), repaired,
+# parked length}: the claim's own viewed items are appended to the parked key, which keeps all it
+# took over until the write-back trims that prefix (so requests that find the lock held before the
+# write-back know them); held by someone else -> the viewed items are parked and
+# {0, entry, parked, repaired, 0} is returned for exclusions. A user twice in one batch is busy the
+# second time.
 _CLAIM_LUA = """
 local out = {}
 local max_bytes, cap = tonumber(ARGV[3]), tonumber(ARGV[5])
@@ -366,18 +372,17 @@ for i = 1, #KEYS, 3 do
   if redis.call('SET', lock, ARGV[1], 'NX', 'PX', ARGV[2]) then
     if mode == 'n' then
       redis.call('DEL', parked)
-      out[#out + 1] = {1, false, false, repaired}
+      out[#out + 1] = {1, false, false, repaired, 0}
     else
       local p = redis.call('GET', parked)
       if #viewed > 0 then
-        redis.call('SET', parked, viewed, 'PX', ARGV[4])
-      elseif p then
-        redis.call('DEL', parked)
+        redis.call('APPEND', parked, viewed)
+        redis.call('PEXPIRE', parked, ARGV[4])
       end
-      out[#out + 1] = {1, redis.call('GET', entry), p, repaired}
+      out[#out + 1] = {1, redis.call('GET', entry), p, repaired, redis.call('STRLEN', parked)}
     end
   elseif mode == 'n' then
-    out[#out + 1] = {0, false, false, repaired}
+    out[#out + 1] = {0, false, false, repaired, 0}
   else
     if #viewed > 0 then
       redis.call('APPEND', parked, viewed)
@@ -387,16 +392,17 @@ for i = 1, #KEYS, 3 do
       end
       redis.call('PEXPIRE', parked, ARGV[4])
     end
-    out[#out + 1] = {0, redis.call('GET', entry), redis.call('GET', parked), repaired}
+    out[#out + 1] = {0, redis.call('GET', entry), redis.call('GET', parked), repaired, 0}
   end
 end
 return out
 """
 
-# KEYS: per write (entry key, lock key), then the lock keys to release only. ARGV[1]: the batch's
-# token, ARGV[2]: the entries' TTL (ms), ARGV[3]: n, the number of writes, ARGV[3 + i]: the i-th
-# payload (empty = delete), ARGV[3 + n + i]: the first 8 bytes (magic + crc) of the entry the
-# batch read ('' = none, '-' = not given). An entry is written while its lock holds the token, or,
+# KEYS: per write (entry key, lock key, parked key), then the lock keys to release only. ARGV[1]:
+# the batch's token, ARGV[2]: the entries' TTL (ms), ARGV[3]: n, the number of writes, ARGV[3 + i]:
+# the i-th payload (empty = delete), ARGV[3 + n + i]: the first 8 bytes (magic + crc) of the entry
+# the batch read ('' = none, '-' = not given), ARGV[3 + 2n + i]: the parked length the claim saw
+# (that prefix is now in the entry: trimmed after the write). An entry is written while its lock holds the token, or,
 # when the lock is gone (expired, evicted under maxmemory) and nobody else holds it, if the entry
 # is still the one the batch read: a batch that lost the race to another request of the user must
 # not overwrite that request's state. Returns {written, lost}.
@@ -404,7 +410,7 @@ _COMMIT_LUA = """
 local n = tonumber(ARGV[3])
 local written, lost = 0, 0
 for i = 1, n do
-  local entry, lock = KEYS[2 * i - 1], KEYS[2 * i]
+  local entry, lock, parked = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
   local holder = redis.call('GET', lock)
   local ours = holder == ARGV[1]
   if not holder then
@@ -418,13 +424,22 @@ for i = 1, n do
     else
       redis.call('SET', entry, data, 'PX', ARGV[2])
     end
+    local applied = tonumber(ARGV[3 + 2 * n + i])
+    if applied > 0 and redis.call('TYPE', parked)['ok'] == 'string' then
+      local len = redis.call('STRLEN', parked)
+      if len <= applied then
+        redis.call('DEL', parked)
+      else
+        redis.call('SET', parked, redis.call('GETRANGE', parked, applied, len - 1), 'KEEPTTL')
+      end
+    end
     redis.call('DEL', lock)
     written = written + 1
   else
     lost = lost + 1
   end
 end
-for i = 2 * n + 1, #KEYS do
+for i = 3 * n + 1, #KEYS do
   if redis.call('GET', KEYS[i]) == ARGV[1] then
     redis.call('DEL', KEYS[i])
   end
@@ -577,7 +592,7 @@ class RedisStageCache:
         return claims
 
     def _claim_of(self, uid: int, reply) -> Claim:
-        locked, raw, parked, repaired = reply
+        locked, raw, parked, repaired, parked_len = reply
         repaired = _REPAIRED.get(int(repaired))
         if repaired:
             LOG.warning("user %d: %s held %s, not a cache entry; deleted", uid, self.entry_key(uid),
@@ -595,12 +610,14 @@ class RedisStageCache:
         if not int(locked):
             return Claim("busy", entry, pending, repaired)
         status = "corrupt" if corrupt or repaired else ("hit" if entry is not None else "miss")
-        return Claim(status, entry, pending, repaired, bytes(raw[:_PREFIX.size]) if raw else b"")
+        return Claim(status, entry, pending, repaired, bytes(raw[:_PREFIX.size]) if raw else b"", int(parked_len))
 
     def commit(self, writes: Mapping[int, CacheEntry | None], token: str, release: Sequence[int] = (),
-               stamps: Mapping[int, bytes] | None = None) -> CommitResult:
+               stamps: Mapping[int, bytes] | None = None, parked_lens: Mapping[int, int] | None = None) -> CommitResult:
         """Store (``None``: delete) the users' entries while their locks still hold ``token``, release
-        those locks and the ones of ``release``, in one script call.
+        those locks and the ones of ``release``, in one script call. ``parked_lens[uid]``: the
+        :attr:`Claim.parked_len` of the claim; that prefix of the parked feedback, now in the entry,
+        is trimmed.
 
         ``stamps[uid]``: the :attr:`Claim.stamp` of the entry the batch read; with it, a write whose
         lock is gone (expired, evicted) still lands if nobody holds the lock and the entry is
@@ -615,11 +632,12 @@ class RedisStageCache:
             self._add(write_errors=len(payloads))
             return CommitResult(False)
         try:
-            keys = [k for u in payloads for k in (self.entry_key(u), self.lock_key(u))]
+            keys = [k for u in payloads for k in (self.entry_key(u), self.lock_key(u), self.parked_key(u))]
             keys += [self.lock_key(u) for u in unlock]
             expect = [b"-" if stamps is None or u not in stamps else stamps[u] for u in payloads]
+            applied = [int((parked_lens or {}).get(u, 0)) for u in payloads]
             written, lost = self._commit_script(keys=keys, args=[token, self._ttl_ms, len(payloads),
-                                                                 *payloads.values(), *expect])
+                                                                 *payloads.values(), *expect, *applied])
         except Exception as exc:  # see claim()
             self._failed("commit", exc)
             self._add(write_errors=len(payloads))
@@ -758,19 +776,21 @@ class MemoryStageCache:
                 out.append(Claim("busy", self._decoded(raw), self.parked.get(u, _NO_IDS)))
                 continue
             self.locks[u] = token
-            pending = self.parked.pop(u, _NO_IDS)
-            v = np.asarray(viewed[k], np.int64) if viewed is not None else _NO_IDS
-            if v.size and not new:  # known to busy requests until the next holder takes it over
-                self.parked[u] = v
             if new:
+                self.parked.pop(u, None)
                 out.append(Claim("miss"))
                 continue
+            pending = self.parked.get(u, _NO_IDS)
+            v = np.asarray(viewed[k], np.int64) if viewed is not None else _NO_IDS
+            if v.size:  # known to busy requests until the write-back trims what this claim applied
+                self.parked[u] = np.concatenate([pending, v])
+            n_parked = int(self.parked.get(u, _NO_IDS).size) * _ID.itemsize
             if raw is None:
-                out.append(Claim("miss", None, pending))
+                out.append(Claim("miss", None, pending, None, b"", n_parked))
                 continue
             entry, stamp = self._decoded(raw), raw[:_PREFIX.size]
-            out.append(Claim("corrupt", None, pending, None, stamp) if entry is None
-                       else Claim("hit", entry, pending, None, stamp))
+            out.append(Claim("corrupt", None, pending, None, stamp, n_parked) if entry is None
+                       else Claim("hit", entry, pending, None, stamp, n_parked))
         return out
 
     @staticmethod
@@ -783,7 +803,7 @@ class MemoryStageCache:
             return None
 
     def commit(self, writes: Mapping[int, CacheEntry | None], token: str, release: Sequence[int] = (),
-               stamps: Mapping[int, bytes] | None = None) -> CommitResult:
+               stamps: Mapping[int, bytes] | None = None, parked_lens: Mapping[int, int] | None = None) -> CommitResult:
         if self.down:
             return CommitResult(False)
         stored = lost = 0
@@ -799,6 +819,13 @@ class MemoryStageCache:
             else:
                 self.data[u] = encode_entry(e)
             stored += 1
+            applied = int((parked_lens or {}).get(u, 0)) // _ID.itemsize
+            if applied and u in self.parked:
+                rest = self.parked[u][applied:]
+                if rest.size:
+                    self.parked[u] = rest
+                else:
+                    del self.parked[u]
         self.release(list(writes) + list(release), token)
         return CommitResult(True, stored, lost)
 

@@ -387,6 +387,7 @@ class RecycleRouter:
         token = uuid.uuid4().hex
         held: list[_Req] = []
         stamps: dict[int, bytes] = {}  # what each held user's entry was when claimed (commit's check)
+        parked_lens: dict[int, int] = {}  # the parked feedback each claim applied (trimmed at commit)
         keeper = None
         try:
             claims = self.cache.claim([r.user_id for r in reqs], token, viewed=[r.viewed for r in reqs],
@@ -404,6 +405,7 @@ class RecycleRouter:
                     r.held = True
                     held.append(r)
                     stamps[r.user_id] = claim.stamp
+                    parked_lens[r.user_id] = claim.parked_len
             if held and self.lock_refresh_s:
                 keeper = asyncio.ensure_future(self._keep_locks([r.user_id for r in held], token))
             t = _lap(phase, "claim", t)
@@ -434,7 +436,7 @@ class RecycleRouter:
             if keeper is not None:
                 keeper.cancel()
             t = _lap(phase, "stages", t)
-            self._write_back(held, pages, token, stamps, report)
+            self._write_back(held, pages, token, stamps, parked_lens, report)
             _lap(phase, "commit", t)
         return results, report
 
@@ -445,7 +447,7 @@ class RecycleRouter:
             self.cache.extend(user_ids, token)
 
     def _write_back(self, held: list[_Req], pages: dict[int, np.ndarray], token: str, stamps: dict[int, bytes],
-                    report: BatchReport) -> None:
+                    parked_lens: dict[int, int], report: BatchReport) -> None:
         """One round trip: the entries of the users whose lock the batch holds (served: the next
         entry; not served: the feedback it brought, so none is lost), then the locks released."""
         writes: dict[int, CacheEntry | None] = {}
@@ -462,7 +464,7 @@ class RecycleRouter:
         if not writes and not release:
             return
         try:
-            result = self.cache.commit(writes, token, release=release, stamps=stamps)
+            result = self.cache.commit(writes, token, release=release, stamps=stamps, parked_lens=parked_lens)
         except Exception:  # noqa: BLE001 - a cache bug must not fail answered requests
             log.exception("cache write-back failed")
             report.cache_write_failed = True

@@ -79,12 +79,19 @@ def test_feedback_parked_by_busy_requests_reaches_the_next_holder(cache, server)
     holder = cache.claim([3], "d")[0]
     assert holder.status == "hit"
     np.testing.assert_array_equal(holder.pending, [5, 6, 7])  # taken over...
-    assert redis.Redis.from_url(server.url).exists(cache.parked_key(3)) == 0  # ...and gone from Redis
-    cache.release([3], "d")
-    # a holder's own viewed items stay visible to the requests that find its lock held
-    assert cache.claim([3], "e", viewed=[np.array([9])])[0].status == "hit"
-    np.testing.assert_array_equal(cache.claim([3], "f")[0].pending, [9])
-    cache.release([3], "e")
+    assert cache.commit({3: _entry(3)}, "d", parked_lens={3: holder.parked_len})
+    assert redis.Redis.from_url(server.url).exists(cache.parked_key(3)) == 0  # ...and gone once written
+    # what a holder applies (taken over + its own viewed items) stays visible to the requests that
+    # find its lock held, until its write-back trims exactly that prefix
+    cache.claim([3], "x", viewed=[np.array([1, 2])])  # busy: parks 1, 2
+    cache.release([3], "x")
+    holder = cache.claim([3], "e", viewed=[np.array([9])])[0]
+    assert holder.status == "hit" and holder.parked_len == 3 * 8
+    np.testing.assert_array_equal(holder.pending, [1, 2])
+    np.testing.assert_array_equal(cache.claim([3], "f", viewed=[np.array([4])])[0].pending, [1, 2, 9, 4])
+    assert cache.commit({3: _entry(3)}, "e", parked_lens={3: holder.parked_len})
+    np.testing.assert_array_equal(cache.claim([3], "g")[0].pending, [4])  # parked after the claim: kept
+    cache.release([3], "g")
 
 
 def test_redis_down_reports_failure_for_every_operation():

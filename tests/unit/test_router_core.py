@@ -528,7 +528,7 @@ def test_a_busy_request_parks_its_feedback_and_excludes_what_is_known_to_be_expo
     np.testing.assert_array_equal(np.sort(router.cache.parked[69]), np.sort(page[:5]))
     del router.cache.locks[69]
     (nxt,), rep = serve(router, [request(69, t=6.0)])  # no feedback of its own: the parked one applies
-    assert nxt.strategy == 3 and 69 not in router.cache.parked
+    assert nxt.strategy == 3 and 69 not in router.cache.parked  # applied, written, trimmed
     assert set(page[:5].tolist()) <= set(router.cache.entry(69).exposed.tolist())
     assert not set(page[:5].tolist()) & set(nxt.page_items.tolist())
 
@@ -537,11 +537,11 @@ def test_a_write_back_after_the_lock_was_taken_over_is_skipped_and_counted(backe
     class StealingCache(MemoryCache):
         steal = False
 
-        def commit(self, writes, token, release=(), stamps=None):
+        def commit(self, writes, token, release=(), **kwargs):
             for u in writes if self.steal else ():  # the lock expired; a newer request took it, changed the entry
                 self.locks[u] = "newer request"
                 self.data[u] = encode_entry(replace(self.entry(u), page=99))
-            return super().commit(writes, token, release, stamps)
+            return super().commit(writes, token, release, **kwargs)
 
     cache = StealingCache()
     router = make_router(backend, cache=cache)

@@ -65,6 +65,10 @@ def test_install_router_params_makes_versions_and_the_router_loadable(tmp_path):
     params.write_text(json.dumps(GOOD))
     with pytest.raises(FileNotFoundError, match="no installed version: install an estimator first"):
         install_router_params(repo, params)
+    with pytest.raises(FileNotFoundError, match="estimator version 3 is not installed"):
+        install_router_params(repo, params, estimator_version=3)
+    (repo / "estimator" / "3").mkdir()
+    (repo / "estimator" / "3" / "model.onnx").write_bytes(b"")  # an installed version (its file, at least)
     v1 = install_router_params(repo, params, estimator_version=3)
     assert v1.name == "1" and json.loads((v1 / "params.json").read_text())["estimator_model_version"] == 3
     assert (v1 / "model.py").exists()
@@ -73,7 +77,7 @@ def test_install_router_params_makes_versions_and_the_router_loadable(tmp_path):
     bad.write_text(json.dumps({**GOOD, "lambda": -2}))
     with pytest.raises(ParamsError):
         install_router_params(repo, bad, estimator_version=3)
-    # no ONNX installed: nothing loads, the router neither (it needs the estimator and suffixes)
+    # no stage ONNX installed: the router does not load (it needs the cascade suffixes)
     assert "recycle_router" not in loadable_models(repo)
     assert RouterParams.load(v1 / "params.json").estimator_version == 3
     # an installed copy of model.py from an older checkout is refreshed; params stay as they were
