@@ -245,7 +245,7 @@ def _row(items: np.ndarray, scores: np.ndarray | None = None):
 class RecycleRouter:
     """One per router model instance. `serve(requests)` is a coroutine (async BLS)."""
 
-    def __init__(self, cache, backend: Backend, params: RouterParams, model_version: str,
+    def __init__(self, cache, backend: Backend, params: RouterParams, model_version: str | Callable[[], str],
                  ttl_s: float = CACHE_TTL_S, clock: Callable[[], float] = time.time, seed: int = 0,
                  session_ttl_s: float = SESSION_TTL_S, request_time_window_s: float = 0.0,
                  lock_refresh_s: float | None = None):
@@ -255,7 +255,10 @@ class RecycleRouter:
         clients on a simulated clock). lock_refresh_s: how often a running batch extends its users'
         locks (default: a third of the cache's lock_ms)."""
         self.cache, self.backend, self.params = cache, backend, params
-        self.model_version, self.ttl_s, self.clock = model_version, float(ttl_s), clock
+        # the stage models' fingerprint, or a callable giving it (read at the start of every batch)
+        self._version_source = model_version if callable(model_version) else None
+        self.model_version = model_version() if callable(model_version) else model_version
+        self.ttl_s, self.clock = float(ttl_s), clock
         self.request_time_window_s = float(request_time_window_s)
         lock_ms = getattr(cache, "lock_ms", None)
         self.lock_refresh_s = lock_refresh_s if lock_refresh_s is not None else (
@@ -314,6 +317,8 @@ class RecycleRouter:
         report = BatchReport(requests=len(requests))
         results: list = [None] * len(requests)
         answered = [False] * len(requests)
+        if self._version_source is not None:
+            self.model_version = self._version_source()
 
         def answer(i: int, result) -> None:
             if answered[i]:  # exactly once, whatever path reaches here twice

@@ -47,6 +47,8 @@ SETTINGS = {  # parameter -> (environment variable, default)
     # > 0: a request_time further than this (s) from the server clock is INVALID_ARG. 0 (default):
     # not checked, for clients on a simulated clock (replays); set it where clients send Unix time
     "request_time_window_s": ("COMRECYCLE_REQUEST_TIME_WINDOW_S", "0"),
+    # how often the stage models' fingerprint (latest version + content of each stage) is checked
+    "fingerprint_check_s": ("COMRECYCLE_FINGERPRINT_CHECK_S", "5"),
     "retry_after_s": ("COMRECYCLE_REDIS_RETRY_S", "1.0"),
     # stages the router runs in its own process instead of a BLS call (comma-separated, "all"
     # or "none"). Every BLS call is a round trip to Triton plus one inter-process hop per stage
@@ -90,15 +92,69 @@ def max_inflight_batches(s: dict[str, str]) -> int:
     return n
 
 
+def _stage_files(repo: Path) -> list[tuple[str, int, Path | None]]:
+    """(stage, latest installed version or 0, its model.onnx or None) per stage of a repository."""
+    out = []
+    for stage in STAGES:
+        root = repo / stage
+        versions = sorted(int(v.name) for v in root.iterdir() if v.is_dir() and v.name.isdigit()
+                          and (v / "model.onnx").is_file()) if root.is_dir() else []
+        out.append((stage, versions[-1], root / str(versions[-1]) / "model.onnx") if versions else (stage, 0, None))
+    return out
+
+
+_DIGESTS: dict[tuple, bytes] = {}  # (path, size, mtime_ns) -> sha256 of the file: hash each file once
+
+
+def _digest(path: Path) -> bytes:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.digest()
+    return _DIGESTS[key]
+
+
 def model_set_fingerprint(repo: str | Path) -> str:
-    """16 hex digits naming the stage models a repository serves (from its manifest.json):
-    cache entries written under another fingerprint are treated as absent."""
-    p = Path(repo) / "manifest.json"
-    if not p.exists():
-        return "unknown"
-    m = json.loads(p.read_text())
-    key = {k: m.get(k) for k in ("versions", "built_at", "seed", "profile", "git_sha", "sizes")}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    """16 hex digits naming the stage models a repository serves: each stage's latest installed
+    version and the content (sha256) of its model.onnx. Cache entries written under another
+    fingerprint keep their session but not their lists (stale_version)."""
+    h = hashlib.sha256()
+    for stage, version, path in _stage_files(Path(repo)):
+        h.update(f"{stage}:{version}:".encode())
+        h.update(_digest(path) if path is not None else b"none")
+    return h.hexdigest()[:16]
+
+
+class FingerprintWatch:
+    """The repository's stage-model fingerprint, checked again at most every `every_s` seconds
+    (a stat of the version dirs; a file is hashed again only when it changed): a stage reloaded
+    with a new version changes the fingerprint without reloading the router."""
+
+    def __init__(self, repo: str | Path, every_s: float = 5.0, clock=None):
+        import time
+
+        self.repo, self.every_s, self.clock = Path(repo), float(every_s), clock or time.monotonic
+        self.value = model_set_fingerprint(self.repo)
+        self._next = self.clock() + self.every_s
+
+    def __call__(self) -> str:
+        now = self.clock()
+        if now >= self._next:
+            self._next = now + self.every_s
+            try:
+                new = model_set_fingerprint(self.repo)
+            except OSError as exc:  # a version dir replaced while we look: keep the last value
+                log.debug("fingerprint not refreshed: %s", exc)
+                return self.value
+            if new != self.value:
+                log.info("stage models changed (fingerprint %s -> %s): older cache entries keep their "
+                         "session but not their lists", self.value, new)
+                self.value = new
+        return self.value
 
 
 def settings_from_args(args: dict) -> dict[str, str]:
@@ -116,7 +172,7 @@ def build_router(args: dict, backend) -> RecycleRouter:
     cache = RedisStageCache(s["redis_url"], ttl_s=session_ttl, lock_ms=int(s["lock_ms"]),
                             timeout_s=float(s["redis_timeout_ms"]) / 1e3, retry_after_s=float(s["retry_after_s"]),
                             password=s["redis_password"] or None)
-    fingerprint = model_set_fingerprint(model_dir.parent)
+    fingerprint = FingerprintWatch(model_dir.parent, every_s=float(s["fingerprint_check_s"]))
     local = local_stage_names(s["local_stages"])
     if local:
         backend = LocalStagesBackend(backend, local_stage_runtimes(model_dir.parent, local))
@@ -124,7 +180,7 @@ def build_router(args: dict, backend) -> RecycleRouter:
                  ", ".join(local))
     log.info("recycle_router v%s: λ=%.4g ω=%g costs=%s estimator v%s, model set %s, Redis %s (reachable: %s)",
              args["model_version"], router_params.lam, router_params.omega, router_params.costs,
-             router_params.estimator_version, fingerprint, redact_url(s["redis_url"]), cache.ping())
+             router_params.estimator_version, fingerprint.value, redact_url(s["redis_url"]), cache.ping())
     return RecycleRouter(cache, backend, router_params, fingerprint, ttl_s=float(s["cache_ttl_s"]),
                          session_ttl_s=session_ttl, request_time_window_s=float(s["request_time_window_s"]))
 

@@ -35,9 +35,9 @@ def stack(tiny_repository, tmp_path_factory):
     install_router_params(repo, tmp / "p.json", version=1)
     with RedisServer() as redis_srv:
         env = {"COMRECYCLE_REDIS_URL": redis_srv.url, "COMRECYCLE_ROUTER_METRICS_FLUSH_S": str(FLUSH_S),
-               "COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES": "4"}
+               "COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES": "4", "COMRECYCLE_FINGERPRINT_CHECK_S": "0.2"}
         with repository_server(repo, startup_timeout=180, env=env) as srv:
-            yield {"triton": srv, "redis": redis_srv, "cache": RedisStageCache(redis_srv.url)}
+            yield {"triton": srv, "redis": redis_srv, "cache": RedisStageCache(redis_srv.url), "repo": repo}
 
 
 def req(user, viewed=(), t=0.0, **extra):
@@ -126,3 +126,20 @@ def test_concurrency_suite_serves_no_cached_item_twice_and_no_viewed_item_again(
         assert r.shared_cached_items == 0, lines
         assert r.recycled > 0.05 * r.requests, lines  # the router did recycle: the checks were not vacuous
     print(lines)
+
+
+def test_a_new_stage_version_stops_the_recycling_of_lists_from_the_old_one(stack):
+    """The router's fingerprint follows the stage models' files (latest version + content), so a
+    stage reloaded without reloading the router never gets lists computed by its old version."""
+    assert [int(x["strategy"][0]) for x in send(stack, [req(800, t=1.0), req(800, t=8.0)])] == [0, 3]
+    rank = stack["repo"] / "rank"
+    new = rank / str(max(int(v.name) for v in rank.iterdir() if v.name.isdigit()) + 1)
+    shutil.copytree(rank / "1", new)  # a new version of the rank stage (same weights, new version)
+    try:
+        time.sleep(0.5)  # > COMRECYCLE_FINGERPRINT_CHECK_S
+        stale0 = total(metrics(stack, "comrecycle_cache_lookups_total"), result="stale_version")
+        after = send(stack, [req(800, t=15.0), req(800, t=22.0)])
+        assert [int(x["strategy"][0]) for x in after] == [0, 3]  # old lists dropped, the session goes on
+        assert total(metrics(stack, "comrecycle_cache_lookups_total"), result="stale_version") == stale0 + 1
+    finally:
+        shutil.rmtree(new)

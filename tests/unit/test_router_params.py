@@ -89,15 +89,39 @@ def test_install_router_params_makes_versions_and_the_router_loadable(tmp_path):
     assert sync_installed_code(repo) == []
 
 
-def test_settings_environment_overrides_config_and_fingerprint_tracks_the_manifest(tmp_path):
+def test_settings_environment_overrides_config_and_fingerprint_tracks_the_stage_models(tmp_path):
     s = settings({"redis_url": "redis://cfg:1/0"}, env={"COMRECYCLE_REDIS_URL": "redis://env:2/0"})
     assert s["redis_url"] == "redis://env:2/0" and float(s["cache_ttl_s"]) == 900.0
     assert settings({"redis_url": "redis://cfg:1/0"}, env={})["redis_url"] == "redis://cfg:1/0"
-    assert model_set_fingerprint(tmp_path) == "unknown"
-    (tmp_path / "manifest.json").write_text(json.dumps({"versions": {"rank": 1}, "built_at": "a"}))
+    empty = model_set_fingerprint(tmp_path)  # no stage installed: a fingerprint all the same
+    (tmp_path / "rank" / "1").mkdir(parents=True)
+    (tmp_path / "rank" / "1" / "model.onnx").write_bytes(b"weights v1")
     f1 = model_set_fingerprint(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"versions": {"rank": 2}, "built_at": "a"}))
-    assert model_set_fingerprint(tmp_path) != f1 and len(f1) == 16
+    assert f1 != empty and len(f1) == 16
+    (tmp_path / "manifest.json").write_text(json.dumps({"versions": {"rank": 9}}))  # the manifest says nothing
+    assert model_set_fingerprint(tmp_path) == f1
+    (tmp_path / "rank" / "1" / "model.onnx").write_bytes(b"weights v1, retrained")  # same version, new content
+    f2 = model_set_fingerprint(tmp_path)
+    assert f2 != f1
+    (tmp_path / "rank" / "2").mkdir()
+    (tmp_path / "rank" / "2" / "model.onnx").write_bytes(b"weights v1, retrained")  # a new version
+    assert model_set_fingerprint(tmp_path) not in (f1, f2)
+
+
+def test_the_fingerprint_watch_sees_a_stage_reloaded_without_the_router(tmp_path):
+    from comrecycle.router.serving import FingerprintWatch
+
+    (tmp_path / "rank" / "1").mkdir(parents=True)
+    (tmp_path / "rank" / "1" / "model.onnx").write_bytes(b"v1")
+    now = [0.0]
+    watch = FingerprintWatch(tmp_path, every_s=5.0, clock=lambda: now[0])
+    first = watch()
+    (tmp_path / "rank" / "2").mkdir()
+    (tmp_path / "rank" / "2" / "model.onnx").write_bytes(b"v2")
+    now[0] = 1.0
+    assert watch() == first  # not checked again yet
+    now[0] = 6.0
+    assert watch() != first
 
 
 def test_local_stages_run_the_installed_rerank_like_the_in_process_backend(tiny_repository, tiny_model_set, tmp_path):
