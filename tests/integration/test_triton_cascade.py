@@ -145,3 +145,22 @@ def test_perf_analyzer_smoke_on_cascade(triton, sample_contexts, tmp_path):
                     measurement_interval_ms=800, stability_percentage=50, max_trials=20, timeout_s=240)
     assert [r["concurrency"] for r in rows] == [1, 2]
     assert all(r["throughput_infer_per_s"] > 0 and r["p50_us"] > 0 for r in rows)
+
+
+def test_the_cascade_answers_only_when_asked_for_all_its_outputs(triton, sample_contexts):
+    """Documented Triton 2.51 behaviour (README, "Metrics" paragraph): asking the ensemble for a
+    subset of its outputs fails with the scheduler's deadlock error; all outputs work. If a later
+    Triton answers the subset, this test says so and the README note can go."""
+    import tritonclient.grpc as grpcclient
+
+    ctx = sample_contexts[0]
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    ins = []
+    for name, v in ctx.items():
+        v = np.asarray(v)[None]
+        t = grpcclient.InferInput(name, list(v.shape), {np.int64: "INT64", np.float32: "FP32"}[v.dtype.type])
+        t.set_data_from_numpy(v)
+        ins.append(t)
+    with pytest.raises(Exception, match="unexpected deadlock, at least one output is not set"):
+        c.infer("cascade", ins, outputs=[grpcclient.InferRequestedOutput("rerank_items")])
+    assert c.infer("cascade", ins).as_numpy("rerank_items").shape[-1] == 20
