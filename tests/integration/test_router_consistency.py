@@ -102,9 +102,19 @@ def test_keys_that_are_not_entries_are_repaired_and_the_user_is_served(stack):
 
 
 def test_lookups_add_up_and_failed_work_is_counted(stack):
+    from dataclasses import replace
+
+    from comrecycle.router.cache import encode_entry
+
+    send(stack, [req(703, t=1.0)])
+    cache, r = stack["cache"], redis.Redis.from_url(stack["redis"].url)
+    e = cache.claim([703], "peek")[0].entry
+    cache.release([703], "peek")
+    r.set(cache.entry_key(703), encode_entry(replace(e, model_version="other models")))  # a stale entry
     lookups0 = metrics(stack, "comrecycle_cache_lookups_total")
     events0 = metrics(stack, "comrecycle_router_events_total")
-    reqs = [req(700, t=1.0), req(701, t=1.0, new_session=[1]), req(702, viewed=[-3], t=1.0), req(700, t=8.0)]
+    reqs = [req(700, t=1.0), req(701, t=1.0, new_session=[1]), req(702, viewed=[-3], t=1.0), req(700, t=8.0),
+            req(703, t=8.0)]
     out = send(stack, reqs)
     assert isinstance(out[2], ServingError) and sum(isinstance(x, Exception) for x in out) == 1
     lookups = metrics(stack, "comrecycle_cache_lookups_total")
@@ -112,6 +122,7 @@ def test_lookups_add_up_and_failed_work_is_counted(stack):
     added = sum(lookups.values()) - sum(lookups0.values())
     invalid = total(events, event="invalid") - total(events0, event="invalid")
     assert invalid == 1 and added == len(reqs) - invalid  # one result per look-up, none counted twice
+    assert total(lookups, result="stale_version") - total(lookups0, result="stale_version") == 1
 
 
 @pytest.mark.slow
