@@ -29,6 +29,7 @@ from .calibration import DepthCalibration, fit_depth_calibration, graft_calibrat
 from .labels import training_labels
 from .model import EffectLossNet
 
+ORT_CHUNK = 65_536  # rows per onnxruntime call in predict (bounds the memory of the GRU's activations)
 TRAIN_COLUMNS = ("session_id", "page", "is_repeat", "gender", "age", "country", "secs_since_prev",
                  "prev_exposures", "prev_clicks", "history", "strategy", "propensity", "reward")
 
@@ -142,6 +143,7 @@ class EffectLossEstimator:
 
     # ---- training --------------------------------------------------------------------------
     def fit(self, table: pa.Table) -> "EffectLossEstimator":
+        self.onnx_path_ = None  # a saved graph (if any) is of the previous weights
         validate_training_log(table)
         if self.select not in ("outcome", "uplift"):
             raise ValueError(f"select: expected 'outcome' or 'uplift', got {self.select!r}")
@@ -259,7 +261,23 @@ class EffectLossEstimator:
     # ---- prediction ------------------------------------------------------------------------
     def predict(self, features: dict[str, np.ndarray], raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Raw served arrays -> (Q [n, K+1], ΔQ [n, K]); calibrated when a calibration is
-        attached (`calibrate`), unless raw."""
+        attached (`calibrate`), unless raw.
+
+        A saved or loaded estimator runs its ONNX graph with onnxruntime (the graph the router
+        serves; ~6x faster than torch's CPU GRU here, equal to 1e-5); otherwise torch."""
+        session = None if raw else self._onnx_session()  # raw: torch (the graph carries the calibration)
+        if session is not None:
+            names = [i.name for i in session.get_inputs()]
+            n = len(features["history"])
+            qs, dqs = [], []
+            for b in range(0, n, ORT_CHUNK):
+                q, dq = session.run(["q", "delta_q"], {k: np.ascontiguousarray(features[k][b:b + ORT_CHUNK])
+                                                       for k in names})
+                qs.append(q)
+                dqs.append(dq)
+            if not qs:
+                return np.zeros((0, self.net_.k + 1), np.float32), np.zeros((0, self.net_.k), np.float32)
+            return np.concatenate(qs), np.concatenate(dqs)
         X = self._tensors(features)
         qs, dqs = [], []
         with torch.no_grad():
@@ -272,6 +290,20 @@ class EffectLossEstimator:
         if cal is not None and not raw:
             q, dq = cal.apply(q, dq, features["cache_state"])
         return q, dq
+
+    def _onnx_session(self):
+        """An onnxruntime session on the estimator's saved graph, when it matches the net and its
+        calibration (set by save/load, cleared by fit/calibrate); None otherwise."""
+        path = getattr(self, "onnx_path_", None)
+        if path is None or getattr(self, "calibration_", None) is not getattr(self, "onnx_calibration_", None):
+            return None  # no saved graph, or a calibration attached since it was written
+        if getattr(self, "_ort", None) is None or self._ort[0] != path:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = max(1, torch.get_num_threads())
+            self._ort = (path, ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]))
+        return self._ort[1]
 
     def predict_log(self, table: pa.Table, raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
         return self.predict(features_from_log(table), raw=raw)
@@ -286,6 +318,7 @@ class EffectLossEstimator:
         rep, y_rep, _ = _repeated_with_labels(table, label or self.label)
         feats = features_from_log(rep)
         q, dq = self.predict(feats, raw=True)
+        self.onnx_path_ = None  # the saved graph no longer carries this calibration
         self.calibration_ = fit_depth_calibration(
             q, dq, feats["cache_state"], rep["strategy"].to_numpy(), y_rep,
             rep["propensity"].to_numpy(), **options)
@@ -322,6 +355,8 @@ class EffectLossEstimator:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.export_onnx(out / "estimator.onnx")
+        self.onnx_path_ = out / "estimator.onnx"  # predict() runs it from now on
+        self.onnx_calibration_ = getattr(self, "calibration_", None)
         torch.save(self.net_.state_dict(), out / "estimator.pt")
         np.save(out / "item_vocab.npy", self.vocab_.ids)
         params = {k: getattr(self, k) for k in ("emb", "hidden", "n_experts", "lr", "batch_size", "max_epochs",
@@ -355,4 +390,6 @@ class EffectLossEstimator:
         est.calibration_ = DepthCalibration.from_json(cal.read_text()) if cal.exists() else None
         est.manifest_ = m
         est.training_rows_ = m.get("training_rows", [])
+        est.onnx_path_ = out / "estimator.onnx" if (out / "estimator.onnx").exists() else None
+        est.onnx_calibration_ = est.calibration_
         return est

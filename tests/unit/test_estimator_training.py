@@ -39,3 +39,26 @@ def test_view_adjusted_label_is_saved_and_reloaded(tiny_random_log, tmp_path):
     assert back.label == "view-adjusted"
     rep = tiny_random_log.filter(tiny_random_log["is_repeat"])
     np.testing.assert_allclose(back.predict_log(rep)[1], est.predict_log(rep)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_saved_estimator_predicts_with_onnxruntime_what_torch_predicts(tiny_estimator, tiny_random_log, tmp_path):
+    from comrecycle.estimator.estimator import features_from_log
+
+    est = EffectLossEstimator.load(tiny_estimator)
+    feats = features_from_log(tiny_random_log)
+    assert est._onnx_session() is not None
+    q_ort, dq_ort = est.predict(feats)
+    est.onnx_path_ = None  # the torch path
+    q_t, dq_t = est.predict(feats)
+    np.testing.assert_allclose(dq_ort, dq_t, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(q_ort, q_t, rtol=1e-4, atol=1e-5)
+    # calibrating invalidates the saved graph until it is saved again
+    est = EffectLossEstimator.load(tiny_estimator).calibrate(tiny_random_log, min_rows=20)
+    assert est._onnx_session() is None
+    q_cal, _ = est.predict(feats)
+    est.save(tmp_path / "cal")
+    assert est._onnx_session() is not None
+    np.testing.assert_allclose(est.predict(feats)[0], q_cal, rtol=1e-4, atol=1e-5)
+    # an empty log
+    q0, dq0 = est.predict({k: v[:0] for k, v in feats.items()})
+    assert q0.shape == (0, 4) and dq0.shape == (0, 3)
