@@ -650,6 +650,26 @@ class RedisStageCache:
         self._add(writes=written - min(invalid, written), write_errors=invalid, lost_writes=lost)
         return CommitResult(invalid == 0, written, lost)
 
+    def park(self, viewed: Mapping[int, np.ndarray]) -> bool:
+        """Append viewed items to the users' parked feedback (one pipelined round trip): what a router
+        kept while Redis was unavailable reaches the users' next holders. True when stored."""
+        items = {int(u): np.asarray(v, _ID) for u, v in viewed.items() if len(v)}
+        if not items:
+            return True
+        if self._circuit_open():
+            return False
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for u, v in items.items():
+                pipe.append(self.parked_key(u), v.tobytes())
+                pipe.pexpire(self.parked_key(u), self._ttl_ms)
+            pipe.execute()
+        except Exception as exc:  # see claim()
+            self._failed("park", exc)
+            return False
+        self._recovered()
+        return True
+
     def extend(self, user_ids: Sequence[int], token: str) -> int:
         """Extend the users' locks that still hold ``token`` by ``lock_ms`` (a long batch keeps its
         users); returns how many were extended, 0 when Redis is unavailable (never raises)."""
@@ -828,6 +848,14 @@ class MemoryStageCache:
                     del self.parked[u]
         self.release(list(writes) + list(release), token)
         return CommitResult(True, stored, lost)
+
+    def park(self, viewed: Mapping[int, np.ndarray]) -> bool:
+        if self.down:
+            return False
+        for u, v in viewed.items():
+            if len(v):
+                self.parked[int(u)] = np.concatenate([self.parked.get(int(u), _NO_IDS), np.asarray(v, np.int64)])
+        return True
 
     def extend(self, user_ids: Sequence[int], token: str) -> int:
         return 0 if self.down else sum(self.locks.get(int(u)) == token for u in dict.fromkeys(user_ids))

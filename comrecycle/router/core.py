@@ -14,7 +14,8 @@ in-process onnxruntime cascade in tests and replays), the cache through a `Redis
 
 Safe fallbacks (never another user's data, never a crash, every request answered once):
   * Redis down or slow: strategy 0, excluding the viewed items the request reports; nothing
-    written for it;
+    written for it; the router keeps those viewed items (bounded) and parks them in Redis once
+    it answers again;
   * busy user (a concurrent request of the same user holds the lock): strategy 0, excluding what
     is known to be exposed (the entry read without the lock, the feedback parked by other busy
     requests and the request's own viewed items); its viewed items are parked in Redis and applied
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -64,6 +66,7 @@ STRATEGY_OUTPUTS = {j: [f"{s}_items" for s in STAGES[j:-1]] + ["rerank_items", "
 CALL_MAX_BATCH = 16  # the ensembles' max_batch_size (rank's)
 TIME_MAX = 1e10  # request_time upper bound in seconds (year 2286): larger values overflow the features
 RECENT_PAGES_MAX = RECENT_PAGES * PAGE_SIZE
+UNDELIVERED_USERS_MAX = 100_000  # users whose feedback a router keeps while Redis is unavailable
 
 
 class BackendError(RuntimeError):
@@ -127,6 +130,7 @@ class BatchReport:
     time_clamped: int = 0  # request_time earlier than the user's last request, clamped to it
     parked_feedback: int = 0  # requests whose viewed items were parked for the next holder of the lock
     feedback_mismatch: int = 0  # feedback whose page_token is not the user's latest page
+    feedback_dropped: int = 0  # users whose kept feedback was dropped (UNDELIVERED_USERS_MAX reached)
     # wall seconds of each phase of the batch: where a slow request spent its time
     phase_seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
@@ -159,6 +163,7 @@ class _Req:
     recyclable: dict = field(default_factory=dict)  # stage -> cached items a recycled page may use
     viewed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     clicked: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    undelivered: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # kept through an outage
 
 
 def isin(items: np.ndarray, small: np.ndarray) -> np.ndarray:
@@ -265,6 +270,12 @@ class RecycleRouter:
             lock_ms / 3000.0 if lock_ms else None)
         self.session_ttl_s = max(float(session_ttl_s), self.ttl_s)
         self.rng = np.random.default_rng(seed)
+        # viewed items reported while Redis was unavailable: parked in Redis once it answers again,
+        # by the next batch that reaches it or by a background retry (whichever comes first)
+        self.undelivered: dict[int, np.ndarray] = {}
+        self._undelivered_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self.undelivered_retry_s = float(getattr(cache, "retry_after_s", 1.0)) or 1.0
         self.costs = np.asarray(params.costs, np.float64)
         self.uses_estimator = params.lam > 0 or params.omega > 0
 
@@ -395,8 +406,16 @@ class RecycleRouter:
         parked_lens: dict[int, int] = {}  # the parked feedback each claim applied (trimmed at commit)
         keeper = None
         try:
-            claims = self.cache.claim([r.user_id for r in reqs], token, viewed=[r.viewed for r in reqs],
+            for r in reqs:  # feedback this router kept through a Redis outage goes with the user's request
+                with self._undelivered_lock:
+                    kept = self.undelivered.pop(r.user_id, None) if self.undelivered else None
+                if kept is not None and not r.new_session:
+                    r.undelivered = kept
+                    r.exposed = np.unique(np.concatenate([r.exposed, kept]))
+            claims = self.cache.claim([r.user_id for r in reqs], token,
+                                      viewed=[np.concatenate([r.undelivered, r.viewed]) for r in reqs],
                                       new_session=[r.new_session for r in reqs])
+            self._keep_undelivered(reqs, claims, report)
             for r, claim in zip(reqs, claims):
                 r.scores = initial_scores
                 if claim.repaired:
@@ -445,6 +464,48 @@ class RecycleRouter:
             _lap(phase, "commit", t)
         return results, report
 
+    def _keep_undelivered(self, reqs: list[_Req], claims, report: BatchReport) -> None:
+        """Redis failed for the batch: keep the viewed items its requests reported (bounded); Redis
+        answered: park what earlier batches kept, so that no feedback is lost to an outage."""
+        if any(c.status == "error" for c in claims):
+            with self._undelivered_lock:
+                for r, c in zip(reqs, claims):
+                    ids = np.concatenate([r.undelivered, r.viewed])
+                    if c.status != "error" or not ids.size or r.new_session:
+                        continue
+                    if len(self.undelivered) >= UNDELIVERED_USERS_MAX and r.user_id not in self.undelivered:
+                        self.undelivered.pop(next(iter(self.undelivered)))  # the oldest goes first
+                        report.feedback_dropped += 1
+                    old = self.undelivered.get(r.user_id, np.zeros(0, np.int64))
+                    self.undelivered[r.user_id] = np.concatenate([old, ids])[-EXCLUDE_MAX:]
+                start = self.undelivered and (self._flusher is None or not self._flusher.is_alive())
+                if start:
+                    self._flusher = threading.Thread(target=self._flush_loop, name="comrecycle-feedback",
+                                                     daemon=True)
+                    self._flusher.start()
+        elif self.undelivered:
+            self.flush_undelivered()
+
+    def flush_undelivered(self) -> bool:
+        """Park the kept feedback in Redis; True when nothing is left to deliver."""
+        with self._undelivered_lock:
+            kept, self.undelivered = self.undelivered, {}
+        if not kept:
+            return True
+        if self.cache.park(kept):
+            log.info("Redis answers again: parked the feedback of %d users kept during the outage", len(kept))
+            return True
+        with self._undelivered_lock:  # put back, under what arrived meanwhile
+            for u, ids in kept.items():
+                self.undelivered[u] = np.concatenate([ids, self.undelivered.get(u, np.zeros(0, np.int64))])[-EXCLUDE_MAX:]
+        return False
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(self.undelivered_retry_s)
+            if self.flush_undelivered():
+                return
+
     async def _keep_locks(self, user_ids: list[int], token: str) -> None:
         """Extend the batch's locks every lock_refresh_s while it runs (cancelled at the write-back)."""
         while True:
@@ -490,7 +551,7 @@ class RecycleRouter:
             # viewed items were parked by the claim for the next request under the lock
             if r.viewed.size:
                 report.parked_feedback += 1
-            known = [r.exposed, claim.pending] + ([e.exposed] if e is not None else [])
+            known = [r.exposed, claim.pending, r.undelivered] + ([e.exposed] if e is not None else [])
             r.exposed = np.unique(np.concatenate(known))[-EXCLUDE_MAX:]
         elif status == "hit" and e is not None:
             if not 0.0 <= e.last_ts <= TIME_MAX:  # written by a build without the request_time rules
@@ -505,7 +566,7 @@ class RecycleRouter:
         if status in ("busy", "error"):
             return
         if e is None:  # miss, corrupt, expired: initial; the viewed items it reports (+ parked) are kept
-            exposed = np.unique(np.concatenate([r.viewed, claim.pending]))[-EXCLUDE_MAX:]
+            exposed = np.unique(np.concatenate([r.viewed, claim.pending, r.undelivered]))[-EXCLUDE_MAX:]
             r.entry = CacheEntry(self.model_version, r.now, 0, exposed, np.zeros(0, np.int64), {})
             r.exposed = exposed
             return
@@ -519,7 +580,7 @@ class RecycleRouter:
         if not settled:
             report.feedback_mismatch += 1
         r.entry, r.request_features, r.cache_state, r.available = apply_feedback(
-            e, r.viewed, r.clicked, r.now, self.ttl_s, parked=claim.pending,
+            e, r.viewed, r.clicked, r.now, self.ttl_s, parked=np.concatenate([claim.pending, r.undelivered]),
             hold=None if settled else e.last_page)
         if settled:
             r.entry.last_page = np.zeros(0, np.int64)

@@ -285,7 +285,7 @@ class RouterMetrics:
         self._spent = self._full = 0.0
         self.events = {k: events.Metric(labels={**labels, "event": k}) for k in
                        ("invalid", "failed", "estimator_failure", "fallback", "cache_write_failure", "lost_write",
-                        "repaired", "time_clamped", "parked_feedback")}
+                        "repaired", "time_clamped", "parked_feedback", "feedback_mismatch", "feedback_dropped")}
         self.latency = {j: latency.Metric(labels={**labels, "strategy": str(j)}, buckets=LATENCY_BUCKETS_S)
                         for j in STRATEGIES}
         self.phases = {k: phases.Metric(labels={**labels, "phase": k}, buckets=LATENCY_BUCKETS_S) for k in PHASES}
@@ -312,7 +312,8 @@ class RouterMetrics:
             ("invalid", report.invalid), ("failed", report.failed), ("estimator_failure", report.estimator_failures),
             ("fallback", report.fallbacks), ("cache_write_failure", int(report.cache_write_failed)),
             ("lost_write", report.lost_writes), ("repaired", report.repaired), ("time_clamped", report.time_clamped),
-            ("parked_feedback", report.parked_feedback)) if n]
+            ("parked_feedback", report.parked_feedback), ("feedback_mismatch", report.feedback_mismatch),
+            ("feedback_dropped", report.feedback_dropped)) if n]
         observed = [(self.phases[k], sec) for k, sec in report.phase_seconds.items()]
         observed += [(self.latency[j], sec) for j, sec in latencies if j in self.latency]
         with self._mutex:

@@ -154,3 +154,28 @@ def test_a_new_stage_version_stops_the_recycling_of_lists_from_the_old_one(stack
         assert total(metrics(stack, "comrecycle_cache_lookups_total"), result="stale_version") == stale0 + 1
     finally:
         shutil.rmtree(new)
+
+
+def test_feedback_reported_during_a_redis_outage_is_not_lost(stack):
+    import os
+    import signal
+
+    first = send(stack, [req(900, t=1.0)])[0]
+    viewed = first["page_items"][:6]
+    os.kill(stack["redis"].pid, signal.SIGSTOP)  # Redis frozen: claims time out (50 ms)
+    try:
+        during = send(stack, [req(900, viewed=viewed, t=8.0, page_token=first["page_token"])])[0]
+    finally:
+        os.kill(stack["redis"].pid, signal.SIGCONT)
+    assert int(during["strategy"][0]) == 0 and int(during["page_token"][0]) == 0  # not recorded
+    assert not set(viewed.tolist()) & set(during["page_items"].tolist())
+    time.sleep(2.5)  # > retry_after_s: the router parks what it kept, without waiting for a request
+    cache = stack["cache"]
+    claim = cache.claim([900], "peek")[0]
+    cache.release([900], "peek")
+    assert set(viewed.tolist()) <= set(claim.pending.tolist())
+    after = send(stack, [req(900, t=15.0)])[0]
+    assert not set(viewed.tolist()) & set(after["page_items"].tolist())
+    e = cache.claim([900], "peek2")[0].entry
+    cache.release([900], "peek2")
+    assert set(viewed.tolist()) <= set(e.exposed.tolist())

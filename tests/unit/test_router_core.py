@@ -590,3 +590,18 @@ def test_lookups_add_up_to_the_valid_requests(backend):
     _, rep = serve(router, reqs)
     assert sum(rep.cache.values()) == rep.requests - rep.invalid == 4
     assert (rep.cache["hit"], rep.cache["busy"], rep.cache["new_session"]) == (1, 2, 1)
+
+
+def test_feedback_reported_while_redis_is_down_reaches_the_cache_when_it_is_back(backend):
+    router = make_router(backend)
+    (first,), _ = serve(router, [request(77, t=0.0)])
+    router.cache.down = True
+    (during,), rep = serve(router, [request(77, viewed=first.page_items[:5], t=5.0)])
+    assert during.strategy == 0 and rep.cache["error"] == 1 and during.page_token == 0
+    assert not set(first.page_items[:5].tolist()) & set(during.page_items.tolist())
+    router.cache.down = False
+    serve(router, [request(78, t=6.0)])  # any batch that reaches Redis parks what was kept
+    assert router.undelivered == {} and set(router.cache.parked[77].tolist()) == set(first.page_items[:5].tolist())
+    (after,), _ = serve(router, [request(77, t=7.0)])  # the user's next request applies it
+    assert set(first.page_items[:5].tolist()) <= set(router.cache.entry(77).exposed.tolist())
+    assert not set(first.page_items[:5].tolist()) & set(after.page_items.tolist())
