@@ -25,11 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..rule import SolverError, project_simplex  # noqa: F401 (re-exported)
+
 BISECTION_ITERS = 100  # float64 bisection reaches adjacent floats well before this
-
-
-class SolverError(ValueError):
-    """Inputs the solver cannot use, saying what was expected and what arrived."""
 
 
 @dataclass(frozen=True)
@@ -188,25 +186,6 @@ def solve_compute_budget(costs, delta_q, compute_share: float, available=None) -
 
 
 # ---- (b): ω > 0, the simplex projection ------------------------------------------------------------
-def project_simplex(v: np.ndarray, available: np.ndarray | None = None) -> np.ndarray:
-    """Row-wise Euclidean projection of v [n, m] onto the probability simplex (restricted to
-    the available coordinates). Exact: x = max(v - τ, 0) with τ = max_k (Σ_{i<=k} u_i - 1) / k
-    over u = v sorted in decreasing order (Condat 2016)."""
-    v = np.asarray(v, dtype=np.float64)
-    if available is not None:
-        if not np.asarray(available).any(axis=1).all():
-            raise SolverError("available: every request needs at least one available strategy")
-        # any coordinate below max - 1 projects to 0, so this removes the unavailable ones
-        vmax = np.max(np.where(available, v, -np.inf), axis=1, keepdims=True)
-        v = np.where(available, v, vmax - 2.0)
-    u = np.sort(v, axis=1)[:, ::-1]
-    css = np.cumsum(u, axis=1)
-    css -= 1.0
-    css /= np.arange(1, v.shape[1] + 1)
-    tau = css.max(axis=1, keepdims=True)
-    return np.maximum(v - tau, 0.0)
-
-
 def soft_allocation(costs, delta_q, lam: float, omega: float, available=None) -> np.ndarray:
     """x [n, K+1] = Π_simplex(-(c + λ ΔQ_i) / ω)."""
     c, d, a = check_inputs(costs, delta_q, available)

@@ -46,7 +46,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from ..policy.decide import allowed_strategies, decide, depth_guard, policy_dq
+from ..rule import allowed_strategies, decide, depth_guard, policy_dq
 from ..runtime.validation import InputError, check_tensor
 from ..specs import (CACHE_STATE_FIELDS, EXCLUDE_MAX, N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS,
                      STAGES, STRATEGIES, STRATEGY_CANDIDATES, STRATEGY_MODEL, UNAVAILABLE_SCORE)
