@@ -25,9 +25,10 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .specs import (CONTEXT, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, EXCLUDE_ITEMS, ROUTER, ROUTER_INPUTS,
-                    ROUTER_OUTPUTS, STAGES, CascadeSizes, EnsembleSpec, StageSpec, TensorSpec, ensemble_specs,
-                    items_out, scores_out, stage_specs)
+from .specs import (CONTEXT, CascadeSizes, ESTIMATOR_INPUTS, ESTIMATOR_MAX_BATCH, ESTIMATOR_OUTPUTS,
+                    EXCLUDE_ITEMS, EnsembleSpec, ROUTER, ROUTER_INPUTS, ROUTER_MAX_BATCH, ROUTER_OUTPUTS,
+                    STAGES, STAGE_MAX_BATCH, StageSpec, TensorSpec, ensemble_specs, items_out, scores_out,
+                    stage_specs)
 
 log = logging.getLogger(__name__)
 VARIANTS = ("cpu", "gpu", "container")
@@ -38,8 +39,6 @@ DEFAULT_REPOSITORY = {"cpu": REPO_ROOT / "model_repository",
 STAGE_MODEL_PY = REPO_ROOT / "python_backends" / "stage" / "model.py"
 ESTIMATOR_MODEL_PY = REPO_ROOT / "python_backends" / "estimator" / "model.py"
 ROUTER_MODEL_PY = REPO_ROOT / "python_backends" / "recycle_router" / "model.py"
-ESTIMATOR_MAX_BATCH = 64
-ROUTER_MAX_BATCH = 16  # = the ensembles' max batch: one BLS call per strategy group
 ROUTER_QUEUE_DELAY_US = 100  # short: at low load a batch of one should not wait
 # A non-decoupled Python model holds its instance until execute returns, i.e. until the
 # slowest strategy group (a full cascade) of the batch is done, even though the answers go
@@ -55,8 +54,6 @@ ROUTER_QUEUE_DELAY_US = 100  # short: at low load a batch of one should not wait
 ROUTER_INSTANCES = {"cpu": 2, "gpu": 4, "container": 4}
 # old and new versions stay loaded together while a router/estimator update rolls out
 ROLLOUT_VERSIONS = 2
-# Largest batch per stage call. Ranking's target attention is [batch, 300, 50, 4*emb] floats.
-STAGE_MAX_BATCH = {"retrieval": 32, "prerank": 32, "rank": 16, "rerank": 32}
 STAGE_INSTANCES = {"retrieval": 1, "prerank": 1, "rank": 2, "rerank": 1}
 QUEUE_DELAY_US = 200
 MODEL_VERSION = 1

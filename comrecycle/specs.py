@@ -181,6 +181,15 @@ ESTIMATOR_OUTPUTS = (
 )
 
 
+# ---- batch sizes and cache lifetime: one source for the configs, the router and the simulator ----
+# Largest batch per stage call. Ranking's target attention is [batch, 300, 50, 4*emb] floats.
+STAGE_MAX_BATCH = {"retrieval": 32, "prerank": 32, "rank": 16, "rerank": 32}
+# an ensemble (cascade suffix) batches as much as its smallest stage: the router's call size
+ENSEMBLE_MAX_BATCH = min(STAGE_MAX_BATCH.values())
+ESTIMATOR_MAX_BATCH = 64
+ROUTER_MAX_BATCH = ENSEMBLE_MAX_BATCH  # one BLS call per strategy group
+CACHE_TTL_S = 900.0  # a cached stage list older than this is not recycled (router and simulator)
+
 # ---- recycle_router: the clients' entry point ---------------------------------------------------
 ROUTER = "recycle_router"
 PAGE_SIZE = 20

@@ -17,14 +17,13 @@ from typing import Callable
 import numpy as np
 
 from ..runtime.cascade import InProcessCascade
-from ..specs import STAGES, STRATEGIES
+from ..specs import CACHE_TTL_S, STAGES, STRATEGIES  # noqa: F401 (CACHE_TTL_S re-exported)
 from .env import Outcome, RequestBatch
 from .world import World
 
 N_STRATEGIES = len(STRATEGIES)
 # strategy j reads the cache of this stage (None for the full cascade)
 CACHED_STAGE = {j: (STAGES[j - 1] if j > 0 else None) for j in STRATEGIES}
-CACHE_TTL_S = 900.0  # a stage output older than this is not recycled
 
 
 @dataclass

@@ -95,3 +95,17 @@ def test_load_plan_says_why_each_model_cannot_load(tmp_path):
     assert {"cascade", "cascade_from_prerank", "cascade_from_rank", *STAGES} <= set(ok)
     assert set(why) == {"estimator", "recycle_router"}
     assert why["recycle_router"] == "it calls ['estimator'], which cannot load"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_router_s_call_sizes_fit_the_configs_it_calls(variant):
+    """The router chunks its BLS calls by CALL_MAX_BATCH and its estimator calls by
+    ESTIMATOR_MAX_BATCH (specs.py): every model it calls must take batches that large."""
+    from comrecycle.router.core import CALL_MAX_BATCH, STRATEGY_MODEL
+    from comrecycle.specs import ESTIMATOR_MAX_BATCH
+
+    cfgs = all_configs(get_profile("default").sizes, variant)
+    for model in STRATEGY_MODEL.values():
+        assert cfgs[model].max_batch_size >= CALL_MAX_BATCH, model
+    assert cfgs["estimator"].max_batch_size >= ESTIMATOR_MAX_BATCH
+    assert cfgs["recycle_router"].max_batch_size <= CALL_MAX_BATCH  # a router batch fits one call per group
