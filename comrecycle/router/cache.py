@@ -492,18 +492,19 @@ def _parked_ids(raw) -> np.ndarray:
     return ids[ids >= 0]
 
 
-def _payloads(writes: Mapping[int, CacheEntry | None]) -> tuple[dict[int, bytes], int]:
-    """The encoded entries of a write-back (b"" = delete the key) and how many were invalid:
-    an entry that cannot be encoded is logged and its key deleted (the old entry no longer
-    matches what was served)."""
-    payloads, invalid = {}, 0
+def _payloads(writes: Mapping[int, CacheEntry | None]) -> tuple[dict[int, bytes], set[int]]:
+    """The encoded entries of a write-back (b"" = delete the key) and the users whose entry was
+    invalid: an entry that cannot be encoded is logged and its key deleted (the old entry no
+    longer matches what was served); the feedback parked for that user is kept."""
+    payloads, invalid = {}, set()
     for uid, entry in writes.items():
         uid = int(uid)
         try:
             payloads[uid] = b"" if entry is None else encode_entry(entry)
         except ValueError as exc:
             LOG.error("user %d: not caching an invalid entry (%s); deleting the cached one", uid, exc)
-            payloads[uid], invalid = b"", invalid + 1
+            payloads[uid] = b""
+            invalid.add(uid)
     return payloads, invalid
 
 
@@ -635,7 +636,7 @@ class RedisStageCache:
             keys = [k for u in payloads for k in (self.entry_key(u), self.lock_key(u), self.parked_key(u))]
             keys += [self.lock_key(u) for u in unlock]
             expect = [b"-" if stamps is None or u not in stamps else stamps[u] for u in payloads]
-            applied = [int((parked_lens or {}).get(u, 0)) for u in payloads]
+            applied = [0 if u in invalid else int((parked_lens or {}).get(u, 0)) for u in payloads]
             written, lost = self._commit_script(keys=keys, args=[token, self._ttl_ms, len(payloads),
                                                                  *payloads.values(), *expect, *applied])
         except Exception as exc:  # see claim()
@@ -647,8 +648,8 @@ class RedisStageCache:
         if lost:
             LOG.warning("%d cache write(s) skipped: the batch no longer held the user's lock (lock_ms %d too "
                         "short for this batch?)", lost, self.lock_ms)
-        self._add(writes=written - min(invalid, written), write_errors=invalid, lost_writes=lost)
-        return CommitResult(invalid == 0, written, lost)
+        self._add(writes=written - min(len(invalid), written), write_errors=len(invalid), lost_writes=lost)
+        return CommitResult(not invalid, written, lost)
 
     def park(self, viewed: Mapping[int, np.ndarray]) -> bool:
         """Append viewed items to the users' parked feedback (one pipelined round trip): what a router
@@ -827,19 +828,21 @@ class MemoryStageCache:
         if self.down:
             return CommitResult(False)
         stored = lost = 0
+        payloads, invalid = _payloads(writes)
         for u, e in writes.items():
+            u = int(u)
             holder = self.locks.get(u)
             unchanged = (holder is None and stamps is not None and u in stamps
                          and self.data.get(u, b"")[:_PREFIX.size] == stamps[u])
             if holder != token and not unchanged:
                 lost += 1
                 continue
-            if e is None:
+            if payloads[u] == b"":
                 self.data.pop(u, None)
             else:
-                self.data[u] = encode_entry(e)
+                self.data[u] = payloads[u]
             stored += 1
-            applied = int((parked_lens or {}).get(u, 0)) // _ID.itemsize
+            applied = 0 if u in invalid else int((parked_lens or {}).get(u, 0)) // _ID.itemsize
             if applied and u in self.parked:
                 rest = self.parked[u][applied:]
                 if rest.size:
@@ -847,7 +850,7 @@ class MemoryStageCache:
                 else:
                     del self.parked[u]
         self.release(list(writes) + list(release), token)
-        return CommitResult(True, stored, lost)
+        return CommitResult(not invalid, stored, lost)
 
     def park(self, viewed: Mapping[int, np.ndarray]) -> bool:
         if self.down:

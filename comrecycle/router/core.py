@@ -159,6 +159,7 @@ class _Req:
     index: int = -1  # position in the batch
     new_session: bool = False
     held: bool = False  # the batch holds the user's lock: its page is recorded in the cache
+    write: bool = True  # False: the lock is released without a write (the request filter failed)
     token_in: int | None = None  # the page_token the feedback refers to (None: the latest page)
     recyclable: dict = field(default_factory=dict)  # stage -> cached items a recycled page may use
     viewed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -232,6 +233,18 @@ def next_entry(before: CacheEntry | None, strategy: int, outputs: dict[str, np.n
     n_page = 0 if before is None else before.page
     recent = page.astype(np.int64) if before is None else np.concatenate([page, before.last_page]).astype(np.int64)
     return CacheEntry(model_version, float(now), n_page + 1, exposed, recent[:RECENT_PAGES_MAX], lists)
+
+
+def recent_unique(*parts: np.ndarray, limit: int = EXCLUDE_MAX) -> np.ndarray:
+    """The ids of `parts` (oldest first), each once at its latest position, the `limit` most
+    recent: what strategy 0 excludes (exclude_items takes at most EXCLUDE_MAX ids)."""
+    ids = np.concatenate([np.asarray(p, np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+    if ids.size == 0:
+        return ids
+    rev = ids[::-1]
+    _, first = np.unique(rev, return_index=True)  # first occurrence from the end = the latest
+    latest = rev[np.sort(first)][::-1]
+    return latest[-limit:]
 
 
 def _pad(rows: Sequence[np.ndarray], min_width: int = 1) -> np.ndarray:
@@ -329,7 +342,10 @@ class RecycleRouter:
         results: list = [None] * len(requests)
         answered = [False] * len(requests)
         if self._version_source is not None:
-            self.model_version = self._version_source()
+            try:
+                self.model_version = self._version_source()
+            except Exception:  # noqa: BLE001 - keep the last fingerprint
+                log.exception("could not read the stage models' fingerprint; keeping %s", self.model_version)
 
         def answer(i: int, result) -> None:
             if answered[i]:  # exactly once, whatever path reaches here twice
@@ -355,7 +371,7 @@ class RecycleRouter:
                 answer(i, e)
                 continue
             r.index, r.viewed, r.clicked, r.new_session = i, viewed, clicked, new_session
-            r.exposed = np.unique(viewed)  # what strategy 0 excludes unless the cache knows more
+            r.exposed = recent_unique(viewed)  # what strategy 0 excludes unless the cache knows more
             reqs.append(r)
         t = _lap(phase, "parse", t)
         if not reqs:
@@ -363,9 +379,15 @@ class RecycleRouter:
         initial_scores = np.r_[-self.costs[0], np.full(N_RECYCLE, UNAVAILABLE_SCORE)].astype(np.float32)
         pages: dict[int, np.ndarray] = {}
 
+        claimed = [False]  # new sessions answered before the claim would not know their page_token
+        deferred: list[_Req] = []
+
         def done(group: list[_Req]) -> None:
             for r in group:
                 if answered[r.index]:
+                    continue
+                if r.new_session and not claimed[0] and r.outputs is not None:
+                    deferred.append(r)
                     continue
                 try:
                     if r.outputs is None:  # could not be served at all
@@ -411,7 +433,7 @@ class RecycleRouter:
                     kept = self.undelivered.pop(r.user_id, None) if self.undelivered else None
                 if kept is not None and not r.new_session:
                     r.undelivered = kept
-                    r.exposed = np.unique(np.concatenate([r.exposed, kept]))
+                    r.exposed = recent_unique(kept, r.exposed)
             claims = self.cache.claim([r.user_id for r in reqs], token,
                                       viewed=[np.concatenate([r.undelivered, r.viewed]) for r in reqs],
                                       new_session=[r.new_session for r in reqs])
@@ -425,11 +447,17 @@ class RecycleRouter:
                 except Exception:  # noqa: BLE001 - a request filter bug fails no request
                     log.exception("user %d: request filter failed; serving the full cascade", r.user_id)
                     r.repeated, r.available = False, np.eye(1, N_STRATEGIES, dtype=bool)[0]
+                    r.entry, r.write = None, False  # release the lock, write nothing, trim nothing
+                    r.exposed = recent_unique(*([claim.entry.exposed] if claim.entry is not None else []),
+                                              claim.pending, r.undelivered, r.viewed)
                 if claim.held:
-                    r.held = True
+                    r.held = r.write
                     held.append(r)
                     stamps[r.user_id] = claim.stamp
                     parked_lens[r.user_id] = claim.parked_len
+            claimed[0] = True
+            if deferred:
+                done(deferred)
             if held and self.lock_refresh_s:
                 keeper = asyncio.ensure_future(self._keep_locks([r.user_id for r in held], token))
             t = _lap(phase, "claim", t)
@@ -447,6 +475,9 @@ class RecycleRouter:
                     await fresh_call
                 except Exception:  # noqa: BLE001
                     log.exception("the new sessions' call failed")
+            claimed[0] = True
+            if deferred:
+                done(deferred)
             left = [r for r in reqs if not answered[r.index]]
             if left:  # strategy 0 where it can still run, an INTERNAL error otherwise
                 for r in left:
@@ -517,23 +548,29 @@ class RecycleRouter:
         """One round trip: the entries of the users whose lock the batch holds (served: the next
         entry; not served: the feedback it brought, so none is lost), then the locks released."""
         writes: dict[int, CacheEntry | None] = {}
-        for r in held:
-            if r.user_id in writes:
-                continue
-            if r.index in pages:
-                before = None if r.new_session else r.entry
-                writes[r.user_id] = next_entry(before, r.strategy if before is not None else 0, r.outputs,
-                                               pages[r.index], r.now, self.model_version)
-            elif r.entry is not None:
-                writes[r.user_id] = r.entry  # feedback applied, no page served
-        release = [r.user_id for r in held if r.user_id not in writes]
-        if not writes and not release:
-            return
+        release: list[int] = []
         try:
-            result = self.cache.commit(writes, token, release=release, stamps=stamps, parked_lens=parked_lens)
+            for r in held:
+                if r.user_id in writes or not r.write:
+                    continue
+                if r.index in pages:
+                    before = None if r.new_session else r.entry
+                    writes[r.user_id] = next_entry(before, r.strategy if before is not None else 0, r.outputs,
+                                                   pages[r.index], r.now, self.model_version)
+                elif r.entry is not None:
+                    writes[r.user_id] = r.entry  # feedback applied, no page served
+            release = [r.user_id for r in held if r.user_id not in writes]
+            if not writes and not release:
+                return
+            applied = {u: n for u, n in parked_lens.items() if u in writes}  # released users keep theirs
+            result = self.cache.commit(writes, token, release=release, stamps=stamps, parked_lens=applied)
         except Exception:  # noqa: BLE001 - a cache bug must not fail answered requests
-            log.exception("cache write-back failed")
+            log.exception("cache write-back failed; releasing the batch's locks")
             report.cache_write_failed = True
+            try:
+                self.cache.release([r.user_id for r in held], token)
+            except Exception:  # noqa: BLE001
+                log.exception("could not release the batch's locks (they expire after lock_ms)")
             return
         report.cache_write_failed = not result
         report.lost_writes += getattr(result, "lost", 0)
@@ -551,8 +588,8 @@ class RecycleRouter:
             # viewed items were parked by the claim for the next request under the lock
             if r.viewed.size:
                 report.parked_feedback += 1
-            known = [r.exposed, claim.pending, r.undelivered] + ([e.exposed] if e is not None else [])
-            r.exposed = np.unique(np.concatenate(known))[-EXCLUDE_MAX:]
+            known = ([e.exposed] if e is not None else []) + [claim.pending, r.undelivered, r.exposed]
+            r.exposed = recent_unique(*known)
         elif status == "hit" and e is not None:
             if not 0.0 <= e.last_ts <= TIME_MAX:  # written by a build without the request_time rules
                 status, e = "corrupt", None
@@ -566,7 +603,7 @@ class RecycleRouter:
         if status in ("busy", "error"):
             return
         if e is None:  # miss, corrupt, expired: initial; the viewed items it reports (+ parked) are kept
-            exposed = np.unique(np.concatenate([r.viewed, claim.pending, r.undelivered]))[-EXCLUDE_MAX:]
+            exposed = recent_unique(claim.pending, r.undelivered, r.viewed)
             r.entry = CacheEntry(self.model_version, r.now, 0, exposed, np.zeros(0, np.int64), {})
             r.exposed = exposed
             return

@@ -283,3 +283,16 @@ def test_password_protected_server():
         override = RedisStageCache(bare, password="s3cret")  # the keyword wins over the URL
         assert override.claim([1], "c")[0].status == "hit"
         assert "s3cret" not in repr(override) and "s3cret" not in override.url
+
+
+def test_an_entry_that_cannot_be_encoded_deletes_the_key_and_keeps_the_parked_feedback(cache, server):
+    assert cache.claim([40], "a")[0].status == "miss"
+    assert cache.commit({40: _entry(40)}, "a")
+    holder = cache.claim([40], "b", viewed=[np.array([4, 5])])[0]
+    bad = CacheEntry("v1", float("nan"), 1, np.zeros(0, np.int64), np.zeros(0, np.int64), {})
+    result = cache.commit({40: bad}, "b", parked_lens={40: holder.parked_len})
+    assert not result.ok and result.stored == 1  # the key deleted (the old entry no longer matches)
+    r = redis.Redis.from_url(server.url)
+    assert r.exists(cache.entry_key(40)) == 0 and r.exists(cache.lock_key(40)) == 0
+    np.testing.assert_array_equal(cache.claim([40], "c")[0].pending, [4, 5])  # not trimmed
+    cache.release([40], "c")

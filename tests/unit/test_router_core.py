@@ -605,3 +605,54 @@ def test_feedback_reported_while_redis_is_down_reaches_the_cache_when_it_is_back
     (after,), _ = serve(router, [request(77, t=7.0)])  # the user's next request applies it
     assert set(first.page_items[:5].tolist()) <= set(router.cache.entry(77).exposed.tolist())
     assert not set(first.page_items[:5].tolist()) & set(after.page_items.tolist())
+
+
+def test_recent_unique_keeps_the_latest_ids_in_order_and_caps_them():
+    from comrecycle.router.core import recent_unique
+
+    out = recent_unique(np.array([5, 1, 9]), np.array([1, 7]), limit=3)
+    np.testing.assert_array_equal(out, [9, 1, 7])  # 5 is the oldest; 1 counts at its latest position
+    assert recent_unique().size == 0
+
+
+def test_a_long_outage_never_makes_the_exclusions_too_long(backend):
+    router = make_router(backend)
+    serve(router, [request(79, t=0.0), request(80, t=0.0)])
+    router.cache.down = True
+    router.undelivered[79] = np.arange(10_000, 12_000)  # 2 000 items kept through the outage
+    results, rep = serve(router, [request(79, viewed=np.arange(20), t=5.0), request(80, t=5.0)])
+    assert all(isinstance(r, RouterResult) for r in results) and rep.failed == 0
+
+
+def test_a_new_session_answered_before_the_claim_still_gets_its_page_token(backend):
+    router = make_router(backend)  # the in-process backend answers at once, before the claim
+    (res,), _ = serve(router, [request(81, t=0.0, new_session=1)])
+    assert res.page_token == 1 and router.cache.entry(81).page == 1
+
+
+def test_a_request_filter_failure_releases_the_lock_and_keeps_the_session(backend):
+    class BrokenFilter(RecycleRouter):
+        def _filter(self, r, claim, report):
+            raise RuntimeError("a bug in the filter")
+
+    params = RouterParams(lam=1e-3, costs=(1.0, 0.9, 0.8, 0.05), estimator_cost=0.02)
+    ok = RecycleRouter(MemoryCache(), backend, params, VERSION, clock=lambda: 1000.0)
+    (first,), _ = serve(ok, [request(82, t=0.0)])
+    serve(ok, [request(82, viewed=first.page_items[:4], t=5.0)])
+    before = ok.cache.data[82]
+    broken = BrokenFilter(ok.cache, backend, params, VERSION, clock=lambda: 1000.0)
+    (res,), rep = serve(broken, [request(82, t=9.0)])
+    assert isinstance(res, RouterResult) and res.strategy == 0 and res.page_token == 0
+    assert not set(first.page_items[:4].tolist()) & set(res.page_items.tolist())  # exposed still excluded
+    assert ok.cache.data[82] == before and ok.cache.locks == {}
+
+
+def test_an_entry_that_cannot_be_encoded_releases_the_lock_and_keeps_the_parked_feedback():
+    from comrecycle.router.cache import CacheEntry
+
+    cache = MemoryCache()
+    assert cache.claim([1], "t", viewed=[np.array([4, 5])])[0].status == "miss"
+    bad = CacheEntry("v", float("nan"), 1, np.zeros(0, np.int64), np.zeros(0, np.int64), {})
+    result = cache.commit({1: bad}, "t", parked_lens={1: 16})
+    assert not result.ok and cache.locks == {} and 1 not in cache.data
+    np.testing.assert_array_equal(cache.parked[1], [4, 5])
