@@ -230,7 +230,7 @@ def run_demo(a) -> int:
               f"cheapest usable strategy under {guard} (see docs/RESULTS.md, 'The policy')")
     if routed.first_errors or full.first_errors:
         print("first errors:", *(routed.first_errors + full.first_errors), sep="\n  ")
-    # the frontier of issue 4 on the held-out log, with the replay's measured point
+    # the one-step frontier on the held-out log, with the replay's measured point
     log = read_log(info["heldout"])
     from .estimator.estimator import EffectLossEstimator
     q_hat, dq = predict(log, EffectLossEstimator.load(info["estimator"]))
