@@ -310,20 +310,13 @@ def install_router_params(repo: str | Path, params_path: str | Path, estimator_v
     """Install the params of `comrecycle solve` as a new version of recycle_router (version =
     highest existing + 1 unless given; the estimator version it calls = the latest installed
     unless given). Loading it with explicit model control swaps versions without downtime."""
-    from .router.params import PARAMS_FILE, RouterParams
+    from .router.params import PARAMS_FILE, RouterParams, read_params_json
 
     repo = Path(repo)
     root = repo / ROUTER
     if not (root / "config.pbtxt").exists():
         raise FileNotFoundError(f"{root}/config.pbtxt missing: generate the repository first (build_models.py)")
-    try:
-        p = json.loads(Path(params_path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{params_path}: not a params JSON file (expected the output of `comrecycle solve`): "
-                         f"{type(e).__name__}: {str(e)[:120]}") from None
-    if not isinstance(p, dict):
-        raise ValueError(f"{params_path}: expected a JSON object (the output of `comrecycle solve`), "
-                         f"got {type(p).__name__}")
+    p = read_params_json(params_path)
     if estimator_version is None:
         est = installed_versions(repo / "estimator", "model.onnx")
         if not est:

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from ..specs import CACHE_STATE_FIELDS, N_RECYCLE
 from ..rule import SolverError, allowed_strategies, decide, depth_guard, policy_dq  # noqa: F401 (re-exported)
+from ..router.params import read_params_json
 from .solver import solve_loss_budget, solve_soft
 
 PARAMS_KEYS = ("lambda", "omega", "choice", "costs", "budget")
@@ -129,14 +130,7 @@ def load_params(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise SolverError(f"params file {path} does not exist; write one with `comrecycle solve`")
-    try:
-        p = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SolverError(f"{path}: not a params JSON file (expected the output of `comrecycle solve`): "
-                          f"{type(e).__name__}: {str(e)[:120]}") from None
-    if not isinstance(p, dict):
-        raise SolverError(f"{path}: expected a JSON object (the output of `comrecycle solve`), got "
-                          f"{type(p).__name__}")
+    p = read_params_json(path, SolverError)
     missing = [k for k in PARAMS_KEYS if k not in p]
     if missing:
         raise SolverError(f"{path}: missing keys {missing}; expected {list(PARAMS_KEYS)}")

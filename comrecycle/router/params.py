@@ -95,8 +95,17 @@ class RouterParams:
         if not path.exists():
             raise ParamsError(f"{path} does not exist: install params with `comrecycle install-params` "
                               "(or write the output of `comrecycle solve` there)")
-        try:
-            p = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ParamsError(f"{path}: not JSON ({e})") from None
-        return cls.from_dict(p, str(path))
+        return cls.from_dict(read_params_json(path), str(path))
+
+
+def read_params_json(path: str | Path, error: type[ValueError] = ParamsError) -> dict:
+    """The JSON object of a params file; `error` saying what was expected for anything else
+    (a Parquet file, a list, text that is not JSON)."""
+    try:
+        p = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not a params JSON file (expected the output of `comrecycle solve`): "
+                    f"{type(e).__name__}: {str(e)[:120]}") from None
+    if not isinstance(p, dict):
+        raise error(f"{path}: expected a JSON object (the output of `comrecycle solve`), got {type(p).__name__}")
+    return p
