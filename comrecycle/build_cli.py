@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-install", action="store_true", help="build the model set only")
     ap.add_argument("--force", action="store_true", help="rebuild even if the model set exists")
     ap.add_argument("--configs-only", action="store_true",
-                    help="only regenerate the committed config.pbtxt/model.py files from specs.py")
+                    help="only regenerate the committed config.pbtxt files from specs.py")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -25,6 +25,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from .serving.backends import ESTIMATOR_BACKEND, ROUTER_BACKEND, STAGE_BACKEND
 from .specs import (CONTEXT, CascadeSizes, ESTIMATOR_INPUTS, ESTIMATOR_MAX_BATCH, ESTIMATOR_OUTPUTS,
                     EXCLUDE_ITEMS, EnsembleSpec, ROUTER, ROUTER_INPUTS, ROUTER_MAX_BATCH, ROUTER_OUTPUTS,
                     STAGES, STAGE_MAX_BATCH, StageSpec, TensorSpec, ensemble_specs, items_out, scores_out,
@@ -36,9 +37,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPOSITORY = {"cpu": REPO_ROOT / "model_repository",
                       "gpu": REPO_ROOT / "deploy" / "gpu" / "model_repository",
                       "container": REPO_ROOT / "deploy" / "container" / "model_repository"}
-STAGE_MODEL_PY = REPO_ROOT / "python_backends" / "stage" / "model.py"
-ESTIMATOR_MODEL_PY = REPO_ROOT / "python_backends" / "estimator" / "model.py"
-ROUTER_MODEL_PY = REPO_ROOT / "python_backends" / "recycle_router" / "model.py"
 ROUTER_QUEUE_DELAY_US = 100  # short: at low load a batch of one should not wait
 # A non-decoupled Python model holds its instance until execute returns, i.e. until the
 # slowest strategy group (a full cascade) of the batch is done, even though the answers go
@@ -78,7 +76,7 @@ def stage_config(spec: StageSpec, variant: str = "cpu") -> mc.ModelConfig:
         cfg.platform = "onnxruntime_onnx"
         cfg.default_model_filename = "model.onnx"
     else:
-        cfg.backend = "python"
+        cfg.backend = STAGE_BACKEND
     # the native backend cannot take ragged inputs without batch_input plumbing: it batches
     # requests of equal list lengths only
     cfg.input.extend(_input(t, ragged=not native) for t in spec.inputs)
@@ -106,7 +104,7 @@ def estimator_config(variant: str = "cpu") -> mc.ModelConfig:
         cfg.platform = "onnxruntime_onnx"
         cfg.default_model_filename = "model.onnx"
     else:
-        cfg.backend = "python"
+        cfg.backend = ESTIMATOR_BACKEND
     cfg.input.extend(_input(t, ragged=not native) for t in ESTIMATOR_INPUTS)
     cfg.output.extend(_output(t) for t in ESTIMATOR_OUTPUTS)
     kind = mc.ModelInstanceGroup.KIND_CPU if variant == "cpu" else mc.ModelInstanceGroup.KIND_GPU
@@ -129,7 +127,7 @@ def router_config(variant: str = "cpu") -> mc.ModelConfig:
     calls them by BLS (`local_stages: none`)."""
     from .router.serving import SETTINGS
 
-    cfg = mc.ModelConfig(name=ROUTER, backend="python", max_batch_size=ROUTER_MAX_BATCH)
+    cfg = mc.ModelConfig(name=ROUTER, backend=ROUTER_BACKEND, max_batch_size=ROUTER_MAX_BATCH)
     cfg.input.extend(_input(t, ragged=True) for t in ROUTER_INPUTS)
     cfg.output.extend(_output(t) for t in ROUTER_OUTPUTS)
     cfg.instance_group.append(mc.ModelInstanceGroup(count=ROUTER_INSTANCES[variant], kind=mc.ModelInstanceGroup.KIND_CPU))
@@ -181,8 +179,9 @@ def config_text(cfg: mc.ModelConfig) -> str:
 
 
 def write_configs(repo: str | Path, sizes: CascadeSizes, variant: str = "cpu") -> list[Path]:
-    """Write config.pbtxt (+ model.py for Python-backend stages, + empty version dirs) of every
-    model. Returns the written files (what the regeneration test compares)."""
+    """Write config.pbtxt (+ empty version dirs) of every model. No model.py: the Python models
+    name a Python-based backend (comrecycle.serving.backends) that holds it. Returns the written
+    files (what the regeneration test compares)."""
     repo = Path(repo)
     written = []
     for name, cfg in all_configs(sizes, variant).items():
@@ -190,12 +189,7 @@ def write_configs(repo: str | Path, sizes: CascadeSizes, variant: str = "cpu") -
         (d / str(MODEL_VERSION)).mkdir(parents=True, exist_ok=True)
         (d / "config.pbtxt").write_text(config_text(cfg))
         written.append(d / "config.pbtxt")
-        if cfg.backend == "python":
-            dst = d / str(MODEL_VERSION) / "model.py"
-            src = {"estimator": ESTIMATOR_MODEL_PY, ROUTER: ROUTER_MODEL_PY}.get(name, STAGE_MODEL_PY)
-            shutil.copyfile(src, dst)
-            written.append(dst)
-        elif cfg.platform == "ensemble":
+        if cfg.platform == "ensemble":
             keep = d / str(MODEL_VERSION) / ".gitkeep"
             keep.write_text("")
             written.append(keep)
@@ -295,10 +289,6 @@ def install_estimator(repo: str | Path, estimator_dir: str | Path, version: int 
     dst = root / str(version)
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(estimator_dir / "estimator.onnx", dst / "model.onnx")
-    if (root / str(MODEL_VERSION) / "model.py").exists() and version != MODEL_VERSION:
-        shutil.copyfile(root / str(MODEL_VERSION) / "model.py", dst / "model.py")
-    elif not (dst / "model.py").exists():
-        shutil.copyfile(ESTIMATOR_MODEL_PY, dst / "model.py")
     manifest = json.loads((estimator_dir / "manifest.json").read_text())
     (dst / "manifest.json").write_text(json.dumps({"model": "estimator", "version": version,
                                                    "source": str(estimator_dir.resolve()), **manifest}, indent=2))
@@ -331,26 +321,8 @@ def install_router_params(repo: str | Path, params_path: str | Path, estimator_v
     version = version or (max(existing) + 1 if existing else 1)
     dst = root / str(version)
     dst.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ROUTER_MODEL_PY, dst / "model.py")
     (dst / PARAMS_FILE).write_text(json.dumps(p, indent=2))
     return dst
-
-
-def sync_installed_code(repo: str | Path) -> list[Path]:
-    """Installed versions of recycle_router and estimator carry a copy of their model.py; bring
-    every copy in line with this checkout (the versions differ in params and weights, not in
-    code), so a server never runs a stale model.py against a newer comrecycle package.
-    Returns the files rewritten."""
-    repo = Path(repo)
-    changed = []
-    for name, src in ((ROUTER, ROUTER_MODEL_PY), ("estimator", ESTIMATOR_MODEL_PY)):
-        code = src.read_bytes()
-        for d in sorted((repo / name).glob("*/")):
-            f = d / "model.py"
-            if d.name.isdigit() and f.exists() and f.read_bytes() != code:
-                f.write_bytes(code)
-                changed.append(f)
-    return changed
 
 
 def _version_ready(cfg: mc.ModelConfig, d: Path) -> bool:
@@ -412,8 +384,6 @@ def repository_server(repo: str | Path, **kwargs):
     """A TritonServer on `repo` with explicit model control, loading the loadable models."""
     from .serving.server import TritonServer
 
-    for f in sync_installed_code(repo):
-        log.info("refreshed %s from this checkout", f)
     models, skipped = load_plan(repo)
     if not models:
         raise FileNotFoundError(f"{repo}: no model can load (no model.onnx installed): run build_models.py")

@@ -8,7 +8,7 @@ Per dynamically formed batch of client requests (one page each):
   the cascade suffix (groups issued concurrently) -> pages -> write back the recomputed stage
   outputs (one pipelined round trip) and release the locks.
 
-The calls go through a `Backend` (Triton BLS in python_backends/recycle_router/model.py; the
+The calls go through a `Backend` (Triton BLS in comrecycle/serving/backends/comrecycle_router/model.py; the
 in-process onnxruntime cascade in tests and replays), the cache through a `RedisStageCache`
 (or any object with its claim/commit/release surface).
 

@@ -5,8 +5,9 @@ Python backend and one backend stub per Python version. This module turns them i
 that serves a model repository with the *current* Python environment:
 
 * a backend directory ``python/{libtriton_python.so, triton_python_backend_utils.py,
-  triton_python_backend_stub}`` is assembled (symlinks, copies as fall-back) in a cache folder,
-  picking the stub built for the running interpreter's version;
+  triton_python_backend_stub}`` is assembled in a cache folder, picking the stub built for the
+  running interpreter's version, next to ComRecycle's Python-based backends
+  (``comrecycle_stage/model.py`` etc., see comrecycle.serving.backends);
 * ``PATH`` starts with this interpreter's ``bin/`` (the stub finds its Python environment by
   looking up ``python3`` on ``PATH``; ``PYTHONPATH`` is ignored by the stub);
 * ``LD_LIBRARY_PATH`` holds ``site-packages/nvidia_pytriton.libs`` (the server's own shared
@@ -56,6 +57,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+from .backends import SOURCE_DIR, backend_sources, install_backends
 
 LOG = logging.getLogger(__name__)
 
@@ -187,10 +190,14 @@ def backend_directory(cache_root: Optional[Path] = None) -> Path:
     """Return (building it if needed) a Triton backend directory for the running interpreter.
 
     Layout: ``<dir>/python/{libtriton_python.so, triton_python_backend_utils.py,
-    triton_python_backend_stub}``, entries symlinked (or copied where symlinks fail) from the
-    nvidia-pytriton wheel. The folder name carries the nvidia-pytriton version, the Python
-    version and a hash of the wheel's location, so two environments never share one. The build
-    is atomic (temporary folder + rename), hence safe when several processes start at once.
+    triton_python_backend_stub}``, copied from the nvidia-pytriton wheel (Triton refuses a
+    Python-based backend whose libtriton_python.so resolves outside the backend directory, so
+    these are copies, not links), and ``<dir>/<backend>/model.py`` for each of ComRecycle's
+    Python-based backends (comrecycle.serving.backends), linked to the package's files so a
+    server runs the code of this checkout. The folder name carries the nvidia-pytriton version,
+    the Python version and a hash of the wheel's and the package's locations, so two
+    environments or two checkouts never share one. The build is atomic (temporary folder +
+    rename), hence safe when several processes start at once.
     """
     pytriton_dir = _pytriton_dir()
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -211,11 +218,12 @@ def backend_directory(cache_root: Optional[Path] = None) -> Path:
     for name, target in wanted.items():
         if not target.is_file():
             raise TritonStartError(f"expected {name} of the Python backend at {target}; it is missing")
+    models = backend_sources()
 
-    key = hashlib.sha256(str(pytriton_dir).encode()).hexdigest()[:10]
+    key = hashlib.sha256(f"{pytriton_dir}\n{SOURCE_DIR}".encode()).hexdigest()[:10]
     root = Path(cache_root) if cache_root is not None else _cache_root()
     dest = root / f"triton-backends-{_pytriton_version()}-py{py.replace('.', '')}-{key}"
-    if _backend_dir_valid(dest, wanted):
+    if _backend_dir_valid(dest, wanted, models):
         return dest
 
     root.mkdir(parents=True, exist_ok=True)
@@ -223,18 +231,16 @@ def backend_directory(cache_root: Optional[Path] = None) -> Path:
     try:
         (tmp / "python").mkdir()
         for name, target in wanted.items():
-            link = tmp / "python" / name
-            try:
-                link.symlink_to(target)
-            except OSError:
-                shutil.copy2(target, link)
+            shutil.copy2(target, tmp / "python" / name)
+        install_backends(tmp)
+        tmp.chmod(0o755)
         if dest.exists() or dest.is_symlink():
             LOG.info("rebuilding stale Triton backend directory %s", dest)
             shutil.rmtree(dest, ignore_errors=True)
         try:
             os.rename(tmp, dest)
         except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not _backend_dir_valid(dest, wanted):
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not _backend_dir_valid(dest, wanted, models):
                 raise
             # another process built it concurrently: use theirs
     finally:
@@ -244,17 +250,22 @@ def backend_directory(cache_root: Optional[Path] = None) -> Path:
     return dest
 
 
-def _backend_dir_valid(dest: Path, wanted: Mapping[str, Path]) -> bool:
-    for name, target in wanted.items():
-        entry = dest / "python" / name
-        try:
-            if entry.is_symlink():
-                if entry.resolve() != target.resolve():
-                    return False
-            elif not entry.is_file() or entry.stat().st_size != target.stat().st_size:
+def _backend_dir_valid(dest: Path, wanted: Mapping[str, Path], models: Mapping[str, Path]) -> bool:
+    """The Python backend's files are same-size copies; each model.py links to (or equals) ours."""
+    try:
+        for name, target in wanted.items():
+            entry = dest / "python" / name
+            if entry.is_symlink() or not entry.is_file() or entry.stat().st_size != target.stat().st_size:
                 return False
-        except OSError:
-            return False
+        for name, src in models.items():
+            entry = dest / name / "model.py"
+            if entry.is_symlink():
+                if entry.resolve() != src.resolve():
+                    return False
+            elif not entry.is_file() or entry.read_bytes() != src.read_bytes():
+                return False
+    except OSError:
+        return False
     return True
 
 

@@ -1,4 +1,4 @@
-"""The logic behind python_backends/stage/model.py, testable without Triton.
+"""The logic behind comrecycle/serving/backends/comrecycle_stage/model.py, testable without Triton.
 
 `StageModel.from_triton_args(args)` builds the stage's StageRuntime from the model config that
 Triton hands to initialize(); `execute(inputs_per_request)` returns, per request, either a

@@ -13,7 +13,7 @@ OFFLINE = ("pyarrow", "torch", "sklearn", "scipy", "pandas", "comrecycle.policy"
 
 def _served_imports() -> list[str]:
     mods = set()
-    for path in (ROOT / "python_backends").glob("*/model.py"):
+    for path in (ROOT / "comrecycle" / "serving" / "backends").glob("*/model.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("comrecycle"):
                 mods.add(node.module)

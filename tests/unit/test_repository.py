@@ -1,5 +1,6 @@
 """Generated configs: committed, regenerated identically, structurally valid for all variants."""
 import filecmp
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -61,8 +62,8 @@ def test_variants_differ_where_they_should():
     cpu = all_configs(get_profile("default").sizes, "cpu")["rank"]
     gpu = all_configs(get_profile("default").sizes, "gpu")["rank"]
     native = all_configs(get_profile("default").sizes, "container")["rank"]
-    assert cpu.backend == "python" and cpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    assert gpu.backend == "python" and gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert cpu.backend == "comrecycle_stage" and cpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert gpu.backend == "comrecycle_stage" and gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert gpu.parameters["device"].string_value == "gpu"
     assert native.platform == "onnxruntime_onnx" and native.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     for c in (cpu, gpu, native):
@@ -70,10 +71,30 @@ def test_variants_differ_where_they_should():
         text_format.Parse(text_format.MessageToString(c), mc.ModelConfig())
 
 
-def test_model_py_is_the_template():
-    src = (REPO_ROOT / "python_backends" / "stage" / "model.py").read_text()
-    for s in STAGES:
-        assert (DEFAULT_REPOSITORY["cpu"] / s / "1" / "model.py").read_text() == src
+def test_repositories_hold_no_code_the_python_models_name_their_backend(tmp_path):
+    """One model.py per kind, under the backend directory: a repository holds configs and weights."""
+    from comrecycle.serving.backends import BACKENDS, install_backends, model_py
+
+    for variant in VARIANTS:
+        written = write_configs(tmp_path / variant, get_profile("default").sizes, variant)
+        assert not [p for p in written if p.name == "model.py"]
+        assert not list((tmp_path / variant).rglob("model.py"))
+        backends = {c.name: c.backend for c in all_configs(get_profile("default").sizes, variant).values()}
+        assert backends["recycle_router"] == "comrecycle_router"
+        if variant != "container":
+            assert {backends[s] for s in STAGES} == {"comrecycle_stage"}
+            assert backends["estimator"] == "comrecycle_estimator"
+        assert "python" not in backends.values()
+    for repo in DEFAULT_REPOSITORY.values():
+        tracked = subprocess.run(["git", "ls-files", str(repo)], cwd=REPO_ROOT, capture_output=True, text=True)
+        if tracked.returncode == 0:
+            assert not [f for f in tracked.stdout.split() if f.endswith("model.py")]
+    made = install_backends(tmp_path / "backends")
+    assert sorted(p.parent.name for p in made) == sorted(BACKENDS)
+    for p in made:
+        assert p.read_bytes() == model_py(p.parent.name).read_bytes()
+    with pytest.raises(ValueError, match="unknown backend"):
+        model_py("python")
 
 
 def test_load_plan_says_why_each_model_cannot_load(tmp_path):
@@ -109,3 +130,19 @@ def test_the_router_s_call_sizes_fit_the_configs_it_calls(variant):
         assert cfgs[model].max_batch_size >= CALL_MAX_BATCH, model
     assert cfgs["estimator"].max_batch_size >= ESTIMATOR_MAX_BATCH
     assert cfgs["recycle_router"].max_batch_size <= CALL_MAX_BATCH  # a router batch fits one call per group
+
+
+def test_launcher_backend_directory_holds_the_python_backend_and_ours(tmp_path):
+    """Triton loads a Python-based backend only when libtriton_python.so lies inside the backend
+    directory (copies, not links); our model.py files link to this checkout's package."""
+    from comrecycle.serving.backends import BACKENDS, model_py
+    from comrecycle.serving.server import backend_directory
+
+    d = backend_directory(cache_root=tmp_path)
+    for name in ("libtriton_python.so", "triton_python_backend_stub", "triton_python_backend_utils.py"):
+        assert (d / "python" / name).is_file() and not (d / "python" / name).is_symlink()
+    for b in BACKENDS:
+        assert (d / b / "model.py").resolve() == model_py(b).resolve()
+    assert backend_directory(cache_root=tmp_path) == d  # valid: reused as it is
+    (d / BACKENDS[0] / "model.py").unlink()
+    assert backend_directory(cache_root=tmp_path) == d and (d / BACKENDS[0] / "model.py").exists()  # rebuilt

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from comrecycle.repository import (ROUTER_MODEL_PY, install_router_params, loadable_models, sync_installed_code,
+from comrecycle.repository import (install_router_params, loadable_models,
                                    write_configs)
 from comrecycle.router.params import ParamsError, RouterParams
 from comrecycle.router.serving import model_set_fingerprint, settings
@@ -71,7 +71,7 @@ def test_install_router_params_makes_versions_and_the_router_loadable(tmp_path):
     (repo / "estimator" / "3" / "model.onnx").write_bytes(b"")  # an installed version (its file, at least)
     v1 = install_router_params(repo, params, estimator_version=3)
     assert v1.name == "1" and json.loads((v1 / "params.json").read_text())["estimator_model_version"] == 3
-    assert (v1 / "model.py").exists()
+    assert sorted(f.name for f in v1.iterdir()) == ["params.json"]  # params only: the code is the backend's
     assert install_router_params(repo, params, estimator_version=3).name == "2"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**GOOD, "lambda": -2}))
@@ -80,13 +80,6 @@ def test_install_router_params_makes_versions_and_the_router_loadable(tmp_path):
     # no stage ONNX installed: the router does not load (it needs the cascade suffixes)
     assert "recycle_router" not in loadable_models(repo)
     assert RouterParams.load(v1 / "params.json").estimator_version == 3
-    # an installed copy of model.py from an older checkout is refreshed; params stay as they were
-    (v1 / "model.py").write_text("# stale\n")
-    changed = sync_installed_code(repo)
-    assert changed == [v1 / "model.py"]
-    assert (v1 / "model.py").read_bytes() == ROUTER_MODEL_PY.read_bytes()
-    assert json.loads((v1 / "params.json").read_text())["estimator_model_version"] == 3
-    assert sync_installed_code(repo) == []
 
 
 def test_settings_environment_overrides_config_and_fingerprint_tracks_the_stage_models(tmp_path):

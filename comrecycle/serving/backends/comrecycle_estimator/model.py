@@ -1,7 +1,7 @@
 """The effect-loss estimator on the Python backend: one onnxruntime call per batch.
 
 Thin by design: Triton tensors <-> numpy; the logic is comrecycle.runtime.estimator.
-Copied into model_repository/estimator/1/ by build_models.py.
+Triton runs it for every model with `backend: "comrecycle_estimator"` (a Python-based backend).
 """
 import json
 import os

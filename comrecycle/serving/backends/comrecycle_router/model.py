@@ -2,7 +2,8 @@
 
 Thin by design: Triton tensors <-> numpy, BLS calls and metrics. The request filter, the
 decision and the cache logic are comrecycle.router (tested without Triton).
-Copied into model_repository/recycle_router/<version>/ by comrecycle.repository.
+Triton runs it for every version of a model with `backend: "comrecycle_router"` (a Python-based
+backend), so all versions run the installed package's code and differ only in their params.json.
 """
 import logging
 import time

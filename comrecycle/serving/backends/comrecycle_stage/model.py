@@ -2,7 +2,7 @@
 
 Thin by design: Triton tensors <-> numpy. Validation, batching into one onnxruntime call and
 unpacking live in comrecycle.serving.stage_model (tested without Triton).
-Copied into model_repository/<stage>/1/ by build_models.py.
+Triton runs it for every model with `backend: "comrecycle_stage"` (a Python-based backend).
 """
 import triton_python_backend_utils as pb_utils
 
