@@ -18,15 +18,16 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from comrecycle.specs import (CONTEXT, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, EXCLUDE_ITEMS, ROUTER, ROUTER_INPUTS,
                               ROUTER_OUTPUTS, STAGES, ensemble_specs, items_out, scores_out)
+from comrecycle.errors import ServingFailure, UserError
 
 PROTOCOLS = ("grpc", "http")
 
 
-class ServingError(RuntimeError):
+class ServingError(ServingFailure):
     """A request the server answered with an error."""
 
 
-class ServerUnreachable(ConnectionError):
+class ServerUnreachable(ServingFailure, ConnectionError):
     """The server (or the model) cannot be used at all: one line that names the URL, the protocol and
     the first error, instead of one failed request per replayed page."""
 
@@ -60,7 +61,7 @@ def model_inputs(model: str) -> list[str]:
         return ctx + [EXCLUDE_ITEMS.name]
     if model in STAGES:
         return ctx + ["candidates"]
-    raise ValueError(f"unknown model {model!r}")
+    raise UserError(f"unknown model {model!r}")
 
 
 def model_outputs(model: str) -> list[str]:
@@ -83,7 +84,7 @@ class Timed:
 class CascadeClient:
     def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 30.0):
         if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+            raise UserError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
         if protocol == "grpc":
             import tritonclient.grpc.aio as mod
@@ -132,7 +133,7 @@ class CascadeClient:
             if name not in tensors and name in optional:
                 continue
             if name not in tensors:
-                raise ValueError(f"model {model!r} needs input {name!r}; got {sorted(tensors)}")
+                raise UserError(f"model {model!r} needs input {name!r}; got {sorted(tensors)}")
             v = np.asarray(tensors[name])[None, ...]
             t = self._mod.InferInput(name, list(v.shape), np_to_triton_dtype(v.dtype))
             t.set_data_from_numpy(v) if self.protocol == "grpc" else t.set_data_from_numpy(v, binary_data=True)

@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import ComRecycleError, UserError
 from .repository import DEFAULT_REPOSITORY, REPO_ROOT
 
 log = logging.getLogger("comrecycle")
@@ -38,7 +39,7 @@ def default_model_dir(profile: str) -> Path:
     return ARTIFACTS / "models" / profile
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A user error: printed without a traceback, exit code 2."""
 
 
@@ -155,7 +156,6 @@ def cmd_check_simulator(a) -> int:
 
 # ---- estimator -------------------------------------------------------------------------------------
 def cmd_train_estimator(a) -> int:
-    from .estimator.estimator import LogError
     from .estimator.train_cli import train_and_evaluate
 
     if not 0 <= a.min_epochs <= a.max_epochs:
@@ -167,7 +167,7 @@ def cmd_train_estimator(a) -> int:
                                  max_epochs=a.max_epochs, progress=not a.quiet, baselines=not a.no_baselines,
                                  min_epochs=a.min_epochs, list_origin=not a.no_list_origin, label=a.label,
                                  average_epochs=a.average_epochs, select=a.select)
-    except (LogError, ValueError) as e:
+    except UserError as e:
         raise CliError(str(e)) from None
     for name, m in res["metrics"].items():
         parts = []
@@ -189,7 +189,7 @@ def cmd_train_estimator(a) -> int:
 def cmd_calibrate_estimator(a) -> int:
     import shutil
 
-    from .estimator.estimator import EffectLossEstimator, LogError
+    from .estimator.estimator import EffectLossEstimator
     from .estimator.train_cli import read_training_logs
 
     src = Path(a.estimator)
@@ -200,7 +200,7 @@ def cmd_calibrate_estimator(a) -> int:
         table = read_training_logs(a.logs)
         est = EffectLossEstimator.load(src).calibrate(table, label=a.label, max_depth=a.max_depth,
                                                       min_rows=a.min_rows)
-    except (LogError, ValueError) as e:
+    except UserError as e:
         raise CliError(str(e)) from None
     if out != src:
         shutil.copytree(src, out, dirs_exist_ok=True)
@@ -560,12 +560,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         rc = a.func(a)
-    except CliError as e:
-        print(f"comrecycle {a.command}: error: {e}", file=sys.stderr)
+    except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        print(f"comrecycle {a.command}: error: {e}", file=sys.stderr)  # bad input: one line, exit 2
         return 2
-    except (FileNotFoundError, ValueError) as e:  # includes SolverError, LogError, EvaluationError
-        print(f"comrecycle {a.command}: error: {e}", file=sys.stderr)
-        return 2
+    except ComRecycleError as e:  # a part failed (server, cache, tool): its own message, exit 1
+        print(f"comrecycle {a.command}: failed: {e}", file=sys.stderr)
+        return 1
+    # anything else is a bug: it propagates with its traceback
     log.debug("%s took %.1fs", a.command, time.time() - t0)
     return rc
 

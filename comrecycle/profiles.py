@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .specs import CascadeSizes
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -35,4 +36,4 @@ def get_profile(name: str) -> Profile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}") from None
+        raise UserError(f"unknown profile {name!r}; expected one of {sorted(PROFILES)}") from None

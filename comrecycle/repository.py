@@ -30,6 +30,7 @@ from .specs import (CONTEXT, CascadeSizes, ESTIMATOR_INPUTS, ESTIMATOR_MAX_BATCH
                     EXCLUDE_ITEMS, EnsembleSpec, ROUTER, ROUTER_INPUTS, ROUTER_MAX_BATCH, ROUTER_OUTPUTS,
                     STAGES, STAGE_MAX_BATCH, StageSpec, TensorSpec, ensemble_specs, items_out, scores_out,
                     stage_specs)
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 VARIANTS = ("cpu", "gpu", "container")
@@ -69,7 +70,7 @@ def _output(t: TensorSpec) -> mc.ModelOutput:
 
 def stage_config(spec: StageSpec, variant: str = "cpu") -> mc.ModelConfig:
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        raise UserError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     native = variant == "container"
     cfg = mc.ModelConfig(name=spec.name, max_batch_size=STAGE_MAX_BATCH[spec.name])
     if native:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from .specs import CACHE_STATE_FIELDS, N_RECYCLE
+from .errors import UserError
 
 
-class SolverError(ValueError):
+class SolverError(UserError):
     """Inputs the solver cannot use, saying what was expected and what arrived."""
 
 

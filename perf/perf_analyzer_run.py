@@ -48,6 +48,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from comrecycle.serving.server import perf_analyzer_path, tool_env
+from comrecycle.errors import ComRecycleError, ServingFailure
 
 LOG = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ __all__ = ["PerfAnalyzerError", "ROW_FIELDS", "main", "run_perf", "write_input_d
            "write_rows_csv"]
 
 
-class PerfAnalyzerError(RuntimeError):
+class PerfAnalyzerError(ServingFailure):
     """perf_analyzer failed, timed out or wrote no usable report; the message has its output tail."""
 
 
@@ -422,7 +423,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_trials=args.max_trials, percentile=args.percentile, async_mode=args.async_mode,
             timeout_s=args.timeout_s, csv_out=args.out, raw_csv_dir=args.raw_csv_dir, label=args.label,
         )
-    except (PerfAnalyzerError, ValueError, FileNotFoundError) as exc:
+    except (ComRecycleError, ValueError, FileNotFoundError) as exc:
         LOG.error("%s", exc)
         return 1
     print(format_rows(rows))

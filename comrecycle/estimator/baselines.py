@@ -18,42 +18,43 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from .evaluation import strategy_ids
+from ..errors import UserError
 
 
 def _check_fit_inputs(X, t, y, sample_weight, n_treatments: int):
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[0] == 0:
-        raise ValueError(f"X: expected shape [n, d] with n >= 1, got {tuple(X.shape)}")
+        raise UserError(f"X: expected shape [n, d] with n >= 1, got {tuple(X.shape)}")
     if not np.issubdtype(X.dtype, np.number):
-        raise ValueError(f"X: expected numbers, got dtype {X.dtype}")
+        raise UserError(f"X: expected numbers, got dtype {X.dtype}")
     X = X.astype(np.float64, copy=False)
     n = X.shape[0]
     t = np.asarray(t)
     if t.shape != (n,):
-        raise ValueError(f"t: expected shape [n] with n={n} (rows of X), got {tuple(t.shape)}")
+        raise UserError(f"t: expected shape [n] with n={n} (rows of X), got {tuple(t.shape)}")
     t = strategy_ids(t, n_treatments, f"n_treatments={n_treatments}")
     y = np.asarray(y)
     if y.shape != (n,):
-        raise ValueError(f"y: expected shape [n] with n={n} (rows of X), got {tuple(y.shape)}")
+        raise UserError(f"y: expected shape [n] with n={n} (rows of X), got {tuple(y.shape)}")
     y = y.astype(np.float64)
     if not np.isfinite(y).all():
-        raise ValueError(f"y: expected finite rewards, got {int((~np.isfinite(y)).sum())} NaN/inf value(s)")
+        raise UserError(f"y: expected finite rewards, got {int((~np.isfinite(y)).sum())} NaN/inf value(s)")
     if sample_weight is not None:
         sample_weight = np.asarray(sample_weight, dtype=np.float64)
         if sample_weight.shape != (n,):
-            raise ValueError(f"sample_weight: expected shape [n] with n={n} (rows of X), "
+            raise UserError(f"sample_weight: expected shape [n] with n={n} (rows of X), "
                              f"got {tuple(sample_weight.shape)}")
         if not np.isfinite(sample_weight).all() or (sample_weight < 0).any():
-            raise ValueError("sample_weight: expected finite values >= 0")
+            raise UserError("sample_weight: expected finite values >= 0")
     counts = np.bincount(t, minlength=n_treatments + 1)
     if sample_weight is not None:
         wsum = np.bincount(t, sample_weight, n_treatments + 1)
         if (wsum[counts > 0] <= 0).any():
-            raise ValueError(f"sample_weight: expected a positive total weight per arm, got "
+            raise UserError(f"sample_weight: expected a positive total weight per arm, got "
                              f"{dict(enumerate(wsum.tolist()))}")
     missing = [a for a in range(n_treatments + 1) if counts[a] == 0]
     if missing:
-        raise ValueError(f"t: expected rows for every arm 0..{n_treatments}, got none for arm(s) {missing}; "
+        raise UserError(f"t: expected rows for every arm 0..{n_treatments}, got none for arm(s) {missing}; "
                          f"rows per arm: {dict(enumerate(counts.tolist()))}")
     return X, t, y, sample_weight
 
@@ -62,7 +63,7 @@ def _check_predict_X(est, X) -> np.ndarray:
     check_is_fitted(est)
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[1] != est.n_features_in_:
-        raise ValueError(f"X: expected shape [n, {est.n_features_in_}] (as in fit), got {tuple(X.shape)}")
+        raise UserError(f"X: expected shape [n, {est.n_features_in_}] (as in fit), got {tuple(X.shape)}")
     return X.astype(np.float64, copy=False)
 
 

@@ -27,6 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..specs import CACHE_STATE_FIELDS, N_RECYCLE
+from ..errors import UserError
 
 PAGES = CACHE_STATE_FIELDS.index("pages")
 WIDTH = len(CACHE_STATE_FIELDS)
@@ -63,10 +64,10 @@ class DepthCalibration:
     def from_json(cls, text: str) -> "DepthCalibration":
         d = json.loads(text)
         if d.get("kind") != "depth_offsets":
-            raise ValueError(f"calibration: expected kind 'depth_offsets', got {d.get('kind')!r}")
+            raise UserError(f"calibration: expected kind 'depth_offsets', got {d.get('kind')!r}")
         off = np.asarray(d["offsets"], np.float32)
         if off.ndim != 2 or off.shape[0] != N_RECYCLE or not np.isfinite(off).all():
-            raise ValueError(f"calibration: expected finite offsets [{N_RECYCLE}, D+1], got shape {off.shape}")
+            raise UserError(f"calibration: expected finite offsets [{N_RECYCLE}, D+1], got shape {off.shape}")
         return cls(off, d.get("report"))
 
 
@@ -94,9 +95,9 @@ def fit_depth_calibration(q: np.ndarray, dq: np.ndarray, cache_state: np.ndarray
     y = np.asarray(reward, np.float64)
     p = np.asarray(propensity, np.float64)
     if not (len(q) == len(dq) == len(cache_state) == len(y) == len(p) == n):
-        raise ValueError("calibration: q, dq, cache_state, strategy, reward, propensity must have the same rows")
+        raise UserError("calibration: q, dq, cache_state, strategy, reward, propensity must have the same rows")
     if n == 0 or not ((p > 0) & (p <= 1)).all() or not np.isfinite(y).all():
-        raise ValueError("calibration: need ≥ 1 row, propensities in (0, 1] and finite rewards")
+        raise UserError("calibration: need ≥ 1 row, propensities in (0, 1] and finite rewards")
     depth = depth_of(cache_state)
     offsets = np.zeros((N_RECYCLE, max_depth + 1), np.float32)
     report = {"rows": int(n), "strategies": {}}

@@ -28,13 +28,14 @@ from ..specs import CACHE_STATE, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, HISTORY_MA
 from .calibration import DepthCalibration, fit_depth_calibration, graft_calibration
 from .labels import training_labels
 from .model import EffectLossNet
+from ..errors import UserError
 
 ORT_CHUNK = 65_536  # rows per onnxruntime call in predict (bounds the memory of the GRU's activations)
 TRAIN_COLUMNS = ("session_id", "page", "is_repeat", "gender", "age", "country", "secs_since_prev",
                  "prev_exposures", "prev_clicks", "history", "strategy", "propensity", "reward")
 
 
-class LogError(ValueError):
+class LogError(UserError):
     """A training log that cannot be used, with what was expected and what arrived."""
 
 
@@ -146,7 +147,7 @@ class EffectLossEstimator:
         self.onnx_path_ = None  # a saved graph (if any) is of the previous weights
         validate_training_log(table)
         if self.select not in ("outcome", "uplift"):
-            raise ValueError(f"select: expected 'outcome' or 'uplift', got {self.select!r}")
+            raise UserError(f"select: expected 'outcome' or 'uplift', got {self.select!r}")
         self.calibration_ = None
         # which rows trained it: `solve` refuses to certify a budget on them (cross-fitting)
         self.training_rows_ = training_row_sample(table, seed=self.seed)

@@ -46,6 +46,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from ..errors import UserError
 
 STRATEGY_NAMES = {0: "full", 1: "reuse-retrieval", 2: "reuse-prerank", 3: "reuse-rank"}
 
@@ -60,13 +61,13 @@ def _vector(name: str, a, n: int | None = None, *, what: str = "") -> np.ndarray
     arr = np.asarray(a)
     want = f"[n] with n={n}{what}" if n is not None else "[n]"
     if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
-        raise ValueError(f"{name}: expected shape {want}, got {tuple(arr.shape)}")
+        raise UserError(f"{name}: expected shape {want}, got {tuple(arr.shape)}")
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.number)):
-        raise ValueError(f"{name}: expected numbers, got dtype {arr.dtype}")
+        raise UserError(f"{name}: expected numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
     bad = ~np.isfinite(arr)
     if bad.any():
-        raise ValueError(f"{name}: expected finite values, got {int(bad.sum())} NaN/inf value(s) "
+        raise UserError(f"{name}: expected finite values, got {int(bad.sum())} NaN/inf value(s) "
                          f"(first at row {int(np.flatnonzero(bad)[0])})")
     return arr
 
@@ -74,10 +75,10 @@ def _vector(name: str, a, n: int | None = None, *, what: str = "") -> np.ndarray
 def _treated(treated, n: int) -> np.ndarray:
     arr = np.asarray(treated)
     if arr.ndim != 1 or arr.shape[0] != n:
-        raise ValueError(f"treated: expected shape [n] with n={n} (length of tau_hat), got {tuple(arr.shape)}")
+        raise UserError(f"treated: expected shape [n] with n={n} (length of tau_hat), got {tuple(arr.shape)}")
     if arr.dtype != bool:
         if not np.issubdtype(arr.dtype, np.number) or not np.isin(arr, (0, 1)).all():
-            raise ValueError(f"treated: expected booleans or 0/1, got dtype {arr.dtype} with values "
+            raise UserError(f"treated: expected booleans or 0/1, got dtype {arr.dtype} with values "
                              f"{np.unique(arr)[:5].tolist()}")
         arr = arr.astype(bool)
     return arr
@@ -90,7 +91,7 @@ def _propensity(propensity, n: int, what: str = "") -> np.ndarray | None:
     bad = (p <= 0) | (p > 1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"propensity: expected values in (0, 1], got {int(bad.sum())} outside "
+        raise UserError(f"propensity: expected values in (0, 1], got {int(bad.sum())} outside "
                          f"(first at row {i}: {p[i]!r}; min {p.min()!r}, max {p.max()!r})")
     return p
 
@@ -106,7 +107,7 @@ def _ipw(p: np.ndarray | None, n: int) -> np.ndarray:
 def _check_groups(treated: np.ndarray) -> None:
     nt = int(treated.sum())
     if nt == 0 or nt == treated.size:
-        raise ValueError(f"treated: expected both treated and control rows, got {nt} treated and "
+        raise UserError(f"treated: expected both treated and control rows, got {nt} treated and "
                          f"{treated.size - nt} control")
 
 
@@ -144,7 +145,7 @@ def _prepare(tau_hat, treated, y, propensity):
     tau = _vector("tau_hat", tau_hat)
     n = tau.size
     if n == 0:
-        raise ValueError("tau_hat: expected at least one row, got 0")
+        raise UserError("tau_hat: expected at least one row, got 0")
     tr = _treated(treated, n)
     _check_groups(tr)
     yy = _vector("y", y, n, what=" (length of tau_hat)")
@@ -193,7 +194,7 @@ def average_uplift(treated, y, propensity=None) -> float:
     of (IPW, self-normalised / Hajek) weighted means. treated, y, propensity: [n]."""
     arr = np.asarray(treated)
     if arr.ndim != 1 or arr.shape[0] == 0:
-        raise ValueError(f"treated: expected shape [n] with n >= 1, got {tuple(arr.shape)}")
+        raise UserError(f"treated: expected shape [n] with n >= 1, got {tuple(arr.shape)}")
     n = arr.shape[0]
     tr = _treated(arr, n)
     _check_groups(tr)
@@ -215,11 +216,11 @@ def strategy_ids(t: np.ndarray, k: int, k_note: str) -> np.ndarray:
     """Integer strategy ids in 0..k as int64, or a ValueError naming what arrived."""
     if not np.issubdtype(t.dtype, np.integer):
         if not np.issubdtype(t.dtype, np.floating) or not np.isfinite(t).all() or (t != np.round(t)).any():
-            raise ValueError(f"t: expected integer strategy ids, got dtype {t.dtype}")
+            raise UserError(f"t: expected integer strategy ids, got dtype {t.dtype}")
     t = t.astype(np.int64)
     out = (t < 0) | (t > k)
     if out.any():
-        raise ValueError(f"t: expected strategy ids in 0..{k} ({k_note}), "
+        raise UserError(f"t: expected strategy ids in 0..{k} ({k_note}), "
                          f"got {np.unique(t[out]).tolist()[:10]} in {int(out.sum())} row(s)")
     return t
 
@@ -227,20 +228,20 @@ def strategy_ids(t: np.ndarray, k: int, k_note: str) -> np.ndarray:
 def _prepare_arms(delta_q_hat, t, y, propensity, q_true):
     d = np.asarray(delta_q_hat)
     if d.ndim != 2 or d.shape[1] < 1 or d.shape[0] < 1:
-        raise ValueError(f"delta_q_hat: expected shape [n, K] (n >= 1 requests, K >= 1 treatments), "
+        raise UserError(f"delta_q_hat: expected shape [n, K] (n >= 1 requests, K >= 1 treatments), "
                          f"got {tuple(d.shape)}")
     n, k = d.shape
     if not np.issubdtype(d.dtype, np.number) or d.dtype == bool:
-        raise ValueError(f"delta_q_hat: expected numbers, got dtype {d.dtype}")
+        raise UserError(f"delta_q_hat: expected numbers, got dtype {d.dtype}")
     d = d.astype(np.float64, copy=False)
     bad = ~np.isfinite(d)
     if bad.any():
         i, j = np.argwhere(bad)[0]
-        raise ValueError(f"delta_q_hat: expected finite predictions, got {int(bad.sum())} NaN/inf "
+        raise UserError(f"delta_q_hat: expected finite predictions, got {int(bad.sum())} NaN/inf "
                          f"(first at row {i}, treatment {j + 1})")
     tt = np.asarray(t)
     if tt.ndim != 1 or tt.shape[0] != n:
-        raise ValueError(f"t: expected shape [n] with n={n} (rows of delta_q_hat), got {tuple(tt.shape)}")
+        raise UserError(f"t: expected shape [n] with n={n} (rows of delta_q_hat), got {tuple(tt.shape)}")
     tt = strategy_ids(tt, k, f"K={k} from delta_q_hat.shape[1]")
     yy = _vector("y", y, n, what=" (rows of delta_q_hat)")
     p = _propensity(propensity, n, what=" (rows of delta_q_hat)")
@@ -248,10 +249,10 @@ def _prepare_arms(delta_q_hat, t, y, propensity, q_true):
     if q_true is not None:
         q = np.asarray(q_true)
         if q.ndim != 2 or q.shape != (n, k + 1):
-            raise ValueError(f"q_true: expected shape [n, K+1] = ({n}, {k + 1}), got {tuple(q.shape)}")
+            raise UserError(f"q_true: expected shape [n, K+1] = ({n}, {k + 1}), got {tuple(q.shape)}")
         q = q.astype(np.float64, copy=False)
         if np.isinf(q).any():
-            raise ValueError("q_true: expected finite values or NaN (strategy unavailable), got inf")
+            raise UserError("q_true: expected finite values or NaN (strategy unavailable), got inf")
     return d, tt, yy, p, q
 
 
@@ -259,7 +260,7 @@ def _arm_rows(t: np.ndarray, j: int, k: int) -> np.ndarray:
     counts = np.bincount(t, minlength=k + 1)
     if counts[0] == 0 or counts[j] == 0:
         arm = 0 if counts[0] == 0 else j
-        raise ValueError(f"t: expected rows for control (t=0) and treatment t={j}, got none for t={arm}; "
+        raise UserError(f"t: expected rows for control (t=0) and treatment t={j}, got none for t={arm}; "
                          f"rows per arm: {dict(enumerate(counts.tolist()))}")
     return (t == 0) | (t == j)
 
@@ -394,9 +395,9 @@ def plot_uplift_curves(results_by_model: dict, path_png, kind: str = "qini", tit
     from matplotlib.figure import Figure
 
     if kind not in ("qini", "uplift"):
-        raise ValueError(f"kind: expected 'qini' or 'uplift', got {kind!r}")
+        raise UserError(f"kind: expected 'qini' or 'uplift', got {kind!r}")
     if not results_by_model:
-        raise ValueError("results_by_model: expected at least one model, got none")
+        raise UserError("results_by_model: expected at least one model, got none")
     treatments = sorted({j for curves in results_by_model.values() for j in curves})
     fig = Figure(figsize=(4.6 * len(treatments), 4.2), constrained_layout=True)
     FigureCanvasAgg(fig)
@@ -470,7 +471,7 @@ def report_markdown(metrics_by_model: dict, extra: dict | None = None) -> str:
     as a bullet list of run details (log, seeds, ...).
     """
     if not metrics_by_model:
-        raise ValueError("metrics_by_model: expected at least one model, got none")
+        raise UserError("metrics_by_model: expected at least one model, got none")
     models = list(metrics_by_model)
     per = {m: {int(j): r for j, r in metrics_by_model[m]["per_treatment"].items()} for m in models}
     treatments = sorted({j for m in models for j in per[m]})

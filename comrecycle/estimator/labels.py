@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..specs import PAGE_SIZE
+from ..errors import UserError
 
 LABELS = ("clicks", "view-adjusted")
 EXPOSURE_COLUMNS = ("n_viewed", "page_items", "clicked_items")
@@ -61,13 +62,13 @@ def view_adjusted_clicks(page_items: list, n_viewed: np.ndarray, clicked_items: 
     """
     n = len(page_items)
     if not (len(clicked_items) == n == len(n_viewed)):
-        raise ValueError(f"view-adjusted labels: page_items, n_viewed and clicked_items must have the same "
+        raise UserError(f"view-adjusted labels: page_items, n_viewed and clicked_items must have the same "
                          f"rows, got {n}, {len(n_viewed)} and {len(clicked_items)}")
     n_viewed = np.asarray(n_viewed, np.int64)
     lens = np.fromiter((len(p) for p in page_items), np.int64, n)
     if ((n_viewed < 0) | (n_viewed > lens)).any():
         bad = int(np.flatnonzero((n_viewed < 0) | (n_viewed > lens))[0])
-        raise ValueError(f"view-adjusted labels: n_viewed must be in 0..len(page_items); row {bad} has "
+        raise UserError(f"view-adjusted labels: n_viewed must be in 0..len(page_items); row {bad} has "
                          f"n_viewed {int(n_viewed[bad])} for a page of {int(lens[bad])} items")
     if n == 0 or lens.sum() == 0:
         return np.zeros(n, np.float32), {"rows": n, "views": 0}
@@ -78,7 +79,7 @@ def view_adjusted_clicks(page_items: list, n_viewed: np.ndarray, clicked_items: 
     clicked = _clicked_mask(ids, row, clicked_items, n)
     if (clicked & ~viewed).any():
         bad = int(row[np.flatnonzero(clicked & ~viewed)[0]])
-        raise ValueError(f"view-adjusted labels: row {bad} has a click outside its first n_viewed "
+        raise UserError(f"view-adjusted labels: row {bad} has a click outside its first n_viewed "
                          f"({int(n_viewed[bad])}) positions")
     curve = examination_curve(lens, n_viewed, max(PAGE_SIZE, int(lens.max())))
     views_total = float(viewed.sum())
@@ -110,7 +111,7 @@ def _clicked_mask(ids: np.ndarray, row: np.ndarray, clicked_items: list, n: int)
     hit = np.isin(slot_key, click_key)
     missing = click_key.size - np.unique(slot_key[hit]).size
     if missing:
-        raise ValueError(f"view-adjusted labels: {missing} clicked item(s) are not on the page they were "
+        raise UserError(f"view-adjusted labels: {missing} clicked item(s) are not on the page they were "
                          f"clicked on")
     return hit
 
@@ -119,12 +120,12 @@ def training_labels(table: pa.Table, label: str = "clicks") -> tuple[np.ndarray,
     """y [rows of table] for the estimator: the logged clicks, or the view-adjusted clicks
     (which need the exposure columns; the item rates are estimated over the whole table)."""
     if label not in LABELS:
-        raise ValueError(f"label must be one of {LABELS}, got {label!r}")
+        raise UserError(f"label must be one of {LABELS}, got {label!r}")
     if label == "clicks":
         return table["reward"].to_numpy().astype(np.float32), {"label": "clicks"}
     missing = [c for c in EXPOSURE_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"view-adjusted labels need the exposure columns {list(EXPOSURE_COLUMNS)}; the log "
+        raise UserError(f"view-adjusted labels need the exposure columns {list(EXPOSURE_COLUMNS)}; the log "
                          f"lacks {missing} (train with --label clicks, or log the viewed and clicked items)")
     y, info = view_adjusted_clicks(table["page_items"].to_pylist(), table["n_viewed"].to_numpy(),
                                    table["clicked_items"].to_pylist())

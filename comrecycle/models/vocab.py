@@ -11,6 +11,7 @@ import numpy as np
 from onnx import helper
 
 from ..specs import PAD_ID
+from ..errors import UserError
 
 PAD_INDEX, OOV_INDEX, FIRST_INDEX = 0, 1, 2
 
@@ -19,7 +20,7 @@ class Vocab:
     def __init__(self, ids: np.ndarray):
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         if ids.size and ids[0] < 0:
-            raise ValueError(f"vocabulary ids must be >= 0, got {ids[0]}")
+            raise UserError(f"vocabulary ids must be >= 0, got {ids[0]}")
         self.ids = ids
 
     def __len__(self) -> int:

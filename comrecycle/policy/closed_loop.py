@@ -18,6 +18,7 @@ import numpy as np
 
 from ..specs import CACHE_STATE_FIELDS, N_RECYCLE
 from .decide import decide, depth_guard, policy_dq
+from ..errors import UserError
 
 
 @dataclass
@@ -191,7 +192,7 @@ def closed_loop_metrics(table, costs, estimator_cost: float = 0.0) -> dict:
     q = np.stack([table[f"q_{j}"].to_numpy().astype(np.float64) for j in range(N_RECYCLE + 1)], 1)
     served = q[np.arange(n), s]
     if not np.isfinite(served).all() or not np.isfinite(q[:, 0]).all():
-        raise ValueError("closed-loop log lacks q_0 or the served strategy's q")
+        raise UserError("closed-loop log lacks q_0 or the served strategy's q")
     costs = np.asarray(costs, np.float64)
     loss, lo, hi = relative_loss_ci(q[:, 0], served, table["session_id"].to_numpy())
     spent = costs[s].sum() + estimator_cost * rep.sum()
@@ -217,9 +218,9 @@ class DcafAssignment(_RecordsDecisions):
                  controller: LambdaController | None = None):
         mean_loss = np.asarray(mean_loss, np.float64)
         if mean_loss.shape != (N_RECYCLE + 1,) or not np.isfinite(mean_loss[0]):
-            raise ValueError(f"mean_loss: expected {N_RECYCLE + 1} values (strategy 0 first), got {mean_loss!r}")
+            raise UserError(f"mean_loss: expected {N_RECYCLE + 1} values (strategy 0 first), got {mean_loss!r}")
         if not (mean_pages > 0 and mean_effect > 0):
-            raise ValueError(f"mean_pages and mean_effect must be > 0, got {mean_pages}, {mean_effect}")
+            raise UserError(f"mean_pages and mean_effect must be > 0, got {mean_pages}, {mean_effect}")
         self.params, self.controller = dict(params), controller
         self.mean_loss, self.mean_pages, self.mean_effect = mean_loss, float(mean_pages), float(mean_effect)
         self.usable = np.isfinite(mean_loss)
@@ -255,7 +256,7 @@ def dcaf_from_logs(table, min_rows: int = 50) -> dict:
     counts = np.bincount(served.astype(np.int64), minlength=N_RECYCLE + 1)
     mean_loss = np.where(counts >= min_rows, mean_loss, np.nan)
     if counts[0] < min_rows:
-        raise ValueError(f"the log has {counts[0]} repeated requests served by strategy 0; the IPW mean "
+        raise UserError(f"the log has {counts[0]} repeated requests served by strategy 0; the IPW mean "
                          f"loss needs at least {min_rows} (an exploration log with --explore-arms including 0)")
     pages = feature_values(table, "cache_pages")[rep]
     return {"mean_loss": mean_loss, "mean_pages": float(max(pages.mean(), 1e-9)),

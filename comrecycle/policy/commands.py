@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 from ..specs import N_RECYCLE
 from .certify import LOSS_FLOOR_SHARE
 from .decide import costs_in_log
+from ..errors import UserError
 
 
-class CommandError(ValueError):
-    pass
+class CommandError(UserError):
+    """Options or files a command cannot use."""
 
 
 def _read_log(path) -> pa.Table:
@@ -131,7 +132,7 @@ def cmd_solve(a) -> int:
         label = _dr_label(log, a.label)
         try:
             r = training_labels(log, label)[0]
-        except ValueError as e:
+        except UserError as e:
             raise CommandError(str(e)) from None
         rep = log["is_repeat"].to_numpy()
         if not a.no_loss_floor:  # no recycling counted as free: the λ family ends at "always full"

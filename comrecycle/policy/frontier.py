@@ -27,6 +27,7 @@ import pyarrow as pa
 from ..specs import CACHE_STATE_FIELDS, N_RECYCLE
 from .decide import available_from_log
 from .solver import solve_loss_budget
+from ..errors import UserError
 
 
 @dataclass
@@ -55,11 +56,11 @@ class Ground:
         cols = [f"q_{j}" for j in range(N_RECYCLE + 1)]
         missing = [c for c in cols if c not in log.column_names]
         if missing:
-            raise ValueError(f"the frontier needs ground-truth columns {cols}; missing {missing} "
+            raise UserError(f"the frontier needs ground-truth columns {cols}; missing {missing} "
                              f"(write the log with `comrecycle simulate --logging random`)")
         self.q = np.stack([log[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in cols], 1)
         if not np.isfinite(self.q[self.rep, 1:]).any():
-            raise ValueError(f"the frontier needs q_1..q_{N_RECYCLE} on repeated requests; this log has none "
+            raise UserError(f"the frontier needs q_1..q_{N_RECYCLE} on repeated requests; this log has none "
                              f"({int(self.rep.sum())} repeats; a --logging full log carries q_0 only): write it "
                              f"with `comrecycle simulate --logging random`")
         self.avail = available_from_log(log)
@@ -122,7 +123,7 @@ def feature_values(log: pa.Table, name: str) -> np.ndarray:
         return np.maximum(log["secs_since_prev"].to_numpy().astype(np.float64), 0.0)
     if name == "prev_clicks":
         return log["prev_clicks"].to_numpy().astype(np.float64)
-    raise ValueError(f"unknown DCAF feature {name!r}; expected cache_pages, secs_since_prev or prev_clicks")
+    raise UserError(f"unknown DCAF feature {name!r}; expected cache_pages, secs_since_prev or prev_clicks")
 
 
 def feature_ceiling(train_log: pa.Table, log: pa.Table, seed: int = 0) -> np.ndarray:
@@ -140,7 +141,7 @@ def feature_ceiling(train_log: pa.Table, log: pa.Table, seed: int = 0) -> np.nda
     for j in range(1, N_RECYCLE + 1):
         rows = train_g.rep & train_g.avail[:, j]
         if rows.sum() < 100:
-            raise ValueError(f"feature ceiling: the training log has {int(rows.sum())} repeats with strategy {j} "
+            raise UserError(f"feature ceiling: the training log has {int(rows.sum())} repeats with strategy {j} "
                              f"available; expected at least 100 (a randomised log of a few thousand requests)")
         out[:, j] = noisy_target_regressor(seed).fit(x_train[rows], train_g.dq[rows, j]).predict(x)
     return out

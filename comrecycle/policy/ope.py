@@ -25,11 +25,12 @@ import numpy as np
 import pyarrow as pa
 
 from ..specs import N_RECYCLE
+from ..errors import UserError
 
 METHODS = ("ipw", "snipw", "dr", "exact")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
     """Inputs that cannot be evaluated, saying what was expected and what arrived."""
 
 

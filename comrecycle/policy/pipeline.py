@@ -17,6 +17,7 @@ from ..specs import N_RECYCLE
 from .certify import LOSS_FLOOR_SHARE, certify_families
 from .decide import available_from_log, costs_in_log, decide, policy_dq, predict
 from .solver import solve_loss_budget
+from ..errors import UserError
 
 
 @dataclass
@@ -42,7 +43,7 @@ def true_q(log: pa.Table) -> np.ndarray:
     cols = [f"q_{j}" for j in range(N_RECYCLE + 1)]
     missing = [c for c in cols if c not in log.column_names]
     if missing:
-        raise ValueError(f"scoring needs the ground truth {cols}; the log lacks {missing}")
+        raise UserError(f"scoring needs the ground truth {cols}; the log lacks {missing}")
     return np.stack([log[c].to_numpy().astype(np.float64) for c in cols], 1)
 
 

@@ -48,6 +48,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..specs import EXCLUDE_MAX, PAGE_SIZE, STAGES
+from ..errors import ComRecycleError, UserError
 
 LOG = logging.getLogger("comrecycle.router.cache")
 
@@ -171,7 +172,7 @@ class CommitResult:
         return self.ok
 
 
-class CorruptEntry(ValueError):
+class CorruptEntry(ComRecycleError, ValueError):
     """Bytes that are not a valid encoded :class:`CacheEntry` (the message says what was
     expected and what was found)."""
 
@@ -522,7 +523,7 @@ class RedisStageCache:
         """``url``: ``redis://`` or ``rediss://`` (TLS), optionally ``user:password@``; ``password``
         overrides the URL's. ``timeout_s`` bounds connecting and every reply."""
         if not ttl_s > 0 or not lock_ms > 0 or not timeout_s > 0 or not retry_after_s >= 0:
-            raise ValueError(f"expected ttl_s > 0, lock_ms > 0, timeout_s > 0, retry_after_s >= 0; found "
+            raise UserError(f"expected ttl_s > 0, lock_ms > 0, timeout_s > 0, retry_after_s >= 0; found "
                              f"{ttl_s}, {lock_ms}, {timeout_s}, {retry_after_s}")
         if password is not None:
             url = _with_password(url, password)

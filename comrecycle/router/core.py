@@ -53,6 +53,7 @@ from ..specs import (CACHE_STATE_FIELDS, CACHE_TTL_S, ENSEMBLE_MAX_BATCH, ESTIMA
                      STRATEGY_CANDIDATES, STRATEGY_MODEL, UNAVAILABLE_SCORE)
 from .cache import CACHED_STAGES, RECENT_PAGES, CacheEntry, StageList
 from .params import RouterParams
+from ..errors import ServingFailure
 
 log = logging.getLogger("comrecycle.router")
 
@@ -69,11 +70,11 @@ RECENT_PAGES_MAX = RECENT_PAGES * PAGE_SIZE
 UNDELIVERED_USERS_MAX = 100_000  # users whose feedback a router keeps while Redis is unavailable
 
 
-class BackendError(RuntimeError):
+class BackendError(ServingFailure):
     """A model call failed (the message names the model and Triton's error)."""
 
 
-class ServingError(RuntimeError):
+class ServingError(ServingFailure):
     """A request that could not be served (-> INTERNAL for that request only)."""
 
 

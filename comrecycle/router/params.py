@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from ..specs import N_RECYCLE
+from ..errors import UserError
 
 PARAMS_FILE = "params.json"
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError):
     """A params file that cannot be deployed (says what was expected and what was found)."""
 
 

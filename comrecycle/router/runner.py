@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from typing import Coroutine
+from ..errors import UserError
 
 log = logging.getLogger("comrecycle.router")
 
@@ -31,7 +32,7 @@ class BatchRunner:
 
     def __init__(self, max_inflight: int, calls_per_batch: int = 4, name: str = "comrecycle-router"):
         if int(max_inflight) < 1:
-            raise ValueError(f"max_inflight: expected an integer >= 1, got {max_inflight!r}")
+            raise UserError(f"max_inflight: expected an integer >= 1, got {max_inflight!r}")
         self.max_inflight = int(max_inflight)
         self._slots = threading.BoundedSemaphore(self.max_inflight)
         self._loop = asyncio.new_event_loop()

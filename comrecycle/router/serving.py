@@ -34,6 +34,7 @@ from ..specs import STAGES, STRATEGIES
 from .cache import RedisStageCache, redact_url
 from .core import CACHE_TTL_S, PHASES, SESSION_TTL_S, RecycleRouter
 from .params import PARAMS_FILE, RouterParams
+from ..errors import UserError
 
 log = logging.getLogger("comrecycle.router")
 
@@ -87,7 +88,7 @@ def max_inflight_batches(s: dict[str, str]) -> int:
     except ValueError:
         n = 0
     if n < 1:
-        raise ValueError(f"max_inflight_batches (COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES): expected an "
+        raise UserError(f"max_inflight_batches (COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES): expected an "
                          f"integer >= 1, got {raw!r}")
     return n
 
@@ -202,7 +203,7 @@ def local_stage_runtimes(repo: str | Path, stages: list[str]):
 
     bad = [x for x in stages if x not in LOCAL_STAGES_ALLOWED]
     if bad:
-        raise ValueError(f"local_stages: expected a subset of {list(LOCAL_STAGES_ALLOWED)}, got {bad}")
+        raise UserError(f"local_stages: expected a subset of {list(LOCAL_STAGES_ALLOWED)}, got {bad}")
     runtimes = {}
     for name in stages:
         root = Path(repo) / name

@@ -13,6 +13,7 @@ import numpy as np
 from ..specs import STAGES, STRATEGY_ENTRY_STAGE
 from .stage import StageResult, StageRuntime, load_stage_runtimes
 from .validation import InputError
+from ..errors import UserError
 
 CONTEXT_NAMES = ("user_id", "user_features", "history", "request_features")
 
@@ -38,7 +39,7 @@ class InProcessCascade:
         Returns, per request, every computed stage's items and scores (no batch dim)."""
         first = STRATEGY_ENTRY_STAGE[strategy]
         if strategy > 0 and (candidates is None or len(candidates) != len(contexts)):
-            raise ValueError(f"strategy {strategy} needs one candidate list per request")
+            raise UserError(f"strategy {strategy} needs one candidate list per request")
         out: list[dict | InputError] = [dict() for _ in contexts]
         for lo in range(0, len(contexts), self.chunk):
             idx = list(range(lo, min(lo + self.chunk, len(contexts))))

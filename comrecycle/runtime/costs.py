@@ -13,6 +13,7 @@ import numpy as np
 
 from ..specs import STAGES, STRATEGIES, STRATEGY_ENTRY_STAGE
 from .cascade import InProcessCascade, batched
+from ..errors import UserError
 
 
 def _median_seconds(call, repeats: int, warmup: int) -> float:
@@ -32,7 +33,7 @@ def measure_stage_costs(cascade: InProcessCascade, contexts: list[dict], batch_s
     """Median seconds per request of each stage at `batch_size` requests per onnxruntime call."""
     contexts = contexts[:batch_size]
     if len(contexts) < batch_size:
-        raise ValueError(f"need {batch_size} contexts, got {len(contexts)}")
+        raise UserError(f"need {batch_size} contexts, got {len(contexts)}")
     full = cascade.run(contexts)
     per_stage = {}
     for si, stage in enumerate(STAGES):
@@ -79,7 +80,7 @@ def measure_estimator_seconds(onnx_path, features: dict[str, np.ndarray], batch_
     rt = EstimatorRuntime(onnx_path)
     n = min(batch_size, len(features["user_features"]))
     if n == 0:
-        raise ValueError("need at least one request to time the estimator")
+        raise UserError("need at least one request to time the estimator")
     reqs = []
     for i in range(n):
         h = features["history"][i]

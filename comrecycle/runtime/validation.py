@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..specs import PAD_ID, TensorSpec
+from ..errors import UserError
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A client error in one request (maps to Triton's INVALID_ARG)."""
 
 

@@ -17,6 +17,7 @@ from typing import Union
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
+from ..errors import UserError
 
 LOG = logging.getLogger(__name__)
 
@@ -52,9 +53,9 @@ def floor_model_config(max_batch_size: int = FLOOR_MAX_BATCH_SIZE, instance_coun
                        max_queue_delay_us: int = 0) -> mc.ModelConfig:
     """The ``ModelConfig`` of ``floor_identity`` (Python backend, CPU, dynamic batching)."""
     if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1 (the floor batches), got {max_batch_size}")
+        raise UserError(f"max_batch_size must be >= 1 (the floor batches), got {max_batch_size}")
     if instance_count < 1:
-        raise ValueError(f"instance_count must be >= 1, got {instance_count}")
+        raise UserError(f"instance_count must be >= 1, got {instance_count}")
     config = mc.ModelConfig(name=FLOOR_MODEL, backend="python", max_batch_size=max_batch_size)
     config.input.append(mc.ModelInput(name=FLOOR_INPUT, data_type=mc.TYPE_INT64, dims=[1]))
     config.output.append(mc.ModelOutput(name=FLOOR_OUTPUT, data_type=mc.TYPE_INT64, dims=[1]))

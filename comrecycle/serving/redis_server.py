@@ -42,6 +42,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .server import LOCALHOST, _death_signal_preexec, _read_tail, find_free_port
+from ..errors import ComRecycleError, ServingFailure, UserError
 
 LOG = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ _PORT_RACE_ATTEMPTS = 3
 __all__ = ["RedisServer", "RedisStartError", "find_redis_server", "main"]
 
 
-class RedisStartError(RuntimeError):
+class RedisStartError(ServingFailure):
     """redis-server is missing, exited during start-up or did not answer PING in time."""
 
 
@@ -92,9 +93,9 @@ class RedisServer:
                  maxmemory_policy: str = "allkeys-lru", password: Optional[str] = None,
                  startup_timeout: float = 10.0, binary: Optional[str] = None):
         if maxmemory_policy not in EVICTION_POLICIES:
-            raise ValueError(f"maxmemory_policy: expected one of {EVICTION_POLICIES}, found {maxmemory_policy!r}")
+            raise UserError(f"maxmemory_policy: expected one of {EVICTION_POLICIES}, found {maxmemory_policy!r}")
         if password == "":
-            raise ValueError("password: expected a non-empty string or None, found ''")
+            raise UserError("password: expected a non-empty string or None, found ''")
         self._port = port
         self.host = host
         self.maxmemory = maxmemory
@@ -333,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          startup_timeout=args.startup_timeout, binary=args.binary)
     try:
         server.start()
-    except (RedisStartError, ValueError) as exc:
+    except ComRecycleError as exc:
         LOG.error("%s", exc)
         server.stop()
         return 1

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 from .backends import SOURCE_DIR, backend_sources, install_backends
+from ..errors import ComRecycleError, ServingFailure, UserError
 
 LOG = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ __all__ = [
 ]
 
 
-class TritonStartError(RuntimeError):
+class TritonStartError(ServingFailure):
     """The Triton server could not be started or did not become ready.
 
     The message names what was expected, what happened, the command line and the tail of
@@ -491,19 +492,19 @@ class TritonServer:
             raise FileNotFoundError(f"model repository {repo} is not a directory: expected a "
                                     "folder with one sub-folder per model")
         if model_control not in MODEL_CONTROL_MODES:
-            raise ValueError(f"model_control must be one of {MODEL_CONTROL_MODES}, got {model_control!r}")
+            raise UserError(f"model_control must be one of {MODEL_CONTROL_MODES}, got {model_control!r}")
         if load_models and model_control != "explicit":
-            raise ValueError("load_models needs model_control='explicit' (with 'none' Triton loads "
+            raise UserError("load_models needs model_control='explicit' (with 'none' Triton loads "
                              f"every model of the repository); got model_control={model_control!r}")
         requested = {"HTTP": http_port, "gRPC": grpc_port, "metrics": metrics_port}
         for role, port in requested.items():
             if port is not None and not (isinstance(port, int) and 0 < port < 65536):
-                raise ValueError(f"{role} port must be an int in 1..65535 or None, got {port!r}")
+                raise UserError(f"{role} port must be an int in 1..65535 or None, got {port!r}")
         given = [p for p in requested.values() if p is not None]
         if len(given) != len(set(given)):
-            raise ValueError(f"HTTP, gRPC and metrics ports must differ, got {requested}")
+            raise UserError(f"HTTP, gRPC and metrics ports must differ, got {requested}")
         if startup_timeout <= 0:
-            raise ValueError(f"startup_timeout must be > 0 s, got {startup_timeout}")
+            raise UserError(f"startup_timeout must be > 0 s, got {startup_timeout}")
 
         self.model_repository = repo.resolve()
         self.model_control = model_control
@@ -513,7 +514,7 @@ class TritonServer:
         self.startup_timeout = float(startup_timeout)
         self.stop_timeout = float(stop_timeout)
         if not 0 <= int(exit_timeout) < self.stop_timeout:
-            raise ValueError(f"exit_timeout must be in [0, stop_timeout={self.stop_timeout}) s, got {exit_timeout}")
+            raise UserError(f"exit_timeout must be in [0, stop_timeout={self.stop_timeout}) s, got {exit_timeout}")
         self.exit_timeout = int(exit_timeout)
         self.address = address
         self._requested_ports = requested
@@ -905,7 +906,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         server.start()
         state["started"] = True
-    except (TritonStartError, ValueError, FileNotFoundError) as exc:
+    except (ComRecycleError, FileNotFoundError) as exc:
         LOG.error("%s", exc)
         return 1
     except _Terminate:

@@ -16,6 +16,7 @@ import numpy as np
 from ..runtime.stage import StageResult, StageRuntime
 from ..runtime.validation import InputError
 from ..specs import CascadeSizes, STAGES, stage_specs
+from ..errors import UserError
 
 log = logging.getLogger("comrecycle.stage_model")
 
@@ -31,7 +32,7 @@ class StageModel:
         cfg = json.loads(args["model_config"])
         name = cfg["name"]
         if name not in STAGES:
-            raise ValueError(f"model {name!r} is not a cascade stage; expected one of {STAGES}")
+            raise UserError(f"model {name!r} is not a cascade stage; expected one of {STAGES}")
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
         onnx_path = version_dir / params.get("onnx_file", "model.onnx")

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .world import HISTORY_LEN, LATENT_DIM, PAGE_SIZE, VIEW_P, World, _unit
+from ..errors import UserError
 
 CONTINUE_PROB = 0.74
 MAX_PAGES = 60
@@ -127,7 +128,7 @@ class SessionSimulator:
     def __init__(self, world: World, seed: int = 0, concurrency: int = 256,
                  continue_prob: float = CONTINUE_PROB):
         if concurrency < 1 or concurrency > world.n_users:
-            raise ValueError(f"concurrency must be in [1, n_users={world.n_users}], got {concurrency}")
+            raise UserError(f"concurrency must be in [1, n_users={world.n_users}], got {concurrency}")
         self.world = world
         self.rng = np.random.default_rng([seed, 7919])
         self.B = concurrency

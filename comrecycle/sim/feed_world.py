@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from .logs import LOG_SCHEMA
+from ..errors import UserError
 
 N_TOPICS = 40
 TOPIC_POOL = 400  # item ids per topic
@@ -85,7 +86,7 @@ def simulate_feed_log(requests: int, seed: int = 0, world_seed: int = 0, n_count
     """See the module docstring. The world (item pools, country effects) comes from world_seed;
     the users, sessions and draws from seed, so two seeds give two logs of one world."""
     if requests < 1:
-        raise ValueError(f"requests: expected >= 1, got {requests}")
+        raise UserError(f"requests: expected >= 1, got {requests}")
     wrng = np.random.default_rng([world_seed, 77])
     pools = _sparse_ids(wrng, N_TOPICS * TOPIC_POOL, id_bits).reshape(N_TOPICS, TOPIC_POOL)
     pop = 1.0 / np.arange(1, TOPIC_POOL + 1) ** 0.8

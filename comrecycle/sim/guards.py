@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..specs import CACHE_STATE, N_RECYCLE
+from ..errors import UserError
 
 # (name, test, text) of each guard; `check` fills in the values
 GUARDS = (
@@ -41,12 +42,12 @@ def _q(log: pa.Table) -> np.ndarray:
     cols = [f"q_{j}" for j in range(N_RECYCLE + 1)]
     missing = [c for c in cols if c not in log.column_names]
     if missing:
-        raise ValueError(f"the calibration guards need the ground-truth columns {cols}; missing {missing} "
+        raise UserError(f"the calibration guards need the ground-truth columns {cols}; missing {missing} "
                          f"(write the log with `comrecycle simulate --logging random`)")
     q = np.stack([log[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in cols], 1)
     rep = log["is_repeat"].to_numpy()
     if not np.isfinite(q[rep, 1:]).any():
-        raise ValueError(f"the calibration guards need q_1..q_{N_RECYCLE} on repeated requests; this log has none "
+        raise UserError(f"the calibration guards need q_1..q_{N_RECYCLE} on repeated requests; this log has none "
                          f"({int(rep.sum())} repeats; a --logging full log carries q_0 only): write it with "
                          f"`comrecycle simulate --logging random`")
     return q
@@ -57,7 +58,7 @@ def _cache_state(log: pa.Table, required: bool = True) -> np.ndarray:
     width = CACHE_STATE.dims[0]
     if "cache_state" not in log.column_names:
         if required:
-            raise ValueError("the calibration guards need the `cache_state` column of a recycling log")
+            raise UserError("the calibration guards need the `cache_state` column of a recycling log")
         return np.full((log.num_rows, width), -1.0, np.float32)
     return log["cache_state"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..specs import CACHE_STATE
+from ..errors import UserError
 
 LOG_SCHEMA = pa.schema([
     ("request_id", pa.int64()), ("user_id", pa.int64()), ("session_id", pa.int64()),
@@ -57,7 +58,7 @@ class LogBuilder:
             if val is not None:
                 store.append(np.asarray(val, np.float32))
             elif store:
-                raise ValueError(f"{name} columns must be given for every batch or for none")
+                raise UserError(f"{name} columns must be given for every batch or for none")
         c["request_id"].append(batch.request_id)
         c["user_id"].append(batch.user_id)
         c["session_id"].append(batch.session_id)
@@ -119,12 +120,12 @@ def read_log(path: str | Path, require_sim_columns: bool = False) -> pa.Table:
     expected = SIM_SCHEMA if require_sim_columns else LOG_SCHEMA
     missing = [n for n in expected.names if n not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing}; expected the request-log schema of docs/contracts.md#request-log-schema "
+        raise UserError(f"{path}: missing columns {missing}; expected the request-log schema of docs/contracts.md#request-log-schema "
                          f"{list(expected.names)}")
     wrong = [f"{f.name}: expected {f.type}, got {table.schema.field(f.name).type}"
              for f in expected if table.schema.field(f.name).type != f.type]
     if wrong:
-        raise ValueError(f"{path}: wrong column types: " + "; ".join(wrong))
+        raise UserError(f"{path}: wrong column types: " + "; ".join(wrong))
     return table
 
 

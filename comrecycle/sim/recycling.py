@@ -20,6 +20,7 @@ from ..runtime.cascade import InProcessCascade
 from ..specs import CACHE_TTL_S, STAGES, STRATEGIES  # noqa: F401 (CACHE_TTL_S re-exported)
 from .env import Outcome, RequestBatch
 from .world import World
+from ..errors import UserError
 
 N_STRATEGIES = len(STRATEGIES)
 # strategy j reads the cache of this stage (None for the full cascade)
@@ -120,7 +121,7 @@ def uniform_random_assignment(seed: int, weights=None) -> AssignFn:
     w = None if weights is None else np.atleast_2d(np.asarray(weights, np.float64))
     if w is not None and (w.ndim != 2 or w.shape[1] != N_STRATEGIES or w.shape[0] < 1
                           or not np.isfinite(w).all() or (w <= 0).any()):
-        raise ValueError(f"arm weights: expected rows of {N_STRATEGIES} positive numbers, got {weights}")
+        raise UserError(f"arm weights: expected rows of {N_STRATEGIES} positive numbers, got {weights}")
 
     def row_of(session_id: int) -> np.ndarray:
         if w.shape[0] == 1:
@@ -297,7 +298,7 @@ def simulate_log(model_dir, n_requests: int, seed: int = 0, logging: str = "rand
     elif logging == "full":
         assign, cf = fixed_assignment(0), (0,)
     else:
-        raise ValueError(f"logging must be 'random' or 'full', got {logging!r}")
+        raise UserError(f"logging must be 'random' or 'full', got {logging!r}")
     server = RecyclingServer(world, cascade, assign, costs, counterfactuals=cf)
     sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2))
     on_step = None if progress_queue is None else (lambda batch, outcome: progress_queue.put(len(batch)))
@@ -326,7 +327,7 @@ def simulate_log_sharded(model_dir, n_requests: int, seed: int = 0, logging: str
     import pyarrow.compute as pc
 
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise UserError(f"workers must be >= 1, got {workers}")
     sizes = [n_requests // workers + (1 if s < n_requests % workers else 0) for s in range(workers)]
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:

@@ -149,3 +149,26 @@ def test_install_commands_refuse_what_cannot_be_installed(tmp_path, tiny_reposit
     assert r.returncode == 0, r.stderr
     assert "calling estimator version 2" in r.stdout
     assert '"estimator_model_version": 2' in (repo / "recycle_router" / "1" / "params.json").read_text()
+
+
+@pytest.mark.parametrize("raised, code", [("user", 2), ("failure", 1), ("bug", None)])
+def test_exit_codes_tell_bad_input_from_failures_and_bugs(raised, code, monkeypatch, capsys):
+    """UserError -> one line, exit 2; ServingFailure -> one line, exit 1; anything else is a bug
+    and keeps its traceback (a numpy ValueError is not "bad input")."""
+    import comrecycle.repository
+    from comrecycle.cli import main
+    from comrecycle.errors import ServingFailure, UserError
+
+    def install(*args, **kwargs):
+        raise {"user": UserError("expected X, got Y"), "failure": ServingFailure("redis-server exited"),
+               "bug": ValueError("operands could not be broadcast together")}[raised]
+
+    monkeypatch.setattr(comrecycle.repository, "install_router_params", install)
+    argv = ["install-params", "--params", "p.json"]
+    if code is None:
+        with pytest.raises(ValueError, match="broadcast"):
+            main(argv)
+        return
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("expected X, got Y" in err or "redis-server exited" in err)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 from typing import Dict, List
+from ...errors import UserError
 
 SOURCE_DIR = Path(__file__).resolve().parent
 STAGE_BACKEND = "comrecycle_stage"
@@ -30,7 +31,7 @@ BACKENDS = (STAGE_BACKEND, ESTIMATOR_BACKEND, ROUTER_BACKEND)
 def model_py(backend: str) -> Path:
     """The model.py of one of BACKENDS."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        raise UserError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     return SOURCE_DIR / backend / "model.py"
 
 
