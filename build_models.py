@@ -2,7 +2,7 @@
 """Build the ComRecycle model set and generate the Triton model repository (see --help)."""
 import sys
 
-from comrecycle.build_cli import main
+from comrecycle.cli.build import main
 
 if __name__ == "__main__":
     sys.exit(main())

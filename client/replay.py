@@ -121,7 +121,7 @@ def check_server(url: str, protocol: str, model: str) -> None:
 
 def world_from_repository(repo: str | Path) -> World:
     """The simulated world of the model set installed in a model repository."""
-    from comrecycle.build import world_for
+    from comrecycle.sim.world import world_for
 
     mpath = Path(repo) / "manifest.json"
     if not mpath.exists():

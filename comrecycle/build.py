@@ -25,6 +25,7 @@ from .models.quality import quality_markdown, stage_quality
 from .models.train import StageTrainer, log_arrays
 from .models.vocab import Vocab
 from .profiles import Profile, get_profile
+from .repository import DEFAULT_REPOSITORY, VARIANTS, install_model_set, write_configs
 from .runtime.cascade import InProcessCascade
 from .runtime.costs import cost_profile
 from .runtime.stage import pad_lists
@@ -41,15 +42,6 @@ def git_sha(cwd: Path | None = None) -> str:
                               capture_output=True, text=True, check=True).stdout.strip()
     except Exception:  # not a checkout
         return "unknown"
-
-
-def world_for(manifest_or_profile: dict | Profile, seed: int | None = None) -> World:
-    """The simulated world a model set was built for."""
-    if isinstance(manifest_or_profile, Profile):
-        p = manifest_or_profile
-        return World.generate(p.n_items, p.n_users, seed=seed or 0)
-    w = manifest_or_profile["world"]
-    return World.generate(w["n_items"], w["n_users"], seed=w["seed"])
 
 
 def _parity(modules, specs, uv, iv, cascade: InProcessCascade, contexts: list[dict]) -> dict:
@@ -150,4 +142,32 @@ def build_model_set(profile: str | Profile, out_dir: str | Path, seed: int = 0, 
     timings["total_s"] = round(time.time() - t_start, 1)
     manifest["timings"] = timings
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def regenerate_committed_configs() -> list[Path]:
+    """The committed configs are those of the default profile, for every variant."""
+    sizes = get_profile("default").sizes
+    written = []
+    for v in VARIANTS:
+        written += write_configs(DEFAULT_REPOSITORY[v], sizes, v)
+    return written
+
+
+def ensure_model_set(profile: str, model_dir: Path, repository: Path | None, seed: int = 0,
+                     force: bool = False, progress: bool = True, variant: str = "cpu") -> dict:
+    """Build the model set unless one of the same profile and seed exists; install it."""
+    mpath = model_dir / "manifest.json"
+    manifest = json.loads(mpath.read_text()) if mpath.exists() else None
+    if force or manifest is None or manifest.get("profile") != profile or manifest.get("seed") != seed \
+            or not (model_dir / "cost_profile.json").exists():
+        print(f"[build] building the '{profile}' model set into {model_dir} (seed {seed}) ...", flush=True)
+        t0 = time.time()
+        manifest = build_model_set(profile, model_dir, seed=seed, progress=progress)
+        print(f"[build] done in {time.time() - t0:.0f}s", flush=True)
+    else:
+        print(f"[build] using the model set in {model_dir} (built {manifest['built_at']})", flush=True)
+    if repository is not None:
+        install_model_set(repository, model_dir, variant)
+        print(f"[build] installed into {repository} ({variant})", flush=True)
     return manifest

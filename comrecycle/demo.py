@@ -15,95 +15,12 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
 from .repository import REPO_ROOT
-
-ROUTER_ARTIFACTS = REPO_ROOT / "artifacts" / "router"
-# what the estimator is trained on and what λ is certified on: two uniformly randomised logs of
-# other sessions (uniform propensities keep the off-policy interval narrow; the skewed session
-# mixture that explores deep caches gives 1/0.02 weights and an interval too wide to use)
-ESTIMATOR_OPTIONS = {"max_epochs": 8, "label": "view-adjusted"}
-PIPELINE_VERSION = 2  # part of the cache key: artifacts of an earlier pipeline are not reused
-
-
-def _key(model_dir: Path, train_requests: int, seed: int) -> str:
-    m = json.loads((model_dir / "manifest.json").read_text())
-    return hashlib.sha256(json.dumps([m.get("built_at"), m.get("seed"), m.get("profile"), train_requests,
-                                      seed, PIPELINE_VERSION]).encode()).hexdigest()[:12]
-
-
-DEFAULT_MAX_PAGES = None  # the depth guard is an option, off by default
-
-
-def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_requests: int = 40_000,
-                  certify_requests: int = 40_000, heldout_requests: int = 3_000, seed: int = 0, workers: int = 2,
-                  max_pages: int | None = DEFAULT_MAX_PAGES, confidence: float = 0.5) -> dict:
-    """Train (or reuse) an estimator and params for this model set and install them as the
-    latest estimator / recycle_router versions. Returns paths and the params.
-
-    The estimator is trained on one randomised log; `comrecycle solve` certifies λ on another
-    (doubly robust, `confidence` as in `solve --confidence`); a small third log with q_0..q_3
-    draws the one-step frontier. max_pages: the optional depth guard (a cached list that has
-    served this many pages is not recycled again)."""
-    from .cli import main as cli_main
-    from .estimator.estimator import EffectLossEstimator
-    from .repository import install_estimator, install_router_params, installed_versions
-    from .sim.logs import read_log, write_log
-    from .sim.recycling import simulate_log, simulate_log_sharded
-
-    work = ROUTER_ARTIFACTS / _key(model_dir, train_requests, seed)
-    work.mkdir(parents=True, exist_ok=True)
-    train, cert, held = work / "train.parquet", work / f"certify_{certify_requests}.parquet", work / "heldout.parquet"
-    est_dir = work / "estimator"
-    params_path = work / f"params_b{budget:g}_c{confidence:g}_m{max_pages or 0}.json"
-    for path, n, s, what in ((train, train_requests, seed + 101, "training"),
-                             (cert, certify_requests, seed + 303, "certification")):
-        if not path.exists():
-            print(f"[router] simulating a uniformly randomised {what} log ({n} requests) ...", flush=True)
-            t0 = time.time()
-            write_log(simulate_log_sharded(model_dir, n, seed=s, logging="random", workers=workers,
-                                           counterfactuals=False), path)
-            print(f"[router] {what} log in {time.time() - t0:.0f}s", flush=True)
-    if not held.exists():
-        print(f"[router] simulating a held-out log with q_0..q_3 ({heldout_requests} requests) ...", flush=True)
-        write_log(simulate_log(model_dir, heldout_requests, seed=seed + 202, logging="random"), held)
-    if not (est_dir / "estimator.onnx").exists():
-        print("[router] training the effect-loss estimator ...", flush=True)
-        t0 = time.time()
-        EffectLossEstimator(progress=True, **ESTIMATOR_OPTIONS).fit(read_log(train)).save(est_dir)
-        print(f"[router] estimator trained in {time.time() - t0:.0f}s", flush=True)
-    if not params_path.exists():  # `comrecycle solve`: λ certified for the budget, measured c_j and estimator cost
-        rc = cli_main(["solve", "--logs", str(cert), "--estimator", str(est_dir), "--budget", str(budget),
-                       "--confidence", str(confidence), "--cost-profile", str(model_dir / "cost_profile.json"),
-                       "--out", str(params_path)] + (["--max-pages", str(max_pages)] if max_pages else []))
-        if rc != 0:
-            raise RuntimeError(f"comrecycle solve failed (exit {rc})")
-    params = json.loads(params_path.read_text())
-    # install only what differs from the latest installed versions (no new version per run)
-    est_versions = installed_versions(repo / "estimator", "model.onnx")
-    est_version = repo / "estimator" / str(est_versions[-1]) if est_versions else None
-    if est_version is None or _sha(est_version / "model.onnx") != _sha(est_dir / "estimator.onnx"):
-        est_version = install_estimator(repo, est_dir)
-    router_versions = installed_versions(repo / "recycle_router", "params.json")
-    router_version = repo / "recycle_router" / str(router_versions[-1]) if router_versions else None
-    want = dict(params, estimator_model_version=int(est_version.name))
-    if router_version is None or json.loads((router_version / "params.json").read_text()) != want:
-        router_version = install_router_params(repo, params_path, estimator_version=int(est_version.name))
-    print(f"[router] installed estimator v{est_version.name} and recycle_router v{router_version.name} "
-          f"(λ = {params['lambda']:.4g} for a {100 * budget:g}% loss budget; depth guard: "
-          f"{'a list serves at most ' + str(max_pages) + ' pages' if max_pages else 'off'})", flush=True)
-    return {"work": work, "heldout": held, "estimator": est_dir, "params": params}
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
 
 def bootstrap_loss_ci(routed, full, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Effect loss % = 1 - mean clicks(router) / mean clicks(always-full), and a 95% CI by
@@ -182,7 +99,8 @@ def print_summary(s: dict, budget: float) -> None:
 def run_demo(a) -> int:
     from client.replay import replay_pair, world_from_repository
 
-    from .build_cli import ensure_model_set
+    from .build import ensure_model_set
+    from .policy.deploy import ensure_router
     from .policy.decide import predict
     from .policy.frontier import frontier, write_frontier
     from .repository import repository_server
@@ -227,7 +145,7 @@ def run_demo(a) -> int:
     else:
         print(f"policy: λ = 0 (on the solving log's states the predicted loss stays under the budget at any λ), "
               f"so ΔQ̂ cannot change a decision and the estimator is not called: the decisions are the "
-              f"cheapest usable strategy under {guard} (see docs/RESULTS.md, 'The policy')")
+              f"cheapest usable strategy under {guard} (see docs/history.md, \"λ from the estimator's predicted loss\")")
     if routed.first_errors or full.first_errors:
         print("first errors:", *(routed.first_errors + full.first_errors), sep="\n  ")
     # the one-step frontier on the held-out log, with the replay's measured point

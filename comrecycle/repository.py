@@ -25,10 +25,12 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from .serving.layout import installed_versions  # noqa: F401 (part of this module's API)
 from .serving.backends import ESTIMATOR_BACKEND, ROUTER_BACKEND, STAGE_BACKEND
-from .specs import (CONTEXT, CascadeSizes, ESTIMATOR_INPUTS, ESTIMATOR_MAX_BATCH, ESTIMATOR_OUTPUTS,
-                    EXCLUDE_ITEMS, EnsembleSpec, ROUTER, ROUTER_INPUTS, ROUTER_MAX_BATCH, ROUTER_OUTPUTS,
-                    STAGES, STAGE_MAX_BATCH, StageSpec, TensorSpec, ensemble_specs, items_out, scores_out,
+from .settings import SERVING, RouterSettings
+from .specs import (CONTEXT, CascadeSizes, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS,
+                    EXCLUDE_ITEMS, EnsembleSpec, ROUTER, ROUTER_INPUTS, ROUTER_OUTPUTS,
+                    STAGES, StageSpec, TensorSpec, ensemble_specs, items_out, scores_out,
                     stage_specs)
 from .errors import UserError
 
@@ -38,23 +40,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPOSITORY = {"cpu": REPO_ROOT / "model_repository",
                       "gpu": REPO_ROOT / "deploy" / "gpu" / "model_repository",
                       "container": REPO_ROOT / "deploy" / "container" / "model_repository"}
-ROUTER_QUEUE_DELAY_US = 100  # short: at low load a batch of one should not wait
-# A non-decoupled Python model holds its instance until execute returns, i.e. until the
-# slowest strategy group (a full cascade) of the batch is done, even though the answers go
-# out earlier, so the instance count bounds the batches in flight. With the stages in the
-# router's process (local_stages), fewer and hotter processes answer a recycled request
-# faster at low load, and more instances overlap more full cascades under saturation. On
-# 2 cores (docs/RESULTS.md; medians of 5 rounds, 1 / 2 / 3 / 4 instances):
-# strategy-3 p50 / cascade at concurrency 1: 0.24 / 0.29 / 0.32 / 0.34; throughput of the
-# 74% mix / always-full at 16: 1.47 / 1.64 / 1.60 / 1.57; initial p50 / cascade at 16:
-# 1.34 / 1.12 / 0.97 / 0.94. Two is the only count within every target. The GPU and
-# container variants call their stages by BLS, where four instances were measured better
-# (measured: initial requests at concurrency 16, 1.18x against 1.38x with two).
-ROUTER_INSTANCES = {"cpu": 2, "gpu": 4, "container": 4}
-# old and new versions stay loaded together while a router/estimator update rolls out
-ROLLOUT_VERSIONS = 2
-STAGE_INSTANCES = {"retrieval": 1, "prerank": 1, "rank": 2, "rerank": 1}
-QUEUE_DELAY_US = 200
 MODEL_VERSION = 1
 _DTYPE = {"int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32, "float64": mc.TYPE_FP64}
 
@@ -72,7 +57,7 @@ def stage_config(spec: StageSpec, variant: str = "cpu") -> mc.ModelConfig:
     if variant not in VARIANTS:
         raise UserError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     native = variant == "container"
-    cfg = mc.ModelConfig(name=spec.name, max_batch_size=STAGE_MAX_BATCH[spec.name])
+    cfg = mc.ModelConfig(name=spec.name, max_batch_size=SERVING.stage_max_batch[spec.name])
     if native:
         cfg.platform = "onnxruntime_onnx"
         cfg.default_model_filename = "model.onnx"
@@ -83,9 +68,9 @@ def stage_config(spec: StageSpec, variant: str = "cpu") -> mc.ModelConfig:
     cfg.input.extend(_input(t, ragged=not native) for t in spec.inputs)
     cfg.output.extend(_output(t) for t in spec.outputs)
     kind = mc.ModelInstanceGroup.KIND_CPU if variant == "cpu" else mc.ModelInstanceGroup.KIND_GPU
-    count = STAGE_INSTANCES[spec.name] if variant == "cpu" else 1
+    count = SERVING.stage_instances[spec.name] if variant == "cpu" else 1
     cfg.instance_group.append(mc.ModelInstanceGroup(count=count, kind=kind))
-    cfg.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
+    cfg.dynamic_batching.max_queue_delay_microseconds = SERVING.queue_delay_us
     cand = [t for t in spec.inputs if t.name == "candidates"]
     params = {"top_k": str(spec.top_k),
               "max_candidates": str(cand[0].max_len if cand else 0)}
@@ -100,7 +85,7 @@ def stage_config(spec: StageSpec, variant: str = "cpu") -> mc.ModelConfig:
 def estimator_config(variant: str = "cpu") -> mc.ModelConfig:
     """The effect-loss estimator: one onnxruntime call per dynamically formed batch."""
     native = variant == "container"
-    cfg = mc.ModelConfig(name="estimator", max_batch_size=ESTIMATOR_MAX_BATCH)
+    cfg = mc.ModelConfig(name="estimator", max_batch_size=SERVING.estimator_max_batch)
     if native:
         cfg.platform = "onnxruntime_onnx"
         cfg.default_model_filename = "model.onnx"
@@ -109,9 +94,9 @@ def estimator_config(variant: str = "cpu") -> mc.ModelConfig:
     cfg.input.extend(_input(t, ragged=not native) for t in ESTIMATOR_INPUTS)
     cfg.output.extend(_output(t) for t in ESTIMATOR_OUTPUTS)
     kind = mc.ModelInstanceGroup.KIND_CPU if variant == "cpu" else mc.ModelInstanceGroup.KIND_GPU
-    cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=kind))
-    cfg.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
-    cfg.version_policy.latest.num_versions = ROLLOUT_VERSIONS
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=SERVING.estimator_instances, kind=kind))
+    cfg.dynamic_batching.max_queue_delay_microseconds = SERVING.queue_delay_us
+    cfg.version_policy.latest.num_versions = SERVING.rollout_versions
     if not native:
         params = {"onnx_file": "model.onnx", "device": "gpu" if variant == "gpu" else "cpu",
                   "ort_intra_op_threads": "1"}
@@ -126,25 +111,21 @@ def router_config(variant: str = "cpu") -> mc.ModelConfig:
     all`; the Python-backend stages' inter-process hops cost more than the stages); in the GPU
     and container variants Triton serves the stages (GPU, onnxruntime backend) and the router
     calls them by BLS (`local_stages: none`)."""
-    from .router.serving import SETTINGS
-
-    cfg = mc.ModelConfig(name=ROUTER, backend=ROUTER_BACKEND, max_batch_size=ROUTER_MAX_BATCH)
+    cfg = mc.ModelConfig(name=ROUTER, backend=ROUTER_BACKEND, max_batch_size=SERVING.router_max_batch)
     cfg.input.extend(_input(t, ragged=True) for t in ROUTER_INPUTS)
     cfg.output.extend(_output(t) for t in ROUTER_OUTPUTS)
-    cfg.instance_group.append(mc.ModelInstanceGroup(count=ROUTER_INSTANCES[variant], kind=mc.ModelInstanceGroup.KIND_CPU))
-    cfg.dynamic_batching.max_queue_delay_microseconds = ROUTER_QUEUE_DELAY_US
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=SERVING.router_instances[variant], kind=mc.ModelInstanceGroup.KIND_CPU))
+    cfg.dynamic_batching.max_queue_delay_microseconds = SERVING.router_queue_delay_us
     cfg.version_policy.latest.num_versions = 1
-    for k, (_, default) in sorted(SETTINGS.items()):
-        if k != "redis_password":  # never in a committed file: environment only
-            cfg.parameters[k].string_value = default
-    if variant != "cpu":
-        cfg.parameters["local_stages"].string_value = "none"
+    settings = RouterSettings(local_stages="all" if variant == "cpu" else "none")
+    for k, v in sorted(settings.config_parameters().items()):  # never the password: environment only
+        cfg.parameters[k].string_value = v
     return cfg
 
 
 def ensemble_config(ens: EnsembleSpec, stages: dict[str, StageSpec]) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=ens.name, platform="ensemble",
-                         max_batch_size=min(STAGE_MAX_BATCH[s] for s in ens.stages))
+                         max_batch_size=min(SERVING.stage_max_batch[s] for s in ens.stages))
     inputs = list(CONTEXT) + ([EXCLUDE_ITEMS] if ens.entry is None else
                               [TensorSpec(ens.entry.name, "int64", (-1,), ens.entry.doc)])
     cfg.input.extend(_input(t, ragged=False) for t in inputs)
@@ -263,15 +244,6 @@ def check_repository_configs(repo: str | Path) -> list[str]:
             if o.name not in available:
                 problems.append(f"{name}: output {o.name!r} produced by no step")
     return problems
-
-
-def installed_versions(model_dir: str | Path, needs: str) -> list[int]:
-    """Sorted version numbers of a served model whose version dir holds the file `needs`
-    (model.onnx, params.json); [] when the model dir does not exist."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(v.name) for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit() and (v / needs).exists())
 
 
 def install_estimator(repo: str | Path, estimator_dir: str | Path, version: int | None = None) -> Path:

@@ -39,7 +39,7 @@ def project_simplex(v: np.ndarray, available: np.ndarray | None = None) -> np.nd
 def depth_guard(available: np.ndarray, cache_state: np.ndarray, max_pages: int | None) -> np.ndarray:
     """available [n, K+1] with j > 0 switched off where the list strategy j reads has already
     served `max_pages` pages (cache_state [n, 3K], pages = the second field): a safety net
-    for what the estimator does not see (the loss of deep caches, docs/RESULTS.md). None or
+    for what the estimator does not see (the loss of deep caches, docs/history.md, "Deep caches: logs, frontiers and the depth guard"). None or
     0 = no guard."""
     if not max_pages:
         return available
@@ -66,7 +66,7 @@ def policy_dq(dq: np.ndarray, params: dict) -> np.ndarray:
     `credit_gains: false`, max(ΔQ̂, 0): a predicted gain (recycling better than the full
     cascade) is not banked against the budget. The budget is a net sum of small numbers: an
     estimator slightly too optimistic on the many young caches cancels the true loss of the few
-    deep ones, and the λ controller then sees no violation (docs/RESULTS.md).
+    deep ones, and the λ controller then sees no violation (docs/history.md, "The net budget and its fix").
     With `loss_floor: m` (> 0, clicks), max(ΔQ̂_j, m) for j >= 1: no recycling is counted as
     free, so a large enough λ serves every request in full (the certified solve's family ends
     there, policy/certify.py)."""

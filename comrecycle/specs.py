@@ -21,6 +21,9 @@ PAD_ID = -1  # internal padding of variable-length id lists; never valid on the 
 HISTORY_MAX = 50  # clicked item ids, most recent first
 EXCLUDE_MAX = 2000  # items already exposed in the session
 USER_FEATURE_NAMES = ("gender", "age", "country")
+# the codes of user_features: gender in [0, 2), age bucket in [0, 6), country in [0, 20); the
+# models embed one more code for 'unknown' (out-of-range codes are clamped to it)
+N_GENDERS, N_AGES, N_COUNTRIES = 2, 6, 20
 REQUEST_FEATURE_NAMES = ("secs_since_prev", "page", "prev_exposures", "prev_clicks")
 
 STAGES = ("retrieval", "prerank", "rank", "rerank")
@@ -180,15 +183,6 @@ ESTIMATOR_OUTPUTS = (
     TensorSpec("delta_q", "float32", (N_RECYCLE,), "predicted effect loss of strategies 1..K: q_0 - q_j"),
 )
 
-
-# ---- batch sizes and cache lifetime: one source for the configs, the router and the simulator ----
-# Largest batch per stage call. Ranking's target attention is [batch, 300, 50, 4*emb] floats.
-STAGE_MAX_BATCH = {"retrieval": 32, "prerank": 32, "rank": 16, "rerank": 32}
-# an ensemble (cascade suffix) batches as much as its smallest stage: the router's call size
-ENSEMBLE_MAX_BATCH = min(STAGE_MAX_BATCH.values())
-ESTIMATOR_MAX_BATCH = 64
-ROUTER_MAX_BATCH = ENSEMBLE_MAX_BATCH  # one BLS call per strategy group
-CACHE_TTL_S = 900.0  # a cached stage list older than this is not recycled (router and simulator)
 
 # ---- recycle_router: the clients' entry point ---------------------------------------------------
 ROUTER = "recycle_router"

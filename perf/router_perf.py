@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {repo} has no installed model set; run `bash scripts/demo.sh` or "
               f"`python build_models.py` first", file=sys.stderr)
         return 2
-    from comrecycle.demo import ensure_router
+    from comrecycle.policy.deploy import ensure_router
 
     ensure_router(repo, Path(a.models))
     t0 = time.time()

@@ -48,7 +48,7 @@ def tiny_manifest(tiny_model_set) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_world(tiny_manifest):
-    from comrecycle.build import world_for
+    from comrecycle.sim.world import world_for
 
     return world_for(tiny_manifest)
 

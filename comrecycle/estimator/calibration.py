@@ -1,7 +1,7 @@
 """Per-state calibration of the estimator's ΔQ̂ by cache depth, fitted on a randomised log.
 
 Why: the Poisson-trained estimator ranks the loss of deep cache states but predicts about
-half of it (docs/RESULTS.md, "The policy"), so a controller that holds the *predicted* loss at
+half of it (docs/history.md, "More deep data, longer training, a scale"), so a controller that holds the *predicted* loss at
 the budget realises several times the budget. The loss of recycling grows with the number of
 pages already served from the reused list, and that depth is known at serving time.
 

@@ -118,12 +118,12 @@ class EffectLossEstimator:
     max_epochs: int = 15  # 200k repeated requests: ~35 s per epoch on 2 cores -> <= 9 min
     patience: int = 3
     # Early stopping watches the Poisson validation loss, which the level of Q dominates: it
-    # stops after 2-5 epochs, before the uplift towers learn the depth effect (docs/RESULTS.md).
+    # stops after 2-5 epochs, before the uplift towers learn the depth effect (docs/history.md, "More deep data, longer training, a scale").
     # Epochs before min_epochs neither stop training nor count as the best one.
     min_epochs: int = 0
     # > 0: the model is the average of the weights at the end of the last `average_epochs`
     # epochs (stochastic weight averaging) instead of the best epoch; with noisy labels the
-    # single last epoch has memorised rows (docs/RESULTS.md)
+    # single last epoch has memorised rows (docs/history.md, "View-adjusted labels, weight averaging and epochs")
     average_epochs: int = 0
     valid_fraction: float = 0.1
     ipw: bool = True

@@ -15,7 +15,7 @@ That part can be removed without bias by a control variate:
 E[V_ik − v_k(L_i)] = 0 whatever the page holds, so E[y_i | page] = E[clicks_i | page] for any
 p̂ that does not use row i's own outcome (hence the leave-one-row-out rate). The closer p̂ is
 to the true click probability, the more of the scrolling noise goes: on the 280k uniform log
-the noise variance drops from 5.25 to 1.92 clicks² (docs/RESULTS.md). What remains is the
+the noise variance drops from 5.25 to 1.92 clicks² (docs/RESULTS.md, "View-adjusted labels"). What remains is the
 click noise on the viewed items, about Σ_k V_k p_k (1 − p_k).
 
 The correction can make y negative, so the estimator regresses this label with squared error

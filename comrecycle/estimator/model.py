@@ -18,7 +18,7 @@ Raw inputs, as served (batch first):
     of the two a cache holds at a given depth depends on the policy that aged it (a recycling
     policy keeps first-page lists, a randomised log refreshes), so without the origin an
     estimator trained on randomised logs underestimates the loss of deep caches in deployment
-    (docs/RESULTS.md).
+    (docs/history.md, "Noise or shift: noise-free labels and the list origin").
 Outputs: q [B,K+1] float32, delta_q [B,K] float32.
 The module itself takes vocabulary indices for the history (see export.graft).
 """

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..sim.world import N_AGES, N_COUNTRIES, N_GENDERS
+from ..specs import N_AGES, N_COUNTRIES, N_GENDERS
 
 NEG_INF = float("-inf")
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..runtime.cascade import InProcessCascade
 from ..sim import SessionSimulator, World
-from ..sim.world import PAGE_SIZE
+from ..specs import PAGE_SIZE
 from ..specs import STAGES, CascadeSizes
 
 RELEVANT = 50

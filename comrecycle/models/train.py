@@ -20,7 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..profiles import Profile
-from ..sim.world import HISTORY_LEN, PAGE_SIZE
+from ..specs import HISTORY_MAX as HISTORY_LEN
+from ..specs import PAGE_SIZE
 from .nets import PreRank, Rank, ReRank, Retrieval
 from .vocab import Vocab
 

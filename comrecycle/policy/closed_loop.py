@@ -97,7 +97,7 @@ class PolicyAssignment(_RecordsDecisions):
         random available strategy among explore_arms (default: all) instead of the policy's
         choice, and its logging propensity is recorded. Such a log of the deployed policy's
         own states is what calibrate-estimator needs: the loss at a given cache depth depends
-        on the policy that aged the cache (docs/RESULTS.md).
+        on the policy that aged the cache (docs/history.md, "Per-depth calibration fitted off-policy").
 
         explore_shadow: an explored strategy that recomputes more stages than the policy's
         choice (a refresh where the policy recycled) is served, but the cache keeps what the

@@ -128,11 +128,11 @@ def feature_values(log: pa.Table, name: str) -> np.ndarray:
 
 def feature_ceiling(train_log: pa.Table, log: pa.Table, seed: int = 0) -> np.ndarray:
     """[n, K+1] ΔQ̂ of `log` (column 0 = 0) by regressors of the *true* ΔQ_j fitted on a separate
-    randomised log of the same world, from the observable features (sim.guards.observable_features).
+    randomised log of the same world, from the observable features (policy.guards.observable_features).
     With λ swept and read at the realised loss, this is the feature ceiling of docs/evaluation.md#oracle-and-feature-ceiling: the
     best a policy that sees only these features can expect, as opposed to the oracle, which also
     knows the latent intent and the noise of each request."""
-    from ..sim.guards import noisy_target_regressor, observable_features
+    from .guards import noisy_target_regressor, observable_features
 
     train_g = Ground(train_log, np.ones(N_RECYCLE + 1))
     x_train = np.concatenate(observable_features(train_log), 1)

@@ -144,7 +144,7 @@ def ranking_comparison(estimator, train: pa.Table, test: pa.Table, ceiling_log: 
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     from ..estimator.baselines import TLearner
-    from ..estimator.train_cli import tabular_features
+    from ..estimator.training import tabular_features
     from .frontier import feature_ceiling, feature_values, ipw_mean_loss
 
     costs = np.asarray(costs, np.float64)

@@ -48,9 +48,9 @@ import numpy as np
 
 from ..rule import allowed_strategies, decide, depth_guard, policy_dq
 from ..runtime.validation import InputError, check_tensor
-from ..specs import (CACHE_STATE_FIELDS, CACHE_TTL_S, ENSEMBLE_MAX_BATCH, ESTIMATOR_MAX_BATCH, EXCLUDE_MAX,
-                     N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS, STAGES, STRATEGIES,
-                     STRATEGY_CANDIDATES, STRATEGY_MODEL, UNAVAILABLE_SCORE)
+from ..settings import SERVING, RouterSettings
+from ..specs import (CACHE_STATE_FIELDS, EXCLUDE_MAX, N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS, STAGES,
+                     STRATEGIES, STRATEGY_CANDIDATES, STRATEGY_MODEL, UNAVAILABLE_SCORE)
 from .cache import CACHED_STAGES, RECENT_PAGES, CacheEntry, StageList
 from .params import RouterParams
 from ..errors import ServingFailure
@@ -58,13 +58,14 @@ from ..errors import ServingFailure
 log = logging.getLogger("comrecycle.router")
 
 N_STRATEGIES = len(STRATEGIES)
-SESSION_TTL_S = 3900.0  # a user silent this long starts a new session (> the simulator's longest gap, 3600 s)
+SESSION_TTL_S = RouterSettings().session_ttl_s  # a user silent this long starts a new session
+CACHE_TTL_S = SERVING.cache_ttl_s
 # the cached list strategy j reads
 READS = {j: (STAGES[j - 1] if j > 0 else None) for j in STRATEGIES}
 # the stage outputs a strategy's model returns that the cache stores, plus the page
 STRATEGY_OUTPUTS = {j: [f"{s}_items" for s in STAGES[j:-1]] + ["rerank_items", "rerank_scores"]
                     for j in STRATEGIES}
-CALL_MAX_BATCH = ENSEMBLE_MAX_BATCH  # rows per BLS call of a cascade suffix (its config's max_batch_size)
+CALL_MAX_BATCH = SERVING.ensemble_max_batch  # rows per BLS call of a cascade suffix (its config's max_batch_size)
 TIME_MAX = 1e10  # request_time upper bound in seconds (year 2286): larger values overflow the features
 RECENT_PAGES_MAX = RECENT_PAGES * PAGE_SIZE
 UNDELIVERED_USERS_MAX = 100_000  # users whose feedback a router keeps while Redis is unavailable
@@ -647,7 +648,7 @@ class RecycleRouter:
             for k, r in enumerate(rep):
                 r.strategy, r.scores = int(choice[k]), scores[k]
             return
-        chunks = [rep[k:k + ESTIMATOR_MAX_BATCH] for k in range(0, len(rep), ESTIMATOR_MAX_BATCH)]
+        chunks = [rep[k:k + SERVING.estimator_max_batch] for k in range(0, len(rep), SERVING.estimator_max_batch)]
         try:
             outs = await asyncio.gather(*[self.backend.infer(
                 "estimator", {"user_features": np.stack([r.user_features for r in c]).astype(np.int64),

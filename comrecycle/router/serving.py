@@ -1,22 +1,11 @@
 """recycle_router on Triton: building the router from the model config, and its metrics.
 
-Configuration (config.pbtxt `parameters`, overridden by the environment of tritonserver):
-  redis_url        COMRECYCLE_REDIS_URL       redis://127.0.0.1:6379/0 (rediss:// for TLS)
-  redis password   COMRECYCLE_REDIS_PASSWORD  (or in the URL)
-  cache_ttl_s      COMRECYCLE_CACHE_TTL_S     900: a cached stage list older than this is not recycled
-  session_ttl_s    COMRECYCLE_SESSION_TTL_S   3900: session state (exposed items, pages); the key's TTL
-  redis_timeout_ms COMRECYCLE_REDIS_TIMEOUT_MS 50: slower than this = Redis down for the batch
-  lock_ms          COMRECYCLE_LOCK_MS          2000: a user's lock expires if a router dies
-  retry_after_s    COMRECYCLE_REDIS_RETRY_S    1.0: after a failure, Redis is left alone this long
-  local_stages     COMRECYCLE_ROUTER_LOCAL_STAGES all: stages run in the router's process (a list such as
-                   "rank,rerank", "all", or "none": every stage through Triton, by BLS)
-  metrics_flush_s  COMRECYCLE_ROUTER_METRICS_FLUSH_S 0.5: the custom metrics are sent to Triton this
-                   often by a background thread (0: after every batch, on the serving thread)
-  max_inflight_batches COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES 1: batches one instance serves at
-                   once (> 1: execute returns at once and the batches overlap; router/runner.py)
-The decision parameters come from `params.json` in the version directory (see params.py); the
-cache entries carry a fingerprint of the model set in the repository manifest, so entries
-written by other model versions are treated as absent.
+Settings: comrecycle.settings.RouterSettings (config.pbtxt `parameters`, each overridden by its
+COMRECYCLE_* environment variable of tritonserver; `python -c "from comrecycle.settings import
+RouterSettings as R; print(R.environment())"` lists them). The decision parameters come from
+`params.json` in the version directory (see params.py); the cache entries carry a fingerprint
+of the stage models in the repository, so entries written by other model versions are treated
+as absent.
 """
 from __future__ import annotations
 
@@ -24,73 +13,22 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 
-import numpy as np
-
 from ..specs import STAGES, STRATEGIES
 from .cache import RedisStageCache, redact_url
-from .core import CACHE_TTL_S, PHASES, SESSION_TTL_S, RecycleRouter
+from .core import PHASES, RecycleRouter
+from ..settings import RouterSettings
 from .params import PARAMS_FILE, RouterParams
 from ..errors import UserError
 
 log = logging.getLogger("comrecycle.router")
 
-SETTINGS = {  # parameter -> (environment variable, default)
-    "redis_url": ("COMRECYCLE_REDIS_URL", "redis://127.0.0.1:6379/0"),
-    "redis_password": ("COMRECYCLE_REDIS_PASSWORD", ""),
-    "cache_ttl_s": ("COMRECYCLE_CACHE_TTL_S", str(CACHE_TTL_S)),
-    "session_ttl_s": ("COMRECYCLE_SESSION_TTL_S", str(SESSION_TTL_S)),
-    "redis_timeout_ms": ("COMRECYCLE_REDIS_TIMEOUT_MS", "50"),
-    "lock_ms": ("COMRECYCLE_LOCK_MS", "2000"),  # extended every lock_ms/3 while a batch runs
-    # > 0: a request_time further than this (s) from the server clock is INVALID_ARG. 0 (default):
-    # not checked, for clients on a simulated clock (replays); set it where clients send Unix time
-    "request_time_window_s": ("COMRECYCLE_REQUEST_TIME_WINDOW_S", "0"),
-    # how often the stage models' fingerprint (latest version + content of each stage) is checked
-    "fingerprint_check_s": ("COMRECYCLE_FINGERPRINT_CHECK_S", "5"),
-    "retry_after_s": ("COMRECYCLE_REDIS_RETRY_S", "1.0"),
-    # stages the router runs in its own process instead of a BLS call (comma-separated, "all"
-    # or "none"). Every BLS call is a round trip to Triton plus one inter-process hop per stage
-    # of the ensemble; on a 2-core machine those hops cost more CPU than the CPU stages
-    # themselves. In-process, a strategy-3 request is a re-rank on the router's own thread and
-    # an initial request costs what calling `cascade` directly costs (docs/RESULTS.md).
-    # "none" (BLS only) is for stages on a GPU, served by Triton.
-    "local_stages": ("COMRECYCLE_ROUTER_LOCAL_STAGES", "all"),
-    # every pb_utils metric update is an inter-process round trip (~65-80 us measured here),
-    # ~13 per batch: they were 10% of a router instance's busy time under load. Counters are
-    # summed locally and histogram observations queued, then sent by a background thread.
-    "metrics_flush_s": ("COMRECYCLE_ROUTER_METRICS_FLUSH_S", "0.5"),
-    # batches one router instance serves at once. 1: execute() runs its batch to the end, and
-    # requests queue in Triton meanwhile (larger batches: the most throughput at saturation).
-    # > 1 (router/runner.py): execute() hands the batch to the instance's event loop and
-    # returns, so a batch waiting on a full cascade does not hold the instance: lower latency
-    # at moderate load, but smaller batches cost throughput at saturation (docs/RESULTS.md)
-    "max_inflight_batches": ("COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES", "1"),
-}
 # any stage may run in the router's process; a served model (an ensemble suffix) runs there when
 # every stage of its chain does, and goes to Triton (BLS) otherwise
 LOCAL_STAGES_ALLOWED = STAGES
 LATENCY_BUCKETS_S = [0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0]
-
-
-def settings(config_params: dict[str, str], env=None) -> dict[str, str]:
-    env = os.environ if env is None else env
-    return {k: env.get(var) or config_params.get(k) or default for k, (var, default) in SETTINGS.items()}
-
-
-def max_inflight_batches(s: dict[str, str]) -> int:
-    """The `max_inflight_batches` setting as an integer >= 1 (ValueError naming it otherwise)."""
-    raw = s["max_inflight_batches"]
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise UserError(f"max_inflight_batches (COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES): expected an "
-                         f"integer >= 1, got {raw!r}")
-    return n
 
 
 def _stage_files(repo: Path) -> list[tuple[str, int, Path | None]]:
@@ -158,10 +96,10 @@ class FingerprintWatch:
         return self.value
 
 
-def settings_from_args(args: dict) -> dict[str, str]:
-    """The settings of a router model instance, from Triton's initialize() args."""
+def settings_from_args(args: dict, env=None) -> RouterSettings:
+    """The settings of a router model instance, from Triton's initialize() args (and the environment)."""
     cfg = json.loads(args["model_config"])
-    return settings({k: v["string_value"] for k, v in cfg.get("parameters", {}).items()})
+    return RouterSettings.resolve({k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}, env)
 
 
 def build_router(args: dict, backend) -> RecycleRouter:
@@ -169,27 +107,20 @@ def build_router(args: dict, backend) -> RecycleRouter:
     s = settings_from_args(args)
     model_dir = Path(args["model_repository"])
     router_params = RouterParams.load(model_dir / args["model_version"] / PARAMS_FILE)
-    session_ttl = max(float(s["session_ttl_s"]), float(s["cache_ttl_s"]))
-    cache = RedisStageCache(s["redis_url"], ttl_s=session_ttl, lock_ms=int(s["lock_ms"]),
-                            timeout_s=float(s["redis_timeout_ms"]) / 1e3, retry_after_s=float(s["retry_after_s"]),
-                            password=s["redis_password"] or None)
-    fingerprint = FingerprintWatch(model_dir.parent, every_s=float(s["fingerprint_check_s"]))
-    local = local_stage_names(s["local_stages"])
+    session_ttl = s.effective_session_ttl_s
+    cache = RedisStageCache(s.redis_url, ttl_s=session_ttl, lock_ms=s.lock_ms, timeout_s=s.redis_timeout_ms / 1e3,
+                            retry_after_s=s.retry_after_s, password=s.redis_password or None)
+    fingerprint = FingerprintWatch(model_dir.parent, every_s=s.fingerprint_check_s)
+    local = s.local_stage_names()
     if local:
         backend = LocalStagesBackend(backend, local_stage_runtimes(model_dir.parent, local))
         log.info("recycle_router v%s runs %s in-process (the latest installed version)", args["model_version"],
                  ", ".join(local))
     log.info("recycle_router v%s: λ=%.4g ω=%g costs=%s estimator v%s, model set %s, Redis %s (reachable: %s)",
              args["model_version"], router_params.lam, router_params.omega, router_params.costs,
-             router_params.estimator_version, fingerprint.value, redact_url(s["redis_url"]), cache.ping())
-    return RecycleRouter(cache, backend, router_params, fingerprint, ttl_s=float(s["cache_ttl_s"]),
-                         session_ttl_s=session_ttl, request_time_window_s=float(s["request_time_window_s"]))
-
-
-def local_stage_names(setting: str) -> list[str]:
-    """The `local_stages` setting as stage names ("all": every stage; "none" or "": none)."""
-    names = [x.strip() for x in setting.split(",") if x.strip() and x.strip() != "none"]
-    return list(STAGES) if names == ["all"] else names
+             router_params.estimator_version, fingerprint.value, redact_url(s.redis_url), cache.ping())
+    return RecycleRouter(cache, backend, router_params, fingerprint, ttl_s=s.cache_ttl_s,
+                         session_ttl_s=session_ttl, request_time_window_s=s.request_time_window_s)
 
 
 def local_stage_runtimes(repo: str | Path, stages: list[str]):
@@ -198,7 +129,7 @@ def local_stage_runtimes(repo: str | Path, stages: list[str]):
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from ..repository import installed_versions
+    from ..serving.layout import installed_versions
     from ..serving.stage_model import StageModel
 
     bad = [x for x in stages if x not in LOCAL_STAGES_ALLOWED]

@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 
 from ..runtime.cascade import InProcessCascade
-from ..specs import CACHE_TTL_S, STAGES, STRATEGIES  # noqa: F401 (CACHE_TTL_S re-exported)
+from ..settings import SERVING
+from ..specs import STAGES, STRATEGIES
 from .env import Outcome, RequestBatch
 from .world import World
 from ..errors import UserError
@@ -32,7 +33,7 @@ class StageCache:
     """user index -> {stage: remaining item ids}, with the time each stage was computed.
     Simulator-side twin of the Redis cache."""
 
-    ttl_s: float = CACHE_TTL_S
+    ttl_s: float = SERVING.cache_ttl_s
     entries: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     written: dict[int, dict[str, float]] = field(default_factory=dict)
     pages: dict[int, dict[str, int]] = field(default_factory=dict)  # pages served from each list
@@ -268,7 +269,7 @@ def load_model_set(model_dir) -> tuple[World, InProcessCascade, dict[int, float]
     import json
     from pathlib import Path
 
-    from ..build import world_for
+    from .world import world_for
 
     model_dir = Path(model_dir)
     manifest = json.loads((model_dir / "manifest.json").read_text())

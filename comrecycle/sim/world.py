@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..specs import HISTORY_MAX as HISTORY_LEN
+from ..specs import N_AGES, N_COUNTRIES, N_GENDERS, PAGE_SIZE
+from ..profiles import Profile
+
 LATENT_DIM = 16
 N_CATEGORIES = 40
-N_GENDERS, N_AGES, N_COUNTRIES = 2, 6, 20
 ALPHA, BIAS = 7.0, -5.6
-HISTORY_LEN = 50
-PAGE_SIZE = 20
 # Users view the first k items of a page, k = 1 + Geometric(VIEW_P), capped by the page:
 # P(k < 10) = 1 - (1 - VIEW_P)^9 = 0.70  (≈70% of pages less than half viewed).
 VIEW_P = 1.0 - 0.3 ** (1.0 / 9.0)
@@ -194,3 +195,12 @@ def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids, dtype=np.int64)
     pos = np.clip(np.searchsorted(sorted_ids, ids), 0, sorted_ids.size - 1)
     return np.where(sorted_ids[pos] == ids, pos, -1).astype(np.int64)
+
+
+def world_for(manifest_or_profile: dict | Profile, seed: int | None = None) -> World:
+    """The simulated world a model set was built for."""
+    if isinstance(manifest_or_profile, Profile):
+        p = manifest_or_profile
+        return World.generate(p.n_items, p.n_users, seed=seed or 0)
+    w = manifest_or_profile["world"]
+    return World.generate(w["n_items"], w["n_users"], seed=w["seed"])

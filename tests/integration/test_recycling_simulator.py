@@ -46,7 +46,7 @@ GUARD_REQUESTS = 40_000  # the guards are defined on randomised logs of at least
 @pytest.fixture(scope="module", params=[11, 12], ids=["seed11", "seed12"])
 def guard_figures_of_seed(request, default_model_set):
     """The calibration guards on a randomised 40k-request log of one seed (ground truth q_0..q_3)."""
-    from comrecycle.sim.guards import guard_figures, guard_markdown
+    from comrecycle.policy.guards import guard_figures, guard_markdown
     from comrecycle.sim.recycling import load_model_set, simulate_log_sharded
 
     log = simulate_log_sharded(default_model_set, GUARD_REQUESTS, seed=request.param, logging="random",
@@ -83,7 +83,7 @@ def test_the_loss_grows_with_clicks_waiting_and_depth(guard_figures_of_seed):
     assert pages[0] < pages[1] < pages[2], pages
 
 
-# Not met yet (README "The simulator", docs/RESULTS.md): per-request ΔQ_3 scatters 3-8 times
+# Not met yet (README "The simulator", docs/RESULTS.md, "Why two guards do not hold"): per-request ΔQ_3 scatters 3-8 times
 # more than its systematic effects (the learned stages react to the newest clicks right on
 # average, scattered per request), so out-of-fold R² of ΔQ_3 gains ~0.03 from features beyond
 # the cache state, and the oracle uses strategies 1-2 for ~2.3% of repeats.

@@ -155,11 +155,16 @@ def test_the_bound_must_be_positive(bad):
 
 
 def test_the_setting_is_read_as_a_positive_integer():
-    from comrecycle.router.serving import max_inflight_batches, settings
+    from comrecycle.settings import RouterSettings
 
-    assert max_inflight_batches(settings({}, env={})) == 1  # default: one batch at a time
-    assert max_inflight_batches(settings({"max_inflight_batches": "2"}, env={})) == 2
-    assert max_inflight_batches(settings({}, env={"COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES": "4"})) == 4
-    for bad in ("0", "-3", "four", "1.5"):
-        with pytest.raises(ValueError, match=r"expected an integer >= 1, got '" + bad):
-            max_inflight_batches(settings({"max_inflight_batches": bad}, env={}))
+    assert RouterSettings.resolve({}, env={}).max_inflight_batches == 1  # default: one batch at a time
+    assert RouterSettings.resolve({"max_inflight_batches": "2"}, env={}).max_inflight_batches == 2
+    env = {"COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES": "4"}
+    assert RouterSettings.resolve({}, env=env).max_inflight_batches == 4
+    for bad in ("0", "-3"):
+        with pytest.raises(ValueError, match=r"max_inflight_batches \(COMRECYCLE_ROUTER_MAX_INFLIGHT_BATCHES\): "
+                                             r"expected an integer >= 1, got " + bad):
+            RouterSettings.resolve({"max_inflight_batches": bad}, env={})
+    for bad in ("four", "1.5"):
+        with pytest.raises(ValueError, match=r"max_inflight_batches .*expected an integer, got '" + bad):
+            RouterSettings.resolve({"max_inflight_batches": bad}, env={})

@@ -130,7 +130,7 @@ def test_cache_state_is_used_only_when_the_logs_carry_it(tiny_random_log):
 
 
 def test_several_training_logs_are_concatenated_with_distinct_sessions(log_path, tiny_random_log):
-    from comrecycle.estimator.train_cli import read_training_logs
+    from comrecycle.estimator.training import read_training_logs
 
     t = read_training_logs([log_path, log_path])
     n = tiny_random_log.num_rows

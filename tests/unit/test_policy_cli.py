@@ -131,7 +131,7 @@ def test_availability_from_the_cache_state_not_from_missing_counterfactuals(tiny
 
 
 def test_cost_sources(files):
-    from comrecycle.policy.commands import CommandError, resolve_costs
+    from comrecycle.policy.solve import CommandError, resolve_costs
 
     log = pq.read_table(files["held"])
     c, src, prof = resolve_costs(log, None, False, str(files["profile"]))
@@ -259,7 +259,7 @@ def test_decide_refuses_a_params_file_that_is_not_json(files):
 
 
 def test_closed_loop_warns_when_the_budget_is_missed():
-    from comrecycle.policy.commands import budget_warning
+    from comrecycle.cli.policy import budget_warning
 
     over = {"budget_pct": 1.0, "loss_ci95": [1.5, 2.9], "effect_loss_pct": 2.18, "policy": "comrecycle, fixed λ"}
     assert "above the 1% budget" in budget_warning(over)
@@ -268,7 +268,7 @@ def test_closed_loop_warns_when_the_budget_is_missed():
 
 
 def test_solve_warns_when_the_estimator_predicts_a_gain():
-    from comrecycle.policy.commands import prediction_warning
+    from comrecycle.cli.policy import prediction_warning
 
     assert prediction_warning(0.8, 0.01) is None
     assert prediction_warning(-0.5, 0.01) is None  # a small gain is within noise of the budget

@@ -121,9 +121,11 @@ def test_load_plan_says_why_each_model_cannot_load(tmp_path):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_router_s_call_sizes_fit_the_configs_it_calls(variant):
     """The router chunks its BLS calls by CALL_MAX_BATCH and its estimator calls by
-    ESTIMATOR_MAX_BATCH (specs.py): every model it calls must take batches that large."""
+    the estimator's max batch (settings.SERVING): every model it calls must take batches that large."""
     from comrecycle.router.core import CALL_MAX_BATCH, STRATEGY_MODEL
-    from comrecycle.specs import ESTIMATOR_MAX_BATCH
+    from comrecycle.settings import SERVING
+
+    ESTIMATOR_MAX_BATCH = SERVING.estimator_max_batch
 
     cfgs = all_configs(get_profile("default").sizes, variant)
     for model in STRATEGY_MODEL.values():

@@ -6,7 +6,9 @@ import pytest
 from comrecycle.repository import (install_router_params, loadable_models,
                                    write_configs)
 from comrecycle.router.params import ParamsError, RouterParams
-from comrecycle.router.serving import model_set_fingerprint, settings
+from comrecycle.errors import UserError
+from comrecycle.router.serving import model_set_fingerprint
+from comrecycle.settings import RouterSettings
 from comrecycle.specs import CascadeSizes
 
 GOOD = {"lambda": 2.5, "costs": [1.0, 0.9, 0.8, 0.05], "omega": 0.0, "choice": "argmax",
@@ -83,9 +85,19 @@ def test_install_router_params_makes_versions_and_the_router_loadable(tmp_path):
 
 
 def test_settings_environment_overrides_config_and_fingerprint_tracks_the_stage_models(tmp_path):
-    s = settings({"redis_url": "redis://cfg:1/0"}, env={"COMRECYCLE_REDIS_URL": "redis://env:2/0"})
-    assert s["redis_url"] == "redis://env:2/0" and float(s["cache_ttl_s"]) == 900.0
-    assert settings({"redis_url": "redis://cfg:1/0"}, env={})["redis_url"] == "redis://cfg:1/0"
+    s = RouterSettings.resolve({"redis_url": "redis://cfg:1/0"}, env={"COMRECYCLE_REDIS_URL": "redis://env:2/0"})
+    assert s.redis_url == "redis://env:2/0" and s.cache_ttl_s == 900.0
+    assert RouterSettings.resolve({"redis_url": "redis://cfg:1/0"}, env={}).redis_url == "redis://cfg:1/0"
+    assert RouterSettings.resolve({"lock_ms": "500"}, env={"COMRECYCLE_LOCK_MS": ""}).lock_ms == 500  # empty = unset
+    for params, env, match in (({"lock_ms": "1.5"}, {}, r"lock_ms \(COMRECYCLE_LOCK_MS\): expected an integer"),
+                               ({}, {"COMRECYCLE_CACHE_TTL_S": "soon"}, r"cache_ttl_s \(COMRECYCLE_CACHE_TTL_S\): expected a number"),
+                               ({"cache_ttl_s": "-1"}, {}, r"cache_ttl_s .*expected a number > 0"),
+                               ({"local_stages": "rank,ranker"}, {}, r"local_stages .*unknown: \['ranker'\]")):
+        with pytest.raises(UserError, match=match):
+            RouterSettings.resolve(params, env=env)
+    # the committed config carries every setting but the password, and reads back as the defaults
+    cfg = RouterSettings().config_parameters()
+    assert "redis_password" not in cfg and RouterSettings.resolve(cfg, env={}) == RouterSettings()
     empty = model_set_fingerprint(tmp_path)  # no stage installed: a fingerprint all the same
     (tmp_path / "rank" / "1").mkdir(parents=True)
     (tmp_path / "rank" / "1" / "model.onnx").write_bytes(b"weights v1")

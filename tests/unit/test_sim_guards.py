@@ -1,4 +1,4 @@
-"""The simulator's calibration guards (comrecycle.sim.guards), on synthetic logs whose answers are
+"""The simulator's calibration guards (comrecycle.policy.guards), on synthetic logs whose answers are
 known: the figures are computed right, and each guard can fail."""
 import json
 
@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from comrecycle.cli import main
-from comrecycle.sim.guards import guard_figures
+from comrecycle.policy.guards import guard_figures
 from comrecycle.sim.logs import CACHE_STATE_COLUMN
 
 

@@ -12,7 +12,7 @@ import triton_python_backend_utils as pb_utils
 
 from comrecycle.router.core import BackendError, ServingError
 from comrecycle.router.runner import BatchRunner
-from comrecycle.router.serving import RouterMetrics, build_router, max_inflight_batches, settings_from_args
+from comrecycle.router.serving import RouterMetrics, build_router, settings_from_args
 from comrecycle.runtime.validation import InputError
 from comrecycle.specs import ROUTER_INPUTS
 
@@ -42,8 +42,8 @@ class TritonPythonModel:
         settings = settings_from_args(args)
         self.router = build_router(args, BlsBackend())
         self.metrics = RouterMetrics(pb_utils, args["model_name"], args["model_version"],
-                                     flush_s=float(settings["metrics_flush_s"]))
-        inflight = max_inflight_batches(settings)
+                                     flush_s=settings.metrics_flush_s)
+        inflight = settings.max_inflight_batches
         self.runner = BatchRunner(inflight, name=f"router-{args['model_instance_name']}") if inflight > 1 else None
 
     def execute(self, requests):

@@ -93,7 +93,7 @@ def _oof_r2(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> floa
 
 def guard_figures(log: pa.Table, costs, budget: float = 0.01, seed: int = 0) -> dict:
     """The figures of every guard (see module docstring) plus `checks`: name -> passed."""
-    from ..policy.solver import solve_loss_budget
+    from .solver import solve_loss_budget
 
     q = _q(log)
     rep = log["is_repeat"].to_numpy()

@@ -1,4 +1,5 @@
-"""`comrecycle solve | decide | evaluate` (docs/contracts.md)."""
+"""`comrecycle solve | decide | evaluate | frontier | closed-loop | closed-loop-frontier | policy-check`
+(docs/contracts.md): thin over comrecycle.policy, printing what it finds."""
 from __future__ import annotations
 
 import json
@@ -9,164 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..specs import N_RECYCLE
-from .certify import LOSS_FLOOR_SHARE
-from .decide import costs_in_log
-from ..errors import UserError
-
-
-class CommandError(UserError):
-    """Options or files a command cannot use."""
-
-
-def _read_log(path) -> pa.Table:
-    from ..sim.logs import read_log
-
-    try:
-        return read_log(path)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise CommandError(f"{path}: cannot read as Parquet ({e})") from None
-
-
-def _load_estimator(est_dir):
-    from ..estimator.estimator import EffectLossEstimator
-
-    d = Path(est_dir)
-    for f in ("manifest.json", "estimator.pt", "estimator.onnx", "item_vocab.npy"):
-        if not (d / f).exists():
-            raise CommandError(f"estimator directory {d}: missing {f}; expected the output of "
-                               f"`comrecycle train-estimator --out {d}`")
-    return EffectLossEstimator.load(d)
-
-
-def resolve_costs(log: pa.Table, cost_profile: str | None, from_logs: bool,
-                  default_profile: str | None = None) -> tuple[np.ndarray, str, dict | None]:
-    """c_j, where they come from (said in every report), and the cost profile if one was used.
-
-    Order: an explicit --cost-profile; --costs-from-logs; the log's own `cost` column when every
-    strategy appears in it (a log from another system carries its own costs); the default
-    profile of the default model set."""
-    if from_logs and cost_profile:
-        raise CommandError("--cost-profile and --costs-from-logs: pass one of them")
-    if from_logs or not cost_profile:
-        costs, why = costs_in_log(log)
-        if costs is not None:
-            return costs, "mean `cost` per strategy in the log (normalised to c_0 = 1)", None
-        if from_logs:
-            raise CommandError(f"--costs-from-logs: {why}")
-        if not default_profile or not Path(default_profile).exists():
-            raise CommandError(f"no strategy costs: {why}, and no cost profile "
-                               f"{'at ' + str(default_profile) if default_profile else 'given'}; pass "
-                               f"--cost-profile (from `comrecycle profile-costs`) or a log with a `cost` column")
-        cost_profile = default_profile
-    p = Path(cost_profile)
-    if not p.exists():
-        raise CommandError(f"cost profile {p} does not exist; run `comrecycle profile-costs` "
-                           f"or pass --costs-from-logs")
-    try:
-        prof = json.loads(p.read_text())
-        sc = prof["strategy_cost"]
-        costs = np.array([float(sc[str(j)]) for j in range(N_RECYCLE + 1)])
-    except (KeyError, ValueError, TypeError) as e:
-        raise CommandError(f"{p}: expected JSON with strategy_cost for strategies 0..{N_RECYCLE} ({e})") from None
-    return costs, f"measured cost profile {p}", prof
-
-
-def _strategy_list(text: str) -> list[int]:
-    try:
-        ids = sorted({int(x) for x in text.split(",")} | {0})
-    except ValueError:
-        raise CommandError(f"--strategies: expected comma-separated strategy ids such as 0,3, got {text!r}") from None
-    if ids[0] < 0 or ids[-1] > N_RECYCLE or len(ids) < 2:
-        raise CommandError(f"--strategies: expected ids in 0..{N_RECYCLE} with at least one recycling strategy, "
-                           f"got {text!r}")
-    return ids
-
-
-def _dr_label(log: pa.Table, label: str) -> str:
-    from ..estimator.labels import EXPOSURE_COLUMNS
-
-    if label != "auto":
-        return label
-    return "view-adjusted" if all(c in log.column_names for c in EXPOSURE_COLUMNS) else "clicks"
+from ..policy.solve import CommandError, SolveOptions, load_estimator_dir, read_policy_log, resolve_costs, solve_files
 
 
 def cmd_solve(a) -> int:
-    from ..estimator.estimator import features_from_log
-    from ..estimator.labels import training_labels
-    from ..runtime.costs import measure_estimator_seconds
-    from ..sim.logs import in_sample_share
-    from .certify import certify_families, z_of
-    from .decide import available_from_log, estimator_version, policy_dq, predict, solve_params, total_effect
-
-    if not 0 <= a.budget < 1:  # before any work: the value as typed, not a rescaled one
-        raise CommandError(f"--budget: expected a relative effect loss in [0, 1) (0.01 = 1%), got {a.budget:g}")
-    z_of(a.confidence)  # refuses a level outside [0.5, 1) before any work
-    if a.strategies:
-        _strategy_list(a.strategies)
-    if a.max_pages is not None and a.max_pages < 1:
-        raise CommandError(f"--max-pages must be >= 1, got {a.max_pages}")
-    log = _read_log(a.logs)
-    est = _load_estimator(a.estimator)
-    costs, source, prof = resolve_costs(log, a.cost_profile, a.costs_from_logs, a.default_cost_profile)
-    est_cost = 0.0
-    if prof is not None and not a.no_estimator_cost:
-        secs = measure_estimator_seconds(Path(a.estimator) / "estimator.onnx",
-                                         features_from_log(log.slice(0, 64)), batch_size=prof.get("batch_size", 8))
-        est_cost = secs / sum(prof["seconds_per_request"].values())
-    est_note = (f"estimator cost {est_cost:.4f} per repeated request" if prof is not None else
-                "estimator cost not counted (it is timed against a cost profile: pass --cost-profile)")
-    q_hat, dq = predict(log, est, repeated_only=True)
-    params = solve_params(log, q_hat, dq, costs, a.budget, omega=a.omega, choice=a.choice, estimator_cost=est_cost,
-                          max_pages=a.max_pages, credit_gains=not a.no_credit_gains)
-    params.update({"costs_source": source, "estimator": estimator_version(a.estimator),
-                   "solved_on": {"log": str(a.logs), "requests": log.num_rows}})
-    print("c = " + ", ".join(f"{c:.3f}" for c in costs) + f" ({source}); {est_note}")
-    pr = params["predicted"]
-    cert = None
-    if a.loss_estimate == "dr":
-        share = in_sample_share(log, getattr(est, "training_rows_", []))
-        if share > 0.01 and not a.allow_in_sample:
-            raise CommandError(f"{a.logs}: {share:.0%} of the rows the estimator was trained on are in this log; "
-                               "an off-policy check on them is biased towards the estimator. Solve on a held-out "
-                               "randomised log (other sessions or another day), or pass --allow-in-sample")
-        label = _dr_label(log, a.label)
-        try:
-            r = training_labels(log, label)[0]
-        except UserError as e:
-            raise CommandError(str(e)) from None
-        rep = log["is_repeat"].to_numpy()
-        if not a.no_loss_floor:  # no recycling counted as free: the λ family ends at "always full"
-            params["loss_floor"] = float(LOSS_FLOOR_SHARE * max(q_hat[rep, 0].mean(), 1e-9))
-        rule = dict(params)
-        avail = available_from_log(log, a.max_pages)
-        fam, cert, tried = certify_families(
-            costs, policy_dq(dq, rule), avail, q_hat, log["strategy"].to_numpy(), log["propensity"].to_numpy(), r,
-            log["session_id"].to_numpy(), log["is_repeat"].to_numpy(), a.budget,
-            families=[_strategy_list(a.strategies)] if a.strategies else None, confidence=a.confidence,
-            omega=a.omega, choice=a.choice, estimator_cost=est_cost, grid=a.grid)
-        rule["lambda"] = cert.lam
-        params["lambda"] = cert.lam
-        params["strategies"] = fam
-        rule["strategies"] = fam
-        params["certification"] = dict(cert.as_dict(), label=label, in_sample_share=share,
-                                       estimator_predicted_loss_pct=None,
-                                       families=[{"strategies": f or list(range(N_RECYCLE + 1)), "lambda": c.lam,
-                                                  "certified": c.certified, "loss_pct": c.loss_pct,
-                                                  "bound_pct": c.bound_pct, "saved_pct": c.saved_pct}
-                                                 for f, c in tried])
-        # what the estimator itself predicts for the certified rule (how optimistic it is)
-        from .decide import decide
-        s = decide(policy_dq(dq, rule), avail, rule)
-        s[~rep] = 0
-        q0 = total_effect(log, q_hat)
-        params["certification"]["estimator_predicted_loss_pct"] = float(
-            100 * dq[np.arange(len(s)), s].sum() / q0.sum())
-        params["predicted"] = {"effect_loss_pct": cert.loss_pct, "compute_saved_pct": cert.saved_pct,
-                               "strategy_mix": cert.strategy_mix, "how": "doubly robust off-policy estimate"}
-        params["form"] += f", λ certified off-policy (DR, confidence {a.confidence:g})"
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(params, indent=2) + "\n")
+    opts = SolveOptions(budget=a.budget, confidence=a.confidence, omega=a.omega, choice=a.choice,
+                        max_pages=a.max_pages, credit_gains=not a.no_credit_gains, loss_estimate=a.loss_estimate,
+                        label=a.label, allow_in_sample=a.allow_in_sample, loss_floor=not a.no_loss_floor,
+                        strategies=a.strategies, grid=a.grid, estimator_cost=not a.no_estimator_cost)
+    res = solve_files(a.logs, a.estimator, opts, cost_profile=a.cost_profile, costs_from_logs=a.costs_from_logs,
+                      default_cost_profile=a.default_cost_profile, out=a.out)
+    params, cert, log, out = res.params, res.cert, res.log, Path(a.out)
+    print("c = " + ", ".join(f"{c:.3f}" for c in res.costs) + f" ({res.costs_source}); {res.estimator_note}")
     pr = params["predicted"]
     print(f"λ = {params['lambda']:.6g} for budget b = {a.budget:.4%} ({params['form']})")
     if cert is None:
@@ -229,10 +84,10 @@ def prediction_warning(predicted_loss_pct: float, budget: float, dr_loss_pct: fl
 
 
 def cmd_decide(a) -> int:
-    from .decide import available_from_log, decide, load_params, policy_dq, predict
+    from ..policy.decide import available_from_log, decide, load_params, policy_dq, predict
 
-    log = _read_log(a.logs)
-    est = _load_estimator(a.estimator)
+    log = read_policy_log(a.logs)
+    est = load_estimator_dir(a.estimator)
     params = load_params(a.params)
     _, dq = predict(log, est)
     dq = policy_dq(dq, params)
@@ -254,16 +109,16 @@ def cmd_decide(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .ope import align_decisions, evaluate, report_markdown
+    from ..policy.ope import align_decisions, evaluate, report_markdown
 
-    log = _read_log(a.logs)
+    log = read_policy_log(a.logs)
     if not Path(a.decisions).exists():
         raise CommandError(f"decisions file {a.decisions} does not exist; write one with `comrecycle decide`")
     decisions = pq.read_table(a.decisions)
     pi = align_decisions(log, decisions)
     params = None
     if a.params:
-        from .decide import load_params
+        from ..policy.decide import load_params
         params = load_params(a.params)
     if params is not None:
         costs, est_cost = np.asarray(params["costs"]), float(params.get("estimator_cost", 0.0))
@@ -272,8 +127,8 @@ def cmd_evaluate(a) -> int:
         est_cost = 0.0
     q_hat = None
     if a.estimator:
-        from .decide import predict
-        q_hat, _ = predict(log, _load_estimator(a.estimator))
+        from ..policy.decide import predict
+        q_hat, _ = predict(log, load_estimator_dir(a.estimator))
     res = evaluate(log, pi, costs, q_hat=q_hat, estimator_cost=est_cost, n_boot=a.bootstrap, seed=a.seed,
                    label=a.label)
     text = report_markdown(res)
@@ -286,22 +141,22 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_frontier(a) -> int:
-    from .decide import predict
-    from .frontier import frontier, write_frontier
+    from ..policy.decide import predict
+    from ..policy.frontier import frontier, write_frontier
 
-    log = _read_log(a.logs)
+    log = read_policy_log(a.logs)
     q_hat = dq = None
     est_cost = 0.0
     if a.params:
-        from .decide import load_params
+        from ..policy.decide import load_params
         p = load_params(a.params)
         costs, est_cost = np.asarray(p["costs"]), float(p.get("estimator_cost", 0.0))
     else:
         costs, _, _ = resolve_costs(log, a.cost_profile, a.costs_from_logs, a.default_cost_profile)
     if a.estimator:
-        q_hat, dq = predict(log, _load_estimator(a.estimator))
+        q_hat, dq = predict(log, load_estimator_dir(a.estimator))
     budgets = _budgets_pct(a.budgets)
-    ceiling = _read_log(a.feature_ceiling_logs) if a.feature_ceiling_logs else None
+    ceiling = read_policy_log(a.feature_ceiling_logs) if a.feature_ceiling_logs else None
     res = frontier(log, costs, q_hat, dq, estimator_cost=est_cost, budgets=budgets, seed=a.seed,
                    ceiling_log=ceiling)
     res["log"] = str(a.logs)
@@ -320,8 +175,8 @@ def _require_files(paths, flag: str) -> None:
 def cmd_closed_loop(a) -> int:
     import torch
 
-    from .closed_loop import LambdaController, closed_loop_metrics, dcaf_from_logs, simulate_policy
-    from .decide import load_params
+    from ..policy.closed_loop import LambdaController, closed_loop_metrics, dcaf_from_logs, simulate_policy
+    from ..policy.decide import load_params
 
     torch.set_num_threads(1)  # several closed-loop runs share the cores
     models = Path(a.models)
@@ -424,7 +279,7 @@ def budget_warning(res: dict) -> str | None:
 
 
 def cmd_closed_loop_frontier(a) -> int:
-    from .closed_loop_frontier import closed_loop_frontier
+    from ..policy.closed_loop_frontier import closed_loop_frontier
 
     models = Path(a.models)
     if not (models / "manifest.json").exists():
@@ -447,8 +302,8 @@ def cmd_closed_loop_frontier(a) -> int:
 
 
 def cmd_policy_check(a) -> int:
-    from .certify import z_of
-    from .pipeline import check_markdown, comparison_markdown, feed_world_check
+    from ..policy.certify import z_of
+    from ..policy.pipeline import check_markdown, comparison_markdown, feed_world_check
 
     z_of(a.confidence)
     budgets = _budgets_pct(a.budgets)

@@ -1,6 +1,7 @@
-"""`comrecycle train-estimator`: fit the effect-loss estimator on a randomised log, evaluate it
-on held-out sessions against a T-learner (gradient-boosted trees) and the constant model,
-write the ONNX model, its manifest and the evaluation report (Markdown + PNG + JSON).
+"""Training the effect-loss estimator (what `comrecycle train-estimator` runs): read randomised
+logs, fit the estimator, evaluate it on held-out sessions against a T-learner (gradient-boosted
+trees) and the constant model, write the ONNX model, its manifest and the evaluation report
+(Markdown + PNG + JSON).
 """
 from __future__ import annotations
 

@@ -13,43 +13,13 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
-from .profiles import PROFILES, get_profile
-from .repository import DEFAULT_REPOSITORY, VARIANTS, REPO_ROOT, install_model_set, write_configs
+from ..build import ensure_model_set, regenerate_committed_configs
+from ..profiles import PROFILES
+from ..repository import DEFAULT_REPOSITORY, VARIANTS, REPO_ROOT
 
 log = logging.getLogger("comrecycle.build")
-
-
-def regenerate_committed_configs() -> list[Path]:
-    """The committed configs are those of the default profile, for every variant."""
-    sizes = get_profile("default").sizes
-    written = []
-    for v in VARIANTS:
-        written += write_configs(DEFAULT_REPOSITORY[v], sizes, v)
-    return written
-
-
-def ensure_model_set(profile: str, model_dir: Path, repository: Path | None, seed: int = 0,
-                     force: bool = False, progress: bool = True, variant: str = "cpu") -> dict:
-    """Build the model set unless one of the same profile and seed exists; install it."""
-    from .build import build_model_set
-
-    mpath = model_dir / "manifest.json"
-    manifest = json.loads(mpath.read_text()) if mpath.exists() else None
-    if force or manifest is None or manifest.get("profile") != profile or manifest.get("seed") != seed \
-            or not (model_dir / "cost_profile.json").exists():
-        print(f"[build] building the '{profile}' model set into {model_dir} (seed {seed}) ...", flush=True)
-        t0 = time.time()
-        manifest = build_model_set(profile, model_dir, seed=seed, progress=progress)
-        print(f"[build] done in {time.time() - t0:.0f}s", flush=True)
-    else:
-        print(f"[build] using the model set in {model_dir} (built {manifest['built_at']})", flush=True)
-    if repository is not None:
-        install_model_set(repository, model_dir, variant)
-        print(f"[build] installed into {repository} ({variant})", flush=True)
-    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:

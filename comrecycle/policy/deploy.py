@@ -1,0 +1,94 @@
+"""The router's offline loop for a model set: a randomised training log, the effect-loss
+estimator trained on it, λ certified for a loss budget on a second randomised log (policy.solve),
+a small held-out log with q_j for the frontier; installed as new `estimator` / `recycle_router`
+versions of a model repository. The main job and the router benchmark call `ensure_router`;
+its artefacts are cached under artifacts/router/<key>/.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from ..repository import REPO_ROOT
+
+ROUTER_ARTIFACTS = REPO_ROOT / "artifacts" / "router"
+# what the estimator is trained on and what λ is certified on: two uniformly randomised logs of
+# other sessions (uniform propensities keep the off-policy interval narrow; the skewed session
+# mixture that explores deep caches gives 1/0.02 weights and an interval too wide to use)
+ESTIMATOR_OPTIONS = {"max_epochs": 8, "label": "view-adjusted"}
+PIPELINE_VERSION = 2  # part of the cache key: artifacts of an earlier pipeline are not reused
+
+
+def _key(model_dir: Path, train_requests: int, seed: int) -> str:
+    m = json.loads((model_dir / "manifest.json").read_text())
+    return hashlib.sha256(json.dumps([m.get("built_at"), m.get("seed"), m.get("profile"), train_requests,
+                                      seed, PIPELINE_VERSION]).encode()).hexdigest()[:12]
+
+
+DEFAULT_MAX_PAGES = None  # the depth guard is an option, off by default
+
+
+def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_requests: int = 40_000,
+                  certify_requests: int = 40_000, heldout_requests: int = 3_000, seed: int = 0, workers: int = 2,
+                  max_pages: int | None = DEFAULT_MAX_PAGES, confidence: float = 0.5) -> dict:
+    """Train (or reuse) an estimator and params for this model set and install them as the
+    latest estimator / recycle_router versions. Returns paths and the params.
+
+    The estimator is trained on one randomised log; `comrecycle solve` certifies λ on another
+    (doubly robust, `confidence` as in `solve --confidence`); a small third log with q_0..q_3
+    draws the one-step frontier. max_pages: the optional depth guard (a cached list that has
+    served this many pages is not recycled again)."""
+    from ..estimator.estimator import EffectLossEstimator
+    from ..repository import install_estimator, install_router_params, installed_versions
+    from ..sim.logs import read_log, write_log
+    from ..sim.recycling import simulate_log, simulate_log_sharded
+    from .solve import SolveOptions, solve_files
+
+    work = ROUTER_ARTIFACTS / _key(model_dir, train_requests, seed)
+    work.mkdir(parents=True, exist_ok=True)
+    train, cert, held = work / "train.parquet", work / f"certify_{certify_requests}.parquet", work / "heldout.parquet"
+    est_dir = work / "estimator"
+    params_path = work / f"params_b{budget:g}_c{confidence:g}_m{max_pages or 0}.json"
+    for path, n, s, what in ((train, train_requests, seed + 101, "training"),
+                             (cert, certify_requests, seed + 303, "certification")):
+        if not path.exists():
+            print(f"[router] simulating a uniformly randomised {what} log ({n} requests) ...", flush=True)
+            t0 = time.time()
+            write_log(simulate_log_sharded(model_dir, n, seed=s, logging="random", workers=workers,
+                                           counterfactuals=False), path)
+            print(f"[router] {what} log in {time.time() - t0:.0f}s", flush=True)
+    if not held.exists():
+        print(f"[router] simulating a held-out log with q_0..q_3 ({heldout_requests} requests) ...", flush=True)
+        write_log(simulate_log(model_dir, heldout_requests, seed=seed + 202, logging="random"), held)
+    if not (est_dir / "estimator.onnx").exists():
+        print("[router] training the effect-loss estimator ...", flush=True)
+        t0 = time.time()
+        EffectLossEstimator(progress=True, **ESTIMATOR_OPTIONS).fit(read_log(train)).save(est_dir)
+        print(f"[router] estimator trained in {time.time() - t0:.0f}s", flush=True)
+    if not params_path.exists():  # `comrecycle solve`: λ certified for the budget, measured c_j and estimator cost
+        res = solve_files(cert, est_dir, SolveOptions(budget=budget, confidence=confidence, max_pages=max_pages),
+                          cost_profile=str(model_dir / "cost_profile.json"), out=params_path)
+        pr = res.params["predicted"]
+        print(f"[router] solved λ = {res.params['lambda']:.4g}: {pr['how']} effect loss {pr['effect_loss_pct']:.3f}%, "
+              f"compute saved {pr['compute_saved_pct']:.2f}% on {res.log.num_rows:,} held-out requests", flush=True)
+    params = json.loads(params_path.read_text())
+    # install only what differs from the latest installed versions (no new version per run)
+    est_versions = installed_versions(repo / "estimator", "model.onnx")
+    est_version = repo / "estimator" / str(est_versions[-1]) if est_versions else None
+    if est_version is None or _sha(est_version / "model.onnx") != _sha(est_dir / "estimator.onnx"):
+        est_version = install_estimator(repo, est_dir)
+    router_versions = installed_versions(repo / "recycle_router", "params.json")
+    router_version = repo / "recycle_router" / str(router_versions[-1]) if router_versions else None
+    want = dict(params, estimator_model_version=int(est_version.name))
+    if router_version is None or json.loads((router_version / "params.json").read_text()) != want:
+        router_version = install_router_params(repo, params_path, estimator_version=int(est_version.name))
+    print(f"[router] installed estimator v{est_version.name} and recycle_router v{router_version.name} "
+          f"(λ = {params['lambda']:.4g} for a {100 * budget:g}% loss budget; depth guard: "
+          f"{'a list serves at most ' + str(max_pages) + ' pages' if max_pages else 'off'})", flush=True)
+    return {"work": work, "heldout": held, "estimator": est_dir, "params": params}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
