@@ -130,13 +130,13 @@ def add_parsers(sub) -> None:
     s.add_argument("--min-epochs", type=int, default=0,
                    help="train at least this many epochs before early stopping may stop or pick an epoch "
                         "(the validation loss favours epoch 2-5, before the uplift towers learn the depth "
-                        "effect; 8 learns it on the 520k-request logs, docs/history.md, "More deep data, longer training, a scale")")
+                        "effect; 8 learns it on the 520k-request logs, docs/history.md, 'More deep data, longer training, a scale')")
     s.add_argument("--average-epochs", type=int, default=0, metavar="N",
                    help="train all --max-epochs and keep the average of the weights of the last N epochs "
                         "(stochastic weight averaging) instead of the best epoch; for noisy labels")
     s.add_argument("--no-list-origin", action="store_true",
                    help="leave out the list-origin feature (the session page each cached list was computed "
-                        "for), as estimators trained before it had (docs/history.md, "Noise or shift: noise-free labels and the list origin")")
+                        "for), as estimators trained before it had (docs/history.md, 'Noise or shift: noise-free labels and the list origin')")
     s.add_argument("--label", choices=LABELS, default="clicks",
                    help="what the estimator learns from: the logged clicks, or view-adjusted clicks (the "
                         "scrolling-depth noise removed by a control variate, unbiased under position-based "
@@ -145,7 +145,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--select", choices=("outcome", "uplift"), default="outcome",
                    help="what early stopping and the choice of epoch watch on the validation sessions: the loss of "
                         "the logged reward (outcome) or minus the summed IPW Qini of ΔQ̂_j (uplift; on the feed "
-                        "world it ranked worse, docs/RESULTS.md, "The estimator's ranking is the bottleneck")")
+                        "world it ranked worse, docs/RESULTS.md, 'The estimator's ranking is the bottleneck')")
     s.add_argument("--no-baselines", action="store_true", help="skip the T-learner and constant baselines")
     s.add_argument("--install", metavar="REPO", help="install as a new version of `estimator` in REPO")
     s.add_argument("--quiet", action="store_true")
