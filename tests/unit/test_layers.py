@@ -28,3 +28,29 @@ def test_the_served_models_import_nothing_offline():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", f"the serving process loads offline code: {r.stdout.strip()}"
+
+
+def test_import_contracts_hold():
+    """The layers of pyproject.toml's [tool.importlinter] (apps > offline > Triton glue and
+    launchers > router core and runtime > settings and specs), and no offline library in the
+    serving process's modules. A new import against the flow fails here, naming the chain."""
+    code = "import sys\nfrom importlinter.cli import lint_imports\nsys.exit(lint_imports(no_cache=True))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "2 kept, 0 broken" in r.stdout
+
+
+def test_an_import_against_the_flow_breaks_the_contract(tmp_path):
+    """The same machinery on a two-module package whose lower layer imports the upper one."""
+    pkg = tmp_path / "layered"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "high.py").write_text("X = 1\n")
+    (pkg / "low.py").write_text("from layered.high import X\n")
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.importlinter]\nroot_packages = ["layered"]\n\n[[tool.importlinter.contracts]]\n'
+        'name = "high over low"\ntype = "layers"\nlayers = ["layered.high", "layered.low"]\n')
+    code = "import sys\nfrom importlinter.cli import lint_imports\nsys.exit(lint_imports(no_cache=True))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 1 and "layered.low -> layered.high" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
