@@ -48,6 +48,7 @@ import numpy as np
 
 from ..rule import allowed_strategies, decide, depth_guard, policy_dq
 from ..runtime.validation import InputError, check_tensor
+from ..runtime.stage import pad_lists
 from ..settings import SERVING, RouterSettings
 from ..specs import (CACHE_STATE_FIELDS, EXCLUDE_MAX, N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS, STAGES,
                      STRATEGIES, STRATEGY_CANDIDATES, STRATEGY_MODEL, UNAVAILABLE_SCORE)
@@ -247,14 +248,6 @@ def recent_unique(*parts: np.ndarray, limit: int = EXCLUDE_MAX) -> np.ndarray:
     _, first = np.unique(rev, return_index=True)  # first occurrence from the end = the latest
     latest = rev[np.sort(first)][::-1]
     return latest[-limit:]
-
-
-def _pad(rows: Sequence[np.ndarray], min_width: int = 1) -> np.ndarray:
-    width = max([min_width] + [r.size for r in rows])
-    out = np.full((len(rows), width), PAD_ID, np.int64)
-    for i, r in enumerate(rows):
-        out[i, :r.size] = r
-    return out
 
 
 def _row(items: np.ndarray, scores: np.ndarray | None = None):
@@ -652,7 +645,7 @@ class RecycleRouter:
         try:
             outs = await asyncio.gather(*[self.backend.infer(
                 "estimator", {"user_features": np.stack([r.user_features for r in c]).astype(np.int64),
-                              "history": _pad([r.history for r in c]),
+                              "history": pad_lists([r.history for r in c]),
                               "request_features": np.stack([r.request_features for r in c]),
                               "cache_state": np.stack([r.cache_state for r in c])},
                 ["delta_q"], self.params.estimator_version) for c in chunks])
@@ -687,12 +680,12 @@ class RecycleRouter:
     def _inputs(self, group: list[_Req], j: int) -> dict[str, np.ndarray]:
         inputs = {"user_id": np.array([[r.user_id] for r in group], np.int64),
                   "user_features": np.stack([r.user_features for r in group]).astype(np.int64),
-                  "history": _pad([r.history for r in group]),
+                  "history": pad_lists([r.history for r in group]),
                   "request_features": np.stack([r.request_features for r in group]).astype(np.float32)}
         if j == 0:
-            inputs["exclude_items"] = _pad([r.exposed for r in group])
+            inputs["exclude_items"] = pad_lists([r.exposed for r in group])
         else:
-            inputs[STRATEGY_CANDIDATES[j]] = _pad([r.recyclable[READS[j]] for r in group])
+            inputs[STRATEGY_CANDIDATES[j]] = pad_lists([r.recyclable[READS[j]] for r in group])
         return inputs
 
     async def _call(self, group: list[_Req], j: int) -> None:

@@ -10,9 +10,10 @@ from typing import Sequence
 import numpy as np
 
 from ..runtime.estimator import EstimatorRuntime
-from ..runtime.stage import StageResult, StageRuntime, load_stage_runtimes
+from ..runtime.cascade import CONTEXT_NAMES, run_chain
+from ..runtime.stage import StageRuntime, load_stage_runtimes
 from ..runtime.validation import InputError
-from ..specs import STAGES, ensemble_specs
+from ..specs import ensemble_specs
 from .core import BackendError
 
 # served model -> the stages it runs and the tensor that feeds the first one its candidates
@@ -50,21 +51,14 @@ class InProcessBackend:
         if model not in CHAINS:
             raise BackendError(f"unknown model {model!r}")
         stages, entry = CHAINS[model]
-        context = {k: inputs[k] for k in ("user_id", "user_features", "history", "request_features")}
-        out: dict[str, np.ndarray] = {}
-        cand = None if entry is None else inputs[entry]
-        for s in stages:
-            feed = dict(context)
-            if s == "retrieval":
-                feed["exclude_items"] = inputs["exclude_items"]
-            else:
-                feed["candidates"] = cand
-            res = self.stages[s].run([feed])[0]
-            if isinstance(res, InputError):
-                raise BackendError(f"{model}: {res}")
-            assert isinstance(res, StageResult)
-            out[f"{s}_items"], out[f"{s}_scores"] = res.items, res.scores
-            cand = res.items
+        request = {k: inputs[k] for k in CONTEXT_NAMES}
+        if entry is None:
+            request["exclude_items"] = inputs["exclude_items"]
+        else:
+            request["candidates"] = inputs[entry]
+        (out,) = run_chain(self.stages, stages, [request])
+        if isinstance(out, InputError):
+            raise BackendError(f"{model}: {out}")
         missing = [k for k in outputs if k not in out]
         if missing:
             raise BackendError(f"{model}: no outputs {missing}")

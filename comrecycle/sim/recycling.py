@@ -2,7 +2,7 @@
 `serve` function that answers repeated requests by any strategy 0-3 (docs/method.md) with
 the same ONNX stage models Triton serves (in-process onnxruntime).
 
-Cache semantics (as the router will implement them):
+Cache semantics (the router's own functions, router.core.next_entry and apply_feedback):
   * after a request, each stage output that was computed is written back;
   * the items the user viewed (exposed) are removed from every cached list of that user;
   * strategy j > 0 reads the cached output of STAGES[j-1] and runs STAGES[j:] on it;
@@ -11,14 +11,15 @@ Cache semantics (as the router will implement them):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from ..router.cache import CacheEntry
+from ..router.core import apply_feedback, next_entry
 from ..runtime.cascade import InProcessCascade
 from ..settings import SERVING
-from ..specs import STAGES, STRATEGIES
+from ..specs import PAGE_SIZE, STAGES, STRATEGIES
 from .env import Outcome, RequestBatch
 from .world import World
 from ..errors import UserError
@@ -28,65 +29,60 @@ N_STRATEGIES = len(STRATEGIES)
 CACHED_STAGE = {j: (STAGES[j - 1] if j > 0 else None) for j in STRATEGIES}
 
 
-@dataclass
 class StageCache:
-    """user index -> {stage: remaining item ids}, with the time each stage was computed.
-    Simulator-side twin of the Redis cache."""
+    """user index -> the router's cache entry (router.cache.CacheEntry), kept by the router's own
+    functions: `next_entry` after a served page, `apply_feedback` for the exposure and for what
+    the request filter sees (cache state, availability). One implementation of the cache's
+    semantics for the router (in Redis) and the simulator (in memory)."""
 
-    ttl_s: float = SERVING.cache_ttl_s
-    entries: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
-    written: dict[int, dict[str, float]] = field(default_factory=dict)
-    pages: dict[int, dict[str, int]] = field(default_factory=dict)  # pages served from each list
+    VERSION = "simulator"
+
+    def __init__(self, ttl_s: float = SERVING.cache_ttl_s):
+        self.ttl_s = float(ttl_s)
+        self.entries: dict[int, CacheEntry] = {}
 
     def clear(self, user: int) -> None:
         self.entries.pop(int(user), None)
-        self.written.pop(int(user), None)
-        self.pages.pop(int(user), None)
 
     def write(self, user: int, outputs: dict[str, np.ndarray], ts: float = 0.0) -> None:
         """After a served request: the stages it computed replace their lists (1 page served
         from them); the lists it did not recompute have served one more page."""
-        e = self.entries.setdefault(int(user), {})
-        w = self.written.setdefault(int(user), {})
-        n = self.pages.setdefault(int(user), {})
-        for s in STAGES[:-1]:  # the page itself is not a candidate list
-            key = f"{s}_items"
-            if key in outputs:
-                e[s] = np.asarray(outputs[key], np.int64)
-                w[s] = float(ts)
-                n[s] = 1
-            elif s in e:
-                n[s] += 1
-
-    def state(self, user: int, now: float) -> np.ndarray:
-        """[K*3] float32, the estimator's `cache_state` (specs.CACHE_STATE): age in seconds,
-        pages served, items left of the list each strategy 1..K reads; -1s where unavailable."""
-        out = np.full((N_STRATEGIES - 1, 3), -1.0, np.float32)
-        for j in range(1, N_STRATEGIES):
-            if self.candidates(user, j, now) is not None:
-                stage = CACHED_STAGE[j]
-                out[j - 1] = (now - self.written[int(user)][stage], self.pages[int(user)][stage],
-                              self.entries[int(user)][stage].size)
-        return out.reshape(-1)
+        page = np.asarray(outputs.get("rerank_items", _EMPTY), np.int64)[:PAGE_SIZE]
+        self.entries[int(user)] = next_entry(self.entries.get(int(user)), -1, outputs, page, float(ts), self.VERSION)
 
     def remove_exposed(self, user: int, viewed: np.ndarray) -> None:
         e = self.entries.get(int(user))
         if e is None or viewed.size == 0:
             return
-        for s, items in e.items():
-            e[s] = items[~np.isin(items, viewed)]
+        self.entries[int(user)] = apply_feedback(e, np.asarray(viewed, np.int64), _EMPTY, e.last_ts, self.ttl_s)[0]
+
+    def view(self, user: int, now: float) -> tuple[np.ndarray, np.ndarray]:
+        """(cache_state [3K] float32, available [K+1] bool) of the user's entry at `now`, as the
+        router's request filter computes them (specs.CACHE_STATE; -1s where unavailable)."""
+        e = self.entries.get(int(user))
+        if e is None:
+            return np.full(3 * (N_STRATEGIES - 1), -1, np.float32), np.eye(1, N_STRATEGIES, dtype=bool)[0]
+        _, _, state, avail = apply_feedback(e, _EMPTY, _EMPTY, float(now), self.ttl_s)
+        return state, avail
+
+    def state(self, user: int, now: float) -> np.ndarray:
+        """[K*3] float32, the estimator's `cache_state`: age in seconds, pages served, items left
+        of the list each strategy 1..K reads; -1s where unavailable."""
+        return self.view(user, now)[0]
 
     def candidates(self, user: int, strategy: int, now: float | None = None) -> np.ndarray | None:
         """The cached list strategy j reads, or None (absent, emptied by exposure, expired)."""
         stage = CACHED_STAGE[strategy]
-        if stage is None:
+        e = self.entries.get(int(user))
+        if stage is None or e is None or stage not in e.lists:
             return None
-        items = self.entries.get(int(user), {}).get(stage)
-        if items is None or items.size == 0:
+        if now is not None and not self.view(user, now)[1][strategy]:
             return None
-        if now is not None and now - self.written[int(user)][stage] > self.ttl_s:
-            return None
-        return items
+        items = e.lists[stage].items
+        return items if items.size else None
+
+
+_EMPTY = np.zeros(0, np.int64)
 
 
 def page_expected_clicks(world: World, interests: np.ndarray, pages: list[np.ndarray]) -> np.ndarray:
@@ -196,13 +192,16 @@ class RecyclingServer:
         self.last: dict[str, np.ndarray] = {}
 
     def availability(self, batch: RequestBatch) -> np.ndarray:
-        avail = np.zeros((len(batch), N_STRATEGIES), bool)
-        avail[:, 0] = True
-        for i in range(len(batch)):
-            if batch.is_repeat[i]:
-                for j in range(1, N_STRATEGIES):
-                    avail[i, j] = self.cache.candidates(batch.user_index[i], j, batch.ts[i]) is not None
-        return avail
+        return self._views(batch)[1]
+
+    def _views(self, batch: RequestBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(cache_state [B, 3K], available [B, K+1]) of a batch, as the router's request filter
+        sees them (initial requests: nothing available but strategy 0)."""
+        views = [self.cache.view(batch.user_index[i], batch.ts[i]) for i in range(len(batch))]
+        state = np.stack([v[0] for v in views]) if views else np.zeros((0, 3 * (N_STRATEGIES - 1)), np.float32)
+        avail = np.stack([v[1] for v in views]) if views else np.zeros((0, N_STRATEGIES), bool)
+        avail[~np.asarray(batch.is_repeat, bool), 1:] = False
+        return state, avail
 
     def expected_clicks(self, batch: RequestBatch, idx: np.ndarray, j: int) -> np.ndarray:
         """[len(idx)] exact expected clicks of strategy j's page for requests idx."""
@@ -225,8 +224,7 @@ class RecyclingServer:
         for i in range(B):
             if not batch.is_repeat[i]:
                 self.cache.clear(batch.user_index[i])
-        avail = self.availability(batch)
-        cache_state = np.stack([self.cache.state(batch.user_index[i], batch.ts[i]) for i in range(B)])
+        cache_state, avail = self._views(batch)
         strategy, propensity = self.assign(batch, avail, cache_state)
         if not avail[np.arange(B), strategy].all():
             raise ValueError("assignment chose a strategy whose cache is unavailable")

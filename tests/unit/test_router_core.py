@@ -14,7 +14,6 @@ from comrecycle.router.inprocess import InProcessBackend
 from comrecycle.router.params import RouterParams
 from comrecycle.runtime.validation import InputError
 from comrecycle.specs import UNAVAILABLE_SCORE
-from comrecycle.sim.recycling import StageCache
 
 VERSION = "test-models"
 
@@ -105,32 +104,32 @@ def test_each_strategy_serves_the_in_process_page_from_the_same_cache(backend, j
         assert after.lists[s].pages == (1 if k >= j else before.lists[s].pages + 1)
 
 
-def test_router_cache_numbers_match_the_simulator_stage_cache():
-    """apply_feedback/next_entry = StageCache.write/remove_exposed/state (what the estimator saw)."""
+def test_cache_state_counts_pages_since_each_list_was_computed():
+    """apply_feedback/next_entry (the router's and, through sim.recycling.StageCache, the
+    simulator's cache): pages served, ages and items left per list; the list origin."""
     rng = np.random.default_rng(0)
-    sim, entry = StageCache(ttl_s=900.0), None
-    t = 0.0
-    rank_page = None
+    entry, t, computed_at, rank_page = None, 0.0, {}, None
     for step, j in enumerate([0, 3, 3, 1, 2, 3, 0, 3]):
         rank_page = step if j <= 2 else rank_page  # the session page the rank list was computed for
         computed = {f"{s}_items": rng.permutation(500)[:n] for s, n in (("retrieval", 100), ("prerank", 60), ("rank", 30))
                     if ("retrieval", "prerank", "rank").index(s) >= j}
+        for k in computed:
+            computed_at[k.split("_")[0]] = (step, t)
         page = rng.permutation(500)[:20]
-        sim.write(1, computed, ts=t)
         entry = next_entry(entry, j, computed, page, t, VERSION)
         viewed = page[:rng.integers(0, 10)]
         t += float(rng.integers(1, 200))
-        sim.remove_exposed(1, viewed)
         entry, feats, state, avail = apply_feedback(entry, viewed, viewed[:1], t, 900.0)
-        np.testing.assert_allclose(state, sim.state(1, t))
         assert feats[1] == step + 1 and feats[2] == np.unique(viewed).size
+        for k, stage in enumerate(("retrieval", "prerank", "rank")):
+            at_step, at_t = computed_at[stage]
+            lst = entry.lists[stage]
+            assert not np.isin(lst.items, viewed).any()
+            if t - at_t <= 900.0:
+                np.testing.assert_allclose(state[3 * k:3 * k + 3], [t - at_t, step + 1 - at_step, lst.items.size])
+                assert avail[k + 1]
         # the estimator's list origin (model.py): request page - pages served
         assert feats[1] - state[7] == rank_page
-        for k in (1, 2, 3):
-            c = sim.candidates(1, k, t)
-            assert avail[k] == (c is not None)
-            if c is not None:
-                np.testing.assert_array_equal(entry.lists[("retrieval", "prerank", "rank")[k - 1]].items, c)
 
 
 def test_bad_inputs_get_per_request_errors_and_do_not_fail_the_batch(backend):
