@@ -1,5 +1,6 @@
 """recycle_router on a real tritonserver with a real redis-server: the request filter, parity of
-every strategy with the in-process router, viewed items, TTL and version changes, Redis killed
+every strategy with the in-process router, the same pages as the simulator and the in-process
+router for the same sessions, viewed items, TTL and version changes, Redis killed
 mid-run, concurrent same-user requests, bad inputs, metrics, and a version switch under load."""
 from __future__ import annotations
 
@@ -318,3 +319,76 @@ def test_strategy_three_over_bls_matches_the_local_rerank(tiny_repository, tiny_
             after = http.InferenceServerClient(srv.http_url).get_inference_statistics("rerank")
     count = lambda s: int(s["model_stats"][0]["inference_stats"]["success"]["count"])  # noqa: E731
     assert count(after) - count(before) == 3  # 1 inside the full cascade + 2 BLS calls for strategy 3
+
+
+class _RouterInTheLoop:
+    """A simulator `serve` function that sends each page request to a router (the client in the
+    loop: viewed and clicked items of the previous page, simulated time, new sessions)."""
+
+    def __init__(self, send_batch):
+        self.send_batch, self.feedback, self.strategy = send_batch, {}, {}
+
+    def __call__(self, batch):
+        reqs = []
+        for i in range(len(batch)):
+            first = not batch.is_repeat[i]
+            viewed, clicked = ((), ()) if first else self.feedback.get(int(batch.session_id[i]), ((), ()))
+            ctx = batch.context(i)
+            reqs.append({"user_id": ctx["user_id"], "user_features": ctx["user_features"],
+                         "history": ctx["history"], "viewed_items": np.asarray(viewed, np.int64),
+                         "clicked_items": np.asarray(clicked, np.int64),
+                         "request_time": np.array([batch.ts[i]], np.float64),
+                         "new_session": np.array([int(first)], np.int64)})
+        answers = self.send_batch(reqs)
+        for rid, (strategy, _) in zip(batch.request_id, answers):
+            self.strategy[int(rid)] = strategy
+        return [page for _, page in answers]
+
+    def on_feedback(self, batch, outcome):
+        for i in range(len(batch)):
+            self.feedback[int(batch.session_id[i])] = (outcome.page_items[i][:int(outcome.n_viewed[i])],
+                                                       outcome.clicked_items[i])
+
+
+def test_simulator_in_process_and_triton_serve_the_same_pages(stack, tiny_model_set, tiny_estimator, tiny_world,
+                                                              tiny_cascade):
+    """One core, three paths: the same simulated sessions served by the simulator's recycling
+    server, by the in-process router (memory cache) and by recycle_router on Triton (Redis), all
+    recycling the rank list whenever the cache state allows, get the same pages."""
+    from comrecycle.sim.env import SessionSimulator
+    from comrecycle.sim.recycling import RecyclingServer, fixed_assignment
+
+    costs = [1.0, 1.0, 1.0, 0.05]  # with λ = 0: strategy 3 whenever the rank list is usable, else 0
+    import tritonclient.http as http
+
+    install_router_params(stack["repo"], write_params(stack["tmp"] / "three_paths.json", costs, lam=0.0))
+    http.InferenceServerClient(stack["triton"].http_url).load_model(ROUTER)
+    try:
+        local = RecycleRouter(MemoryStageCache(), InProcessBackend.load(tiny_model_set, tiny_estimator),
+                              RouterParams(lam=0.0, costs=tuple(costs)), model_set_fingerprint(stack["repo"]))
+
+        def via_triton(reqs):
+            out = send(stack, reqs, concurrent=True)
+            for r in out:
+                assert not isinstance(r, Exception), r
+            return [(int(r["strategy"][0]), r["page_items"]) for r in out]
+
+        def in_process(reqs):
+            results, _ = asyncio.run(local.serve([{k: v[None] for k, v in r.items()} for r in reqs]))
+            return [(r.strategy, r.page_items) for r in results]
+
+        n, seed = 200, 5
+        runs = {}
+        for name, serve in (("triton", _RouterInTheLoop(via_triton)), ("in-process", _RouterInTheLoop(in_process)),
+                            ("simulator", RecyclingServer(tiny_world, tiny_cascade, fixed_assignment(3)))):
+            table = SessionSimulator(tiny_world, seed=seed, concurrency=16).run(n, serve, progress=False).table()
+            strategy = (table["strategy"].to_numpy() if name == "simulator" else
+                        np.array([serve.strategy[int(r)] for r in table["request_id"].to_numpy()]))
+            runs[name] = (strategy, table["page_items"].to_pylist())
+        ref_strategy, ref_pages = runs["simulator"]
+        assert (ref_strategy == 3).mean() > 0.3
+        for name in ("in-process", "triton"):
+            np.testing.assert_array_equal(runs[name][0], ref_strategy, err_msg=name)
+            assert runs[name][1] == ref_pages, name
+    finally:
+        load_version(stack, COSTS, "after_three_paths")
