@@ -27,7 +27,7 @@ def cmd_serve(a) -> int:
     import os
 
     from ..repository import load_plan
-    from ..serving.server import main as server_main
+    from ..serving.server_cli import main as server_main
 
     repo = Path(a.repository)
     _check_repository(repo)

@@ -41,7 +41,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .server import LOCALHOST, _death_signal_preexec, _read_tail, find_free_port
+from .processes import _death_signal_preexec, _read_tail, find_free_port
+from .triton_env import LOCALHOST
 from ..errors import ComRecycleError, ServingFailure, UserError
 
 LOG = logging.getLogger(__name__)

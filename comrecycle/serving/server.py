@@ -29,26 +29,16 @@ Errors: :class:`TritonStartError` when the server does not become ready (its mes
 the command line and the tail of Triton's own log, e.g. ``failed to load 'x' ...``) and
 :class:`PortInUseError` when a requested port is taken (raised before anything is spawned).
 """
-
 from __future__ import annotations
 
-import argparse
 import atexit
-import ctypes
-import errno
-import hashlib
-import importlib.metadata
-import importlib.util
 import logging
 import os
-import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -56,24 +46,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
-from .backends import SOURCE_DIR, backend_sources, install_backends
-from ..errors import ComRecycleError, ServingFailure, UserError
+from ..errors import UserError
+from .processes import (_death_signal_preexec, _error_lines, _group_alive, _read_tail, find_free_port,
+                        port_is_free)
+from .triton_env import (DEFAULT_EXIT_TIMEOUT_S, DEFAULT_STOP_TIMEOUT_S, LOCALHOST, LOG_TAIL_LINES,
+                         MODEL_CONTROL_MODES, NOT_READY_GRACE_S, PortInUseError, TritonStartError, _PORT_RACE_ATTEMPTS,
+                         backend_directory, perf_analyzer_path, server_env, tool_env, tritonserver_path)
 
 LOG = logging.getLogger(__name__)
-
-LOCALHOST = "127.0.0.1"
-MODEL_CONTROL_MODES = ("none", "explicit")
-DEFAULT_STOP_TIMEOUT_S = 30.0
-# Triton's own grace period on shutdown (--exit-timeout-secs; Triton's default is 30). Triton
-# also waits this long for idle keep-alive HTTP connections of clients that are still open, so a
-# long grace makes every stop() slow; kept well below the stop timeout so a normal shutdown
-# finishes before we resort to SIGKILL.
-DEFAULT_EXIT_TIMEOUT_S = 5
-LOG_TAIL_LINES = 60
-NOT_READY_GRACE_S = 3.0  # live but not ready this long after start-up: a model failed to load
-_PORT_RACE_ATTEMPTS = 3
 
 __all__ = [
     "PortInUseError",
@@ -83,278 +65,11 @@ __all__ = [
     "find_free_port",
     "main",
     "perf_analyzer_path",
+    "port_is_free",
     "server_env",
     "tool_env",
     "tritonserver_path",
 ]
-
-
-class TritonStartError(ServingFailure):
-    """The Triton server could not be started or did not become ready.
-
-    The message names what was expected, what happened, the command line and the tail of
-    Triton's log. ``log_path`` and ``command`` are also available as attributes.
-    """
-
-    def __init__(self, message: str, *, log_path: Optional[Path] = None,
-                 command: Optional[Sequence[str]] = None):
-        super().__init__(message)
-        self.log_path = log_path
-        self.command = list(command) if command is not None else None
-
-
-class PortInUseError(TritonStartError):
-    """A port requested for Triton is already bound by another process (checked before spawning)."""
-
-    def __init__(self, port: int, role: str, address: str = LOCALHOST):
-        super().__init__(
-            f"{role} port {port} on {address} is already in use: expected a free port for "
-            f"tritonserver's {role} endpoint. Pass another port, or None to pick a free one."
-        )
-        self.port = port
-        self.role = role
-
-
-# --------------------------------------------------------------------------------------------
-# Locating the embedded server, its libraries and the tools
-# --------------------------------------------------------------------------------------------
-
-def _pytriton_dir() -> Path:
-    try:
-        import pytriton  # noqa: PLC0415 (imported lazily: only needed to locate files)
-    except ImportError as exc:  # pragma: no cover - the package is a hard dependency
-        raise TritonStartError(
-            "the embedded Triton server comes from the PyPI package nvidia-pytriton, "
-            f"which is not importable in {sys.executable}: {exc}"
-        ) from exc
-    return Path(pytriton.__file__).resolve().parent
-
-
-def _site_packages() -> Path:
-    return _pytriton_dir().parent
-
-
-def _pytriton_version() -> str:
-    try:
-        return importlib.metadata.version("nvidia-pytriton")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-        return "unknown"
-
-
-def tritonserver_path() -> Path:
-    """Path of the ``tritonserver`` binary shipped in ``nvidia-pytriton``."""
-    path = _pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
-    if not path.is_file():
-        raise TritonStartError(f"expected the tritonserver binary at {path}; it is missing "
-                               "(is nvidia-pytriton installed completely?)")
-    return path
-
-
-def _server_libs_dir() -> Path:
-    return _site_packages() / "nvidia_pytriton.libs"
-
-
-def _python_libdir() -> Optional[str]:
-    libdir = sysconfig.get_config_var("LIBDIR")
-    return str(libdir) if libdir else None
-
-
-def _python_bin_dir() -> Path:
-    # Not resolved on purpose: a venv's bin/python is a symlink to the base interpreter, and
-    # the stub must find the venv's python3 (which makes it use the venv's site-packages).
-    return Path(sys.executable).parent
-
-
-def _cuda_runtime_lib_dir() -> Optional[Path]:
-    """``site-packages/nvidia/cuda_runtime/lib`` (PyPI nvidia-cuda-runtime-cu12), if installed."""
-    try:
-        spec = importlib.util.find_spec("nvidia.cuda_runtime")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        lib = Path(location) / "lib"
-        if lib.is_dir():
-            return lib
-    return None
-
-
-def _cache_root() -> Path:
-    if os.environ.get("COMRECYCLE_CACHE_DIR"):
-        return Path(os.environ["COMRECYCLE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "comrecycle"
-
-
-def backend_directory(cache_root: Optional[Path] = None) -> Path:
-    """Return (building it if needed) a Triton backend directory for the running interpreter.
-
-    Layout: ``<dir>/python/{libtriton_python.so, triton_python_backend_utils.py,
-    triton_python_backend_stub}``, copied from the nvidia-pytriton wheel (Triton refuses a
-    Python-based backend whose libtriton_python.so resolves outside the backend directory, so
-    these are copies, not links), and ``<dir>/<backend>/model.py`` for each of ComRecycle's
-    Python-based backends (comrecycle.serving.backends), linked to the package's files so a
-    server runs the code of this checkout. The folder name carries the nvidia-pytriton version,
-    the Python version and a hash of the wheel's and the package's locations, so two
-    environments or two checkouts never share one. The build is atomic (temporary folder +
-    rename), hence safe when several processes start at once.
-    """
-    pytriton_dir = _pytriton_dir()
-    py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    src_backend = pytriton_dir / "tritonserver" / "backends" / "python"
-    stubs_dir = pytriton_dir / "tritonserver" / "python_backend_stubs"
-    stub = stubs_dir / py / "triton_python_backend_stub"
-    if not stub.is_file():
-        available = sorted(p.name for p in stubs_dir.iterdir()) if stubs_dir.is_dir() else []
-        raise TritonStartError(
-            f"expected a Python-backend stub for Python {py} at {stub}; nvidia-pytriton "
-            f"{_pytriton_version()} ships stubs for: {', '.join(available) or 'none'}"
-        )
-    wanted = {
-        "libtriton_python.so": src_backend / "libtriton_python.so",
-        "triton_python_backend_utils.py": src_backend / "triton_python_backend_utils.py",
-        "triton_python_backend_stub": stub,
-    }
-    for name, target in wanted.items():
-        if not target.is_file():
-            raise TritonStartError(f"expected {name} of the Python backend at {target}; it is missing")
-    models = backend_sources()
-
-    key = hashlib.sha256(f"{pytriton_dir}\n{SOURCE_DIR}".encode()).hexdigest()[:10]
-    root = Path(cache_root) if cache_root is not None else _cache_root()
-    dest = root / f"triton-backends-{_pytriton_version()}-py{py.replace('.', '')}-{key}"
-    if _backend_dir_valid(dest, wanted, models):
-        return dest
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-backends-", dir=root))
-    try:
-        (tmp / "python").mkdir()
-        for name, target in wanted.items():
-            shutil.copy2(target, tmp / "python" / name)
-        install_backends(tmp)
-        tmp.chmod(0o755)
-        if dest.exists() or dest.is_symlink():
-            LOG.info("rebuilding stale Triton backend directory %s", dest)
-            shutil.rmtree(dest, ignore_errors=True)
-        try:
-            os.rename(tmp, dest)
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not _backend_dir_valid(dest, wanted, models):
-                raise
-            # another process built it concurrently: use theirs
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    LOG.debug("Triton backend directory ready: %s", dest)
-    return dest
-
-
-def _backend_dir_valid(dest: Path, wanted: Mapping[str, Path], models: Mapping[str, Path]) -> bool:
-    """The Python backend's files are same-size copies; each model.py links to (or equals) ours."""
-    try:
-        for name, target in wanted.items():
-            entry = dest / "python" / name
-            if entry.is_symlink() or not entry.is_file() or entry.stat().st_size != target.stat().st_size:
-                return False
-        for name, src in models.items():
-            entry = dest / name / "model.py"
-            if entry.is_symlink():
-                if entry.resolve() != src.resolve():
-                    return False
-            elif not entry.is_file() or entry.read_bytes() != src.read_bytes():
-                return False
-    except OSError:
-        return False
-    return True
-
-
-def _prepend_paths(paths: Iterable[Optional[os.PathLike | str]], existing: Optional[str]) -> str:
-    out: List[str] = []
-    for p in list(paths) + (existing.split(os.pathsep) if existing else []):
-        if p is None:
-            continue
-        s = os.fspath(p)
-        if s and s not in out:
-            out.append(s)
-    return os.pathsep.join(out)
-
-
-def server_env(base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
-    """Environment for ``tritonserver``: a copy of ``base`` (default ``os.environ``) with
-
-    * ``PATH`` starting with this interpreter's ``bin/`` (the stub's Python lookup), and
-    * ``LD_LIBRARY_PATH`` starting with ``nvidia_pytriton.libs`` and the interpreter's LIBDIR.
-    """
-    env = dict(os.environ if base is None else base)
-    env["PATH"] = _prepend_paths([_python_bin_dir()], env.get("PATH", os.defpath))
-    env["LD_LIBRARY_PATH"] = _prepend_paths([_server_libs_dir(), _python_libdir()],
-                                            env.get("LD_LIBRARY_PATH"))
-    return env
-
-
-def tool_env(base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
-    """Environment for Triton's client tools (``perf_analyzer``): a copy of ``base`` (default
-    ``os.environ``) with this interpreter's ``bin/`` first on ``PATH`` and the CUDA runtime of
-    ``nvidia-cuda-runtime-cu12`` (``libcudart.so.12``, which perf_analyzer links even on CPU)
-    first on ``LD_LIBRARY_PATH``. ``libb64.so.0d`` comes from the system (Debian ``libb64-0d``).
-    """
-    env = dict(os.environ if base is None else base)
-    env["PATH"] = _prepend_paths([_python_bin_dir()], env.get("PATH", os.defpath))
-    cudart = _cuda_runtime_lib_dir()
-    if cudart is None:
-        LOG.warning("nvidia-cuda-runtime-cu12 not found: perf_analyzer needs libcudart.so.12")
-    env["LD_LIBRARY_PATH"] = _prepend_paths([cudart], env.get("LD_LIBRARY_PATH"))
-    return env
-
-
-def perf_analyzer_path() -> Path:
-    """Path of the ``perf_analyzer`` binary installed by the ``tritonclient==2.51.0`` wheel."""
-    candidates = [_python_bin_dir() / "perf_analyzer"]
-    scripts = sysconfig.get_path("scripts")
-    if scripts:
-        candidates.append(Path(scripts) / "perf_analyzer")
-    for cand in candidates:
-        if cand.is_file() and os.access(cand, os.X_OK):
-            return cand
-    found = shutil.which("perf_analyzer")
-    if found:
-        return Path(found)
-    raise FileNotFoundError(
-        "perf_analyzer not found: expected it in "
-        f"{', '.join(str(c) for c in candidates)} (it ships in the tritonclient==2.51.0 wheel)"
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Ports
-# --------------------------------------------------------------------------------------------
-
-def find_free_port(host: str = LOCALHOST, exclude: Iterable[int] = ()) -> int:
-    """Return a TCP port on ``host`` that is free right now (the OS picks it)."""
-    excluded = set(exclude)
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
-        if port not in excluded:
-            return port
-    raise RuntimeError(f"could not find a free port on {host} outside {sorted(excluded)}")
-
-
-def port_is_free(port: int, host: str = LOCALHOST) -> bool:
-    """True when a server could bind ``host:port`` now (SO_REUSEADDR, as servers do, so a
-    port in TIME_WAIT counts as free while a listening socket does not)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,68 +91,6 @@ def _stop_all_at_exit() -> None:
 
 
 atexit.register(_stop_all_at_exit)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _death_signal_preexec():
-    """A ``preexec_fn`` asking the kernel to SIGTERM tritonserver when its parent dies.
-
-    This covers a parent killed without running ``atexit`` (SIGKILL, default SIGTERM). Only
-    used when spawning from the main thread: the kernel ties the death signal to the thread
-    that forked, so a worker thread's exit would otherwise stop the server.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover
-        return None
-    sig = int(signal.SIGTERM)
-
-    def _preexec() -> None:  # runs in the child between fork and exec: keep it trivial
-        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-
-    return _preexec
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - the id was reused by someone else's group
-        return False
-    return True
-
-
-def _read_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 256 * 1024) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read()
-    except OSError as exc:
-        return f"<could not read {path}: {exc}>"
-    text = data.decode("utf-8", errors="replace")
-    return "\n".join(text.splitlines()[-lines:])
-
-
-_ERROR_LINE = re.compile(r"^E\d{4} |failed to load|error:|Traceback", re.IGNORECASE)
-# Errors every CPU-only start logs (no CUDA driver, no NVML/DCGM): not worth showing.
-_BENIGN_ERROR = re.compile(r"CudaDriverHelper has not been initialized|NVML|DCGM|CUDA driver version")
-
-
-def _error_lines(path: Path, limit: int = 20) -> List[str]:
-    """Triton's error lines (``E0101 ...``, ``failed to load ...``) from the whole log."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return []
-    found = [line for line in text.splitlines()
-             if _ERROR_LINE.search(line) and not _BENIGN_ERROR.search(line)]
-    return found[:limit]
 
 
 # --------------------------------------------------------------------------------------------
@@ -826,109 +479,11 @@ class TritonServer:
             pass
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-class _Terminate(BaseException):
-    """Raised by :func:`main`'s signal handler while the server is starting up.
-
-    A ``BaseException`` (like ``KeyboardInterrupt``) so that no ``except Exception`` on the way
-    (logging, urllib) can swallow it.
-    """
-
-
-def _parse_port(text: str) -> Optional[int]:
-    value = int(text)
-    if value == 0:
-        return None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port in 1..65535 (or 0 = free port), got {text}")
-    return value
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m comrecycle.serving.server",
-        description="Run the embedded Triton Inference Server (from nvidia-pytriton) on a model "
-                    "repository, in the foreground until Ctrl-C or SIGTERM.",
-        epilog="Arguments after '--' are passed to tritonserver unchanged.",
-    )
-    parser.add_argument("--model-repository", required=True, type=Path, help="model repository folder")
-    parser.add_argument("--http-port", type=_parse_port, default=8000, help="HTTP port (default 8000; 0 = free port)")
-    parser.add_argument("--grpc-port", type=_parse_port, default=8001, help="gRPC port (default 8001; 0 = free port)")
-    parser.add_argument("--metrics-port", type=_parse_port, default=8002,
-                        help="Prometheus metrics port (default 8002; 0 = free port)")
-    parser.add_argument("--address", default=LOCALHOST, help=f"interface to bind (default {LOCALHOST})")
-    parser.add_argument("--model-control", choices=MODEL_CONTROL_MODES, default="none",
-                        help="'none': load all models at start; 'explicit': only --load-model ones")
-    parser.add_argument("--load-model", action="append", default=[], metavar="NAME",
-                        help="model loaded at start-up with --model-control explicit (repeatable)")
-    parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
-    parser.add_argument("--log-file", type=Path, default=None,
-                        help="file for Triton's output (default: a temporary file)")
-    parser.add_argument("--exit-timeout", type=int, default=DEFAULT_EXIT_TIMEOUT_S,
-                        help="seconds Triton lets in-flight requests finish on shutdown "
-                             f"(default {DEFAULT_EXIT_TIMEOUT_S})")
-    parser.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for readiness")
-    return parser
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: List[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
-    args = build_arg_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """``python -m comrecycle.serving.server``: see comrecycle.serving.server_cli."""
+    from .server_cli import main as cli_main
 
-    # Ctrl-C and SIGTERM: during start-up abort it; once serving, just note the request and let
-    # the main loop stop the server (never raise at an arbitrary point of a running program).
-    state = {"started": False, "signal": None, "signum": 0}
-
-    def _on_signal(signum, frame):
-        state["signal"] = signal.Signals(signum).name
-        state["signum"] = signum
-        if not state["started"]:
-            raise _Terminate()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    server: Optional[TritonServer] = None
-    try:
-        server = TritonServer(
-            args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
-            model_control=args.model_control, load_models=args.load_model, log_verbose=args.log_verbose,
-            log_file=args.log_file, extra_args=extra, startup_timeout=args.startup_timeout,
-            address=args.address, exit_timeout=args.exit_timeout,
-        )
-        server.start()
-        state["started"] = True
-    except (ComRecycleError, FileNotFoundError) as exc:
-        LOG.error("%s", exc)
-        return 1
-    except _Terminate:
-        LOG.info("%s during start-up: stopping", state["signal"])
-        if server is not None:
-            server.stop()
-        return 128 + state["signum"]
-    LOG.info("serving %s: HTTP %s | gRPC %s | metrics %s | log %s | Ctrl-C or SIGTERM to stop",
-             server.model_repository, server.http_url, server.grpc_url, server.metrics_endpoint,
-             server.log_path)
-    while server.is_running() and state["signal"] is None:
-        time.sleep(0.2)
-    if state["signal"] is not None:
-        LOG.info("%s: shutting down", state["signal"])
-        status = 0
-    else:
-        LOG.error("tritonserver exited unexpectedly (code %s); last lines of its log:\n%s",
-                  server._process.poll() if server._process else "?", server.log_tail())
-        status = 1
-    server.stop()
-    LOG.info("stopped")
-    return status
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

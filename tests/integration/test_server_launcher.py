@@ -261,7 +261,7 @@ def test_cli_runs_in_foreground_until_sigterm(floor_repo):
         # wait for the CLI's own "serving" line (it logs it once its readiness check passed)
         for line in proc.stdout:
             seen.append(line)
-            if "serving" in line:
+            if "serving " in line and "| gRPC" in line:
                 break
         assert proc.poll() is None, "".join(seen)
         client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
