@@ -52,7 +52,7 @@ from ..runtime.stage import pad_lists
 from ..settings import SERVING, RouterSettings
 from ..specs import (CACHE_STATE_FIELDS, EXCLUDE_MAX, N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS, STAGES,
                      STRATEGIES, STRATEGY_CANDIDATES, STRATEGY_MODEL, UNAVAILABLE_SCORE)
-from .cache import CACHED_STAGES, RECENT_PAGES, CacheEntry, StageList
+from .entry import CACHED_STAGES, RECENT_PAGES, CacheEntry, StageList
 from .params import RouterParams
 from ..errors import ServingFailure
 

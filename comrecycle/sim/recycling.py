@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..router.cache import CacheEntry
+from ..router.entry import CacheEntry
 from ..router.core import apply_feedback, next_entry
 from ..runtime.cascade import InProcessCascade
 from ..settings import SERVING

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import redis
 
-from comrecycle.router.cache import CacheEntry, RedisStageCache, StageList, encode_entry
+from comrecycle.router.cache import RedisStageCache
+from comrecycle.router.entry import CacheEntry, StageList, encode_entry
 from comrecycle.serving.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration

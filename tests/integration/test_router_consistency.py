@@ -104,7 +104,7 @@ def test_keys_that_are_not_entries_are_repaired_and_the_user_is_served(stack):
 def test_lookups_add_up_and_failed_work_is_counted(stack):
     from dataclasses import replace
 
-    from comrecycle.router.cache import encode_entry
+    from comrecycle.router.entry import encode_entry
 
     send(stack, [req(703, t=1.0)])
     cache, r = stack["cache"], redis.Redis.from_url(stack["redis"].url)

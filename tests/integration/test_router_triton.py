@@ -17,7 +17,8 @@ import pytest
 
 from client.triton_client import CascadeClient, ServingError
 from comrecycle.repository import install_router_params, repository_server
-from comrecycle.router.cache import MemoryStageCache, RedisStageCache
+from comrecycle.router.cache import RedisStageCache
+from comrecycle.router.memory_cache import MemoryStageCache
 from comrecycle.router.core import RecycleRouter
 from comrecycle.router.inprocess import InProcessBackend
 from comrecycle.router.params import RouterParams

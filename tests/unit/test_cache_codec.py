@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
-from comrecycle.router.cache import (CACHED_STAGES, RECENT_PAGES, CacheEntry, CorruptEntry, StageList, decode_entry,
+from comrecycle.router.entry import (CACHED_STAGES, RECENT_PAGES, CacheEntry, CorruptEntry, StageList, decode_entry,
                                      encode_entry)
 from comrecycle.specs import EXCLUDE_MAX, PAGE_SIZE
 

@@ -8,7 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from comrecycle.router.cache import MemoryStageCache as MemoryCache, encode_entry
+from comrecycle.router.entry import encode_entry
+from comrecycle.router.memory_cache import MemoryStageCache as MemoryCache
 from comrecycle.router.core import BackendError, RecycleRouter, RouterResult, ServingError, apply_feedback, next_entry
 from comrecycle.router.inprocess import InProcessBackend
 from comrecycle.router.params import RouterParams
@@ -647,7 +648,7 @@ def test_a_request_filter_failure_releases_the_lock_and_keeps_the_session(backen
 
 
 def test_an_entry_that_cannot_be_encoded_releases_the_lock_and_keeps_the_parked_feedback():
-    from comrecycle.router.cache import CacheEntry
+    from comrecycle.router.entry import CacheEntry
 
     cache = MemoryCache()
     assert cache.claim([1], "t", viewed=[np.array([4, 5])])[0].status == "miss"
