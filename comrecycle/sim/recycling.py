@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..router.entry import CacheEntry
-from ..router.core import apply_feedback, next_entry
+from ..router.state import apply_feedback, next_entry
 from ..runtime.cascade import InProcessCascade
 from ..settings import SERVING
 from ..specs import PAGE_SIZE, STAGES, STRATEGIES

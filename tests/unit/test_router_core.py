@@ -10,7 +10,8 @@ import pytest
 
 from comrecycle.router.entry import encode_entry
 from comrecycle.router.memory_cache import MemoryStageCache as MemoryCache
-from comrecycle.router.core import BackendError, RecycleRouter, RouterResult, ServingError, apply_feedback, next_entry
+from comrecycle.router.core import BackendError, RecycleRouter, RouterResult, ServingError
+from comrecycle.router.state import apply_feedback, next_entry
 from comrecycle.router.inprocess import InProcessBackend
 from comrecycle.router.params import RouterParams
 from comrecycle.runtime.validation import InputError
@@ -301,7 +302,7 @@ def test_with_lambda_zero_the_estimator_is_not_called_nor_paid_for(backend):
 
 
 def test_short_list_membership_matches_numpy():
-    from comrecycle.router.core import isin
+    from comrecycle.router.state import isin
 
     rng = np.random.default_rng(1)
     items = rng.integers(0, 50, 300)
@@ -608,7 +609,7 @@ def test_feedback_reported_while_redis_is_down_reaches_the_cache_when_it_is_back
 
 
 def test_recent_unique_keeps_the_latest_ids_in_order_and_caps_them():
-    from comrecycle.router.core import recent_unique
+    from comrecycle.router.state import recent_unique
 
     out = recent_unique(np.array([5, 1, 9]), np.array([1, 7]), limit=3)
     np.testing.assert_array_equal(out, [9, 1, 7])  # 5 is the oldest; 1 counts at its latest position
