@@ -150,7 +150,7 @@ def run_demo(a) -> int:
         print("first errors:", *(routed.first_errors + full.first_errors), sep="\n  ")
     # the one-step frontier on the held-out log, with the replay's measured point
     log = read_log(info["heldout"])
-    from .estimator.estimator import EffectLossEstimator
+    from .estimator.effect_loss import EffectLossEstimator
     q_hat, dq = predict(log, EffectLossEstimator.load(info["estimator"]))
     res = frontier(log, p["costs"], q_hat, dq, estimator_cost=float(p.get("estimator_cost", 0.0)))
     res["measured"] = {"recycle_router on Triton (replay)": {

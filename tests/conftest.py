@@ -79,7 +79,7 @@ def tiny_heldout_log(tiny_model_set):
 @pytest.fixture(scope="session")
 def tiny_estimator(tiny_random_log, tmp_path_factory) -> Path:
     """A small effect-loss estimator trained on tiny_random_log (directory with ONNX + manifest)."""
-    from comrecycle.estimator.estimator import EffectLossEstimator
+    from comrecycle.estimator.effect_loss import EffectLossEstimator
 
     out = tmp_path_factory.mktemp("estimator")
     EffectLossEstimator(max_epochs=3, progress=False).fit(tiny_random_log).save(out)

@@ -46,7 +46,7 @@ def cmd_train_estimator(a) -> int:
 def cmd_calibrate_estimator(a) -> int:
     import shutil
 
-    from ..estimator.estimator import EffectLossEstimator
+    from ..estimator.effect_loss import EffectLossEstimator
     from ..estimator.training import read_training_logs
 
     src = Path(a.estimator)

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .baselines import ConstantModel, TLearner
-from .estimator import EffectLossEstimator, LogError, features_from_log, validate_training_log
+from .effect_loss import EffectLossEstimator, LogError, features_from_log, validate_training_log
 from .evaluation import evaluate_uplift, plot_uplift_curves, report_markdown, treatment_curves
 
 

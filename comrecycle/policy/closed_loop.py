@@ -297,7 +297,7 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
     elif dcaf is not None:
         policy = assign = DcafAssignment(params, dcaf["mean_loss"], dcaf["mean_pages"], dcaf["mean_effect"], controller)
     else:
-        from ..estimator.estimator import EffectLossEstimator
+        from ..estimator.effect_loss import EffectLossEstimator
 
         policy = assign = PolicyAssignment(EffectLossEstimator.load(estimator_dir), params, controller,
                                            explore=explore, explore_arms=explore_arms, seed=seed,

@@ -40,7 +40,7 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_reque
     (doubly robust, `confidence` as in `solve --confidence`); a small third log with q_0..q_3
     draws the one-step frontier. max_pages: the optional depth guard (a cached list that has
     served this many pages is not recycled again)."""
-    from ..estimator.estimator import EffectLossEstimator
+    from ..estimator.effect_loss import EffectLossEstimator
     from ..repository import install_estimator, install_router_params, installed_versions
     from ..sim.logs import read_log, write_log
     from ..sim.recycling import simulate_log, simulate_log_sharded

@@ -198,7 +198,7 @@ def feed_world_check(requests: int, seeds, budgets, confidence: float = 0.95, tr
     training, solving and testing (disjoint users), the log's own costs, every budget. With
     compare: ranking_comparison per seed at the budgets' loss levels (and a fourth log, seed·10
     + 4, of 200 000 requests for the feature ceiling). Returns (rows, {seed: comparison})."""
-    from ..estimator.estimator import EffectLossEstimator
+    from ..estimator.effect_loss import EffectLossEstimator
     from ..sim.feed_world import simulate_feed_log
 
     rows, comparisons = [], {}

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..runtime.estimator import EstimatorRuntime
+from ..runtime.estimator_onnx import EstimatorRuntime
 from ..runtime.cascade import CONTEXT_NAMES, run_chain
 from ..runtime.stage import StageRuntime, load_stage_runtimes
 from ..runtime.validation import InputError

@@ -75,7 +75,7 @@ def measure_estimator_seconds(onnx_path, features: dict[str, np.ndarray], batch_
                               repeats: int = 7) -> float:
     """Median seconds per request of the estimator at `batch_size` requests per onnxruntime
     call (the same reference as the stages), on real rows (`features` from a log)."""
-    from .estimator import EstimatorRuntime
+    from .estimator_onnx import EstimatorRuntime
 
     rt = EstimatorRuntime(onnx_path)
     n = min(batch_size, len(features["user_features"]))

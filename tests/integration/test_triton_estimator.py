@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from client.triton_client import CascadeClient, ServingError
-from comrecycle.estimator.estimator import EffectLossEstimator, features_from_log
-from comrecycle.runtime.estimator import EstimatorRuntime
+from comrecycle.estimator.effect_loss import EffectLossEstimator, features_from_log
+from comrecycle.runtime.estimator_onnx import EstimatorRuntime
 
 pytestmark = pytest.mark.integration
 

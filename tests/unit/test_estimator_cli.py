@@ -113,7 +113,7 @@ def _with_cache_state(feats, value):
 
 
 def test_cache_state_is_used_only_when_the_logs_carry_it(tiny_random_log):
-    from comrecycle.estimator.estimator import EffectLossEstimator, features_from_log
+    from comrecycle.estimator.effect_loss import EffectLossEstimator, features_from_log
 
     f = features_from_log(tiny_random_log.slice(0, 64))
     assert (f["cache_state"] >= -1).all() and (f["cache_state"][:, 1::3].max() >= 1)
@@ -141,7 +141,7 @@ def test_several_training_logs_are_concatenated_with_distinct_sessions(log_path,
 
 
 def test_min_epochs_keeps_early_stopping_away(tiny_random_log):
-    from comrecycle.estimator.estimator import EffectLossEstimator
+    from comrecycle.estimator.effect_loss import EffectLossEstimator
 
     est = EffectLossEstimator(max_epochs=3, min_epochs=3, patience=1, progress=False).fit(tiny_random_log)
     assert est.history_["epochs"] == 3

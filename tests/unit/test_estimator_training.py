@@ -5,7 +5,7 @@ import json
 import numpy as np
 import torch
 
-from comrecycle.estimator.estimator import EffectLossEstimator
+from comrecycle.estimator.effect_loss import EffectLossEstimator
 
 
 def _weights(est):
@@ -42,7 +42,7 @@ def test_view_adjusted_label_is_saved_and_reloaded(tiny_random_log, tmp_path):
 
 
 def test_a_saved_estimator_predicts_with_onnxruntime_what_torch_predicts(tiny_estimator, tiny_random_log, tmp_path):
-    from comrecycle.estimator.estimator import features_from_log
+    from comrecycle.estimator.effect_loss import features_from_log
 
     est = EffectLossEstimator.load(tiny_estimator)
     feats = features_from_log(tiny_random_log)

@@ -1,6 +1,6 @@
 """The effect-loss estimator on the Python backend: one onnxruntime call per batch.
 
-Thin by design: Triton tensors <-> numpy; the logic is comrecycle.runtime.estimator.
+Thin by design: Triton tensors <-> numpy; the logic is comrecycle.runtime.estimator_onnx.
 Triton runs it for every model with `backend: "comrecycle_estimator"` (a Python-based backend).
 """
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from comrecycle.runtime.estimator import EstimatorRuntime
+from comrecycle.runtime.estimator_onnx import EstimatorRuntime
 from comrecycle.serving.triton_bridge import execute_batch
 
 

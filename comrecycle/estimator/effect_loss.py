@@ -27,7 +27,7 @@ from ..sim.logs import LOG_SCHEMA, training_row_sample
 from ..specs import CACHE_STATE, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, HISTORY_MAX, N_RECYCLE
 from .calibration import DepthCalibration, fit_depth_calibration, graft_calibration
 from .labels import training_labels
-from .model import EffectLossNet
+from .network import EffectLossNet
 from ..errors import UserError
 
 ORT_CHUNK = 65_536  # rows per onnxruntime call in predict (bounds the memory of the GRU's activations)
