@@ -27,7 +27,7 @@ import sys
 import time
 
 from ..errors import ComRecycleError, UserError
-from . import models, policy, serving, sim
+from . import closed_loop, models, policy, serving, sim
 from .common import default_model_dir
 
 log = logging.getLogger("comrecycle")
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_parsers(sub)
     models.add_parsers(sub)
     policy.add_parsers(sub, str(default_model_dir("default") / "cost_profile.json"))
+    closed_loop.add_parsers(sub)
     serving.add_parsers(sub)
     return ap
 

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 
 from .baselines import ConstantModel, TLearner
 from .effect_loss import EffectLossEstimator, LogError, features_from_log, validate_training_log
-from .evaluation import evaluate_uplift, plot_uplift_curves, report_markdown, treatment_curves
+from .evaluation import evaluate_uplift, treatment_curves
+from .uplift_report import plot_uplift_curves, report_markdown
 
 
 def tabular_features(table: pa.Table) -> np.ndarray:

@@ -259,7 +259,7 @@ def test_decide_refuses_a_params_file_that_is_not_json(files):
 
 
 def test_closed_loop_warns_when_the_budget_is_missed():
-    from comrecycle.cli.policy import budget_warning
+    from comrecycle.cli.closed_loop import budget_warning
 
     over = {"budget_pct": 1.0, "loss_ci95": [1.5, 2.9], "effect_loss_pct": 2.18, "policy": "comrecycle, fixed λ"}
     assert "above the 1% budget" in budget_warning(over)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from comrecycle.estimator.baselines import ConstantModel, TLearner
-from comrecycle.estimator.evaluation import (auuc, auuc_random, average_uplift, evaluate_uplift,
-                                             plot_uplift_curves, qini_coefficient, qini_curve,
-                                             report_markdown, treatment_curves, uplift_curve)
+from comrecycle.estimator.evaluation import (auuc, auuc_random, average_uplift, evaluate_uplift, qini_coefficient,
+                                             qini_curve, treatment_curves, uplift_curve)
+from comrecycle.estimator.uplift_report import plot_uplift_curves, report_markdown
 
 
 # --------------------------------------------------------------------------- closed forms
