@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m client.replay") -
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", required=True, help="host:port of the server (its HTTP or gRPC port)")
     ap.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
-    ap.add_argument("--repository", default="model_repository",
+    ap.add_argument("--repository", default="artifacts/model_repository/cpu",
                     help="model repository whose manifest names the simulated world")
     ap.add_argument("--requests", type=int, default=2000, help="requests to replay (>= 1)")
     ap.add_argument("--concurrency", type=int, default=16, help="concurrent sessions (in-flight requests)")

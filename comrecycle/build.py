@@ -25,7 +25,7 @@ from .models.quality import quality_markdown, stage_quality
 from .models.train import StageTrainer, log_arrays
 from .models.vocab import Vocab
 from .profiles import Profile, get_profile
-from .repository import DEFAULT_REPOSITORY, VARIANTS, install_model_set, write_configs
+from .repository import COMMITTED_CONFIGS, VARIANTS, install_model_set, write_configs
 from .runtime.cascade import InProcessCascade
 from .runtime.costs import cost_profile
 from .runtime.stage import pad_lists
@@ -150,7 +150,7 @@ def regenerate_committed_configs() -> list[Path]:
     sizes = get_profile("default").sizes
     written = []
     for v in VARIANTS:
-        written += write_configs(DEFAULT_REPOSITORY[v], sizes, v)
+        written += write_configs(COMMITTED_CONFIGS[v], sizes, v)
     return written
 
 

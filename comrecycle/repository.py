@@ -12,8 +12,12 @@ pads them into one onnxruntime call). Ensembles: `cascade` (all four stages),
 `cascade_from_prerank`, `cascade_from_rank`; `rerank` is called directly for strategy 3.
 Every ensemble also outputs the intermediate stage outputs the recycling cache stores.
 
-Configs are written with protobuf ModelConfig + text_format and committed; a test
-regenerates them and fails on any difference.
+A served repository is a build output: `build_models.py` (or `comrecycle build-models`) writes
+the configs and installs the ONNX files into artifacts/model_repository/<variant>/
+(DEFAULT_REPOSITORY); `install-estimator` and `install-params` add versions there. The configs
+of every variant are also committed, for reading, under model_repository/ and
+deploy/<variant>/model_repository/ (COMMITTED_CONFIGS); a test regenerates them and fails on
+any difference. Configs are written with protobuf ModelConfig + text_format.
 """
 from __future__ import annotations
 
@@ -37,9 +41,12 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 VARIANTS = ("cpu", "gpu", "container")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REPOSITORY = {"cpu": REPO_ROOT / "model_repository",
-                      "gpu": REPO_ROOT / "deploy" / "gpu" / "model_repository",
-                      "container": REPO_ROOT / "deploy" / "container" / "model_repository"}
+# the generated configs, committed for reading (regeneration is checked by a test)
+COMMITTED_CONFIGS = {"cpu": REPO_ROOT / "model_repository",
+                     "gpu": REPO_ROOT / "deploy" / "gpu" / "model_repository",
+                     "container": REPO_ROOT / "deploy" / "container" / "model_repository"}
+# the repositories the build writes and the servers serve (configs + weights + params)
+DEFAULT_REPOSITORY = {v: REPO_ROOT / "artifacts" / "model_repository" / v for v in VARIANTS}
 MODEL_VERSION = 1
 _DTYPE = {"int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32, "float64": mc.TYPE_FP64}
 

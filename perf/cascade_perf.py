@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from comrecycle.serving.floor import FLOOR_INPUT, FLOOR_MODEL, write_floor_repository
-from comrecycle.repository import loadable_models
+from comrecycle.repository import DEFAULT_REPOSITORY, loadable_models
 from comrecycle.serving.server import TritonServer
 
 from .perf_analyzer_run import format_rows, run_perf, write_input_data, write_rows_csv
@@ -83,7 +83,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.cascade_perf", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repository", default=str(REPO_ROOT / "model_repository"),
+    ap.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]),
                     help="model repository with an installed model set")
     ap.add_argument("--out", default=str(REPO_ROOT / "runs" / "perf"))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])

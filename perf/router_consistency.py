@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from client.triton_client import CascadeClient, ServingError
+from comrecycle.repository import DEFAULT_REPOSITORY
 from comrecycle.specs import ROUTER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -187,7 +188,7 @@ async def run_suite(url: str, seconds: float = 40.0, users: int = 32, burst_user
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.router_consistency", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repository", default=str(REPO_ROOT / "model_repository"),
+    ap.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]),
                     help="model repository with the stages and an estimator installed (copied)")
     ap.add_argument("--seconds", type=float, default=40.0, help="length of the two session-load phases together")
     ap.add_argument("--users", type=int, default=32, help="users of the session-load phases")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from comrecycle.router.core import PHASES
+from comrecycle.repository import DEFAULT_REPOSITORY
 from comrecycle.specs import ROUTER
 
 from .router_perf import _contexts, _router_request
@@ -85,7 +86,7 @@ async def measure(url: str, metrics_url: str, contexts, rounds: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.router_interleaved", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repository", default=str(REPO_ROOT / "model_repository"),
+    ap.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]),
                     help="model repository with an installed model set, estimator and router params")
     ap.add_argument("--users", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=2, help="passes over the users")

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from comrecycle.repository import DEFAULT_REPOSITORY
 from comrecycle.specs import ROUTER, STRATEGIES
 
 from .perf_analyzer_run import format_rows, run_perf, write_input_data, write_rows_csv
@@ -257,7 +258,7 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.router_perf", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repository", default=str(REPO_ROOT / "model_repository"),
+    ap.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]),
                     help="model repository with an installed model set, estimator and router params")
     ap.add_argument("--models", default=str(REPO_ROOT / "artifacts" / "models" / "default"),
                     help="model set (to train/install the estimator and params if the repository lacks them)")

@@ -1,11 +1,11 @@
 """build_models.py: build a model set and generate the model repository.
 
   python build_models.py                       # default profile -> artifacts/models/default,
-                                               #   installed into model_repository/
+                                               #   installed into artifacts/model_repository/cpu
   python build_models.py --profile tiny --out DIR --repository REPO
   python build_models.py --configs-only        # regenerate the committed configs of all three
                                                #   variants (cpu, gpu, container) from specs.py
-  python build_models.py --variant gpu         # install into deploy/gpu/model_repository
+  python build_models.py --variant gpu         # install into artifacts/model_repository/gpu
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from comrecycle.profiles import get_profile
-from comrecycle.repository import (DEFAULT_REPOSITORY, REPO_ROOT, VARIANTS, all_configs,
+from comrecycle.repository import (COMMITTED_CONFIGS, REPO_ROOT, VARIANTS, all_configs,
                                    check_repository_configs, write_configs)
 from comrecycle.specs import STAGES
 
@@ -16,7 +16,7 @@ from comrecycle.specs import STAGES
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_regeneration_matches_committed(variant, tmp_path):
     written = write_configs(tmp_path, get_profile("default").sizes, variant)
-    committed = DEFAULT_REPOSITORY[variant]
+    committed = COMMITTED_CONFIGS[variant]
     diffs = []
     for f in written:
         rel = f.relative_to(tmp_path)
@@ -30,7 +30,7 @@ def test_regeneration_matches_committed(variant, tmp_path):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_configs_are_valid(variant):
-    assert check_repository_configs(DEFAULT_REPOSITORY[variant]) == []
+    assert check_repository_configs(COMMITTED_CONFIGS[variant]) == []
 
 
 def test_check_catches_a_broken_ensemble(tmp_path):
@@ -85,7 +85,7 @@ def test_repositories_hold_no_code_the_python_models_name_their_backend(tmp_path
             assert {backends[s] for s in STAGES} == {"comrecycle_stage"}
             assert backends["estimator"] == "comrecycle_estimator"
         assert "python" not in backends.values()
-    for repo in DEFAULT_REPOSITORY.values():
+    for repo in COMMITTED_CONFIGS.values():
         tracked = subprocess.run(["git", "ls-files", str(repo)], cwd=REPO_ROOT, capture_output=True, text=True)
         if tracked.returncode == 0:
             assert not [f for f in tracked.stdout.split() if f.endswith("model.py")]
