@@ -20,10 +20,9 @@ import pyarrow as pa
 
 from ..specs import CACHE_STATE_FIELDS, N_RECYCLE
 from ..rule import SolverError, allowed_strategies, decide, depth_guard, policy_dq  # noqa: F401 (re-exported)
-from ..router.params import read_params_json
+from ..router.params import ParamsError, RouterParams, read_params_json
 from .solver import solve_loss_budget, solve_soft
 
-PARAMS_KEYS = ("lambda", "omega", "choice", "costs", "budget")
 
 
 def costs_in_log(log: pa.Table) -> tuple[np.ndarray | None, str]:
@@ -127,17 +126,11 @@ def solve_params(log: pa.Table, q_hat: np.ndarray, dq: np.ndarray, costs: np.nda
 
 
 def load_params(path: str | Path) -> dict:
+    """A params file as the dict decide() takes (with the rest of the file's keys), validated by the
+    one params validator the router uses too (router.params.RouterParams): a ParamsError (a
+    UserError) says what was expected."""
     path = Path(path)
     if not path.exists():
-        raise SolverError(f"params file {path} does not exist; write one with `comrecycle solve`")
-    p = read_params_json(path, SolverError)
-    missing = [k for k in PARAMS_KEYS if k not in p]
-    if missing:
-        raise SolverError(f"{path}: missing keys {missing}; expected {list(PARAMS_KEYS)}")
-    c = np.asarray(p["costs"], np.float64)
-    if c.shape != (N_RECYCLE + 1,) or not np.isfinite(c).all() or (c < 0).any():
-        raise SolverError(f"{path}: costs must be {N_RECYCLE + 1} finite values >= 0, got {p['costs']}")
-    lam = float(p["lambda"])
-    if not np.isfinite(lam) or lam < 0:
-        raise SolverError(f"{path}: lambda must be finite and >= 0, got {p['lambda']}")
-    return p
+        raise ParamsError(f"params file {path} does not exist; write one with `comrecycle solve`")
+    p = read_params_json(path)
+    return {**p, **RouterParams.from_dict(p, str(path)).as_decide_params()}

@@ -208,3 +208,21 @@ def test_every_stage_local_serves_each_strategy_model_like_the_in_process_backen
     asyncio.run(partial.infer("cascade_from_rank", dict(context, prerank_items=candidates), ["rerank_items"]))
     assert remote.models == ["estimator", "cascade_from_prerank"]
     partial.close()
+
+
+def test_decide_and_the_router_share_one_params_validator(tmp_path):
+    """`comrecycle decide` and recycle_router refuse the same params with the same message."""
+    from comrecycle.policy.decide import load_params
+
+    for bad, match in (({"lambda": 1.0}, r"missing keys \['costs'\]"),
+                       ({**GOOD, "strategies": [0, 7]}, "'strategies' must be null or a non-empty list"),
+                       ({**GOOD, "choice": "best"}, "'choice' must be 'argmax' or 'sample'")):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(bad))
+        for load in (load_params, RouterParams.load):
+            with pytest.raises(ParamsError, match=match):
+                load(path)
+    path = tmp_path / "good.json"
+    path.write_text(json.dumps(GOOD))
+    p = load_params(path)
+    assert p == {**GOOD, **RouterParams.load(path).as_decide_params()} and p["choice"] == "argmax"
