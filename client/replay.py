@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from comrecycle.sim import SessionSimulator, World
 
 from comrecycle.specs import ROUTER
 
-from .triton_client import PROTOCOLS, CascadeClient, ServerUnreachable
+from .triton_client import PROTOCOLS, CascadeClient, ServerUnreachable, Timed
 
 
 @dataclass
@@ -228,19 +229,45 @@ class RouterReplay:
                 + _first_error_line(self.errors, self.first_errors))
 
 
-class _RouterServe:
-    """A simulator `serve` function that calls recycle_router with the client in the loop: each
-    request carries the previous page's viewed and clicked items of its session, the simulated
-    time (request_time) and new_session on a session's first page. It records, per request,
-    what a RouterReplay holds."""
+def client_sender(client: CascadeClient, loop, model: str) -> Callable[[list], list[Timed]]:
+    """Requests -> one Timed answer each, sent concurrently to `model` through `client` on `loop`."""
+    def send(requests: list[dict[str, np.ndarray]]) -> list[Timed]:
+        async def all_():
+            return await asyncio.gather(*[client.timed_infer(model, r) for r in requests])
+
+        return asyncio.run_coroutine_threadsafe(all_(), loop).result()
+
+    return send
+
+
+def router_sender(router) -> Callable[[list], list[Timed]]:
+    """Requests -> one Timed answer each, from an in-process comrecycle.router.core.RecycleRouter
+    (one batch), with the output tensors Triton's recycle_router returns."""
+    def send(requests: list[dict[str, np.ndarray]]) -> list[Timed]:
+        t0 = time.perf_counter()
+        results, _ = asyncio.run(router.serve([{k: v[None] for k, v in r.items()} for r in requests]))
+        secs = time.perf_counter() - t0
+        return [Timed({k: v[0] for k, v in r.tensors().items()}, secs) if hasattr(r, "tensors") else
+                Timed(None, secs, f"{type(r).__name__}: {r}") for r in results]  # InputError, ServingError
+
+    return send
+
+
+class RouterInTheLoop:
+    """A simulator `serve` function that asks a router for each page with the client in the loop:
+    each request carries the previous page's viewed and clicked items of its session (with the
+    page_token of that page), the simulated time (request_time) and new_session on a session's
+    first page. It records, per request, what a RouterReplay holds. `send` answers a batch of
+    requests: `client_sender` (Triton) or `router_sender` (an in-process router)."""
 
     page_output = "page_items"
 
-    def __init__(self, client: CascadeClient, loop, model: str):
-        self.client, self.loop, self.model = client, loop, model
+    def __init__(self, send: Callable[[list], list[Timed]], model: str = ROUTER):
+        self.send, self.model = send, model
         self.feedback: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # session id -> (viewed, clicked)
         self.tokens: dict[int, int] = {}  # session id -> page_token of the page the feedback describes
         self.rows: list[tuple] = []
+        self.strategy_of: dict[int, int] = {}  # request id -> the strategy that served it (-1: error)
         self.errors: list[str] = []
         self.contexts: list[dict] = []
         self.interests: list[np.ndarray] = []
@@ -264,11 +291,7 @@ class _RouterServe:
         return int(outputs["strategy"][0])
 
     def __call__(self, batch):
-        async def all_():
-            return await asyncio.gather(*[self.client.timed_infer(self.model, self.request(batch, i))
-                                          for i in range(len(batch))])
-
-        results = asyncio.run_coroutine_threadsafe(all_(), self.loop).result()
+        results = self.send([self.request(batch, i) for i in range(len(batch))])
         pages, self._pending, self._tokens = [], [], []
         for r in results:
             if r.error is not None:
@@ -294,13 +317,14 @@ class _RouterServe:
             s, secs = self._pending[i]
             self.rows.append((s, secs, float(outcome.expected_clicks[i]), int(batch.session_id[i]),
                               bool(batch.is_repeat[i])))
+            self.strategy_of[int(batch.request_id[i])] = s
             # the context the always-full path would have seen on this very state
             self.contexts.append(batch.context(i))
             self.interests.append(batch.interest[i])
             self.pages.append(np.asarray(outcome.page_items[i], np.int64))
 
 
-class _FullServe(_RouterServe):
+class _FullServe(RouterInTheLoop):
     """The always-full path: `cascade` for every request (strategy 0)."""
 
     page_output = "rerank_items"
@@ -315,7 +339,7 @@ class _FullServe(_RouterServe):
         return None
 
 
-async def _replay(serve: _RouterServe, world: World, n_requests: int, concurrency: int, seed: int,
+async def _replay(serve: RouterInTheLoop, world: World, n_requests: int, concurrency: int, seed: int,
                   progress: bool, desc: str) -> RouterReplay:
     sim = SessionSimulator(world, seed=seed, concurrency=concurrency)
     loop = asyncio.get_running_loop()
@@ -330,14 +354,14 @@ async def _replay(serve: _RouterServe, world: World, n_requests: int, concurrenc
 
 async def replay_router_async(client: CascadeClient, world: World, n_requests: int, concurrency: int = 16,
                               seed: int = 0, model: str = "recycle_router", progress: bool = True) -> RouterReplay:
-    serve = _RouterServe(client, asyncio.get_running_loop(), model)
+    serve = RouterInTheLoop(client_sender(client, asyncio.get_running_loop(), model), model)
     return await _replay(serve, world, n_requests, concurrency, seed, progress, f"replay {model}")
 
 
 async def replay_full_async(client: CascadeClient, world: World, n_requests: int, concurrency: int = 16,
                             seed: int = 0, progress: bool = True) -> RouterReplay:
     """The always-full path on the same seeds: `cascade` for every request, as a RouterReplay."""
-    serve = _FullServe(client, asyncio.get_running_loop(), "cascade")
+    serve = _FullServe(client_sender(client, asyncio.get_running_loop(), "cascade"), "cascade")
     return await _replay(serve, world, n_requests, concurrency, seed, progress, "replay always-full (cascade)")
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shutil
 import time
 import urllib.request
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.replay import RouterInTheLoop, router_sender
 from client.triton_client import CascadeClient, ServingError
 from comrecycle.repository import install_router_params, repository_server
 from comrecycle.router.cache import RedisStageCache
@@ -322,33 +322,10 @@ def test_strategy_three_over_bls_matches_the_local_rerank(tiny_repository, tiny_
     assert count(after) - count(before) == 3  # 1 inside the full cascade + 2 BLS calls for strategy 3
 
 
-class _RouterInTheLoop:
-    """A simulator `serve` function that sends each page request to a router (the client in the
-    loop: viewed and clicked items of the previous page, simulated time, new sessions)."""
+def _triton_answer(stack, r):
+    from client.triton_client import Timed
 
-    def __init__(self, send_batch):
-        self.send_batch, self.feedback, self.strategy = send_batch, {}, {}
-
-    def __call__(self, batch):
-        reqs = []
-        for i in range(len(batch)):
-            first = not batch.is_repeat[i]
-            viewed, clicked = ((), ()) if first else self.feedback.get(int(batch.session_id[i]), ((), ()))
-            ctx = batch.context(i)
-            reqs.append({"user_id": ctx["user_id"], "user_features": ctx["user_features"],
-                         "history": ctx["history"], "viewed_items": np.asarray(viewed, np.int64),
-                         "clicked_items": np.asarray(clicked, np.int64),
-                         "request_time": np.array([batch.ts[i]], np.float64),
-                         "new_session": np.array([int(first)], np.int64)})
-        answers = self.send_batch(reqs)
-        for rid, (strategy, _) in zip(batch.request_id, answers):
-            self.strategy[int(rid)] = strategy
-        return [page for _, page in answers]
-
-    def on_feedback(self, batch, outcome):
-        for i in range(len(batch)):
-            self.feedback[int(batch.session_id[i])] = (outcome.page_items[i][:int(outcome.n_viewed[i])],
-                                                       outcome.clicked_items[i])
+    return Timed(None, 0.0, str(r)) if isinstance(r, Exception) else Timed(r, 0.0)
 
 
 def test_simulator_in_process_and_triton_serve_the_same_pages(stack, tiny_model_set, tiny_estimator, tiny_world,
@@ -368,23 +345,17 @@ def test_simulator_in_process_and_triton_serve_the_same_pages(stack, tiny_model_
         local = RecycleRouter(MemoryStageCache(), InProcessBackend.load(tiny_model_set, tiny_estimator),
                               RouterParams(lam=0.0, costs=tuple(costs)), model_set_fingerprint(stack["repo"]))
 
-        def via_triton(reqs):
-            out = send(stack, reqs, concurrent=True)
-            for r in out:
-                assert not isinstance(r, Exception), r
-            return [(int(r["strategy"][0]), r["page_items"]) for r in out]
-
-        def in_process(reqs):
-            results, _ = asyncio.run(local.serve([{k: v[None] for k, v in r.items()} for r in reqs]))
-            return [(r.strategy, r.page_items) for r in results]
-
         n, seed = 200, 5
         runs = {}
-        for name, serve in (("triton", _RouterInTheLoop(via_triton)), ("in-process", _RouterInTheLoop(in_process)),
-                            ("simulator", RecyclingServer(tiny_world, tiny_cascade, fixed_assignment(3)))):
+        paths = (("triton", RouterInTheLoop(lambda reqs: [_triton_answer(stack, r) for r in
+                                                          send(stack, reqs, concurrent=True)])),
+                 ("in-process", RouterInTheLoop(router_sender(local))),
+                 ("simulator", RecyclingServer(tiny_world, tiny_cascade, fixed_assignment(3))))
+        for name, serve in paths:
             table = SessionSimulator(tiny_world, seed=seed, concurrency=16).run(n, serve, progress=False).table()
             strategy = (table["strategy"].to_numpy() if name == "simulator" else
-                        np.array([serve.strategy[int(r)] for r in table["request_id"].to_numpy()]))
+                        np.array([serve.strategy_of[int(r)] for r in table["request_id"].to_numpy()]))
+            assert name == "simulator" or not serve.errors, serve.errors[:3]
             runs[name] = (strategy, table["page_items"].to_pylist())
         ref_strategy, ref_pages = runs["simulator"]
         assert (ref_strategy == 3).mean() > 0.3

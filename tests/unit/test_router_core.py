@@ -231,38 +231,20 @@ def test_router_in_the_simulator_serves_what_the_simulators_recycling_server_ser
     """The router (client in the loop: feedback, simulated time, new sessions) and the
     simulator's RecyclingServer, both recycling the rank list whenever they can, serve the
     same pages to the same simulated sessions: same request filter, cache and features."""
+    from client.replay import RouterInTheLoop, router_sender
     from comrecycle.sim.env import SessionSimulator
     from comrecycle.sim.recycling import RecyclingServer, fixed_assignment
 
     # λ = 0 and c = (1, 1, 1, 0.05): strategy 3 whenever the rank list is usable, else 0 (ties
     # go to the lower id), as fixed_assignment(3)
     router = make_router(backend, costs=(1.0, 1.0, 1.0, 0.05), lam=0.0)
-    feedback, served = {}, {}
-
-    class Serve:
-        def __call__(self, batch):
-            reqs = []
-            for i in range(len(batch)):
-                first = not batch.is_repeat[i]
-                v, c = feedback.get(int(batch.session_id[i]), ((), ())) if not first else ((), ())
-                ctx = batch.context(i)
-                reqs.append(request(int(ctx["user_id"][0]), history=ctx["history"], viewed=v, clicked=c,
-                                    t=float(batch.ts[i]), features=ctx["user_features"], new_session=int(first)))
-            results, _ = asyncio.run(router.serve(reqs))
-            for rid, r in zip(batch.request_id, results):
-                served[int(rid)] = r.strategy
-            return [r.page_items for r in results]
-
-        def on_feedback(self, batch, outcome):
-            for i in range(len(batch)):
-                feedback[int(batch.session_id[i])] = (outcome.page_items[i][:int(outcome.n_viewed[i])],
-                                                      outcome.clicked_items[i])
+    serve = RouterInTheLoop(router_sender(router))
 
     n = 240
-    via_router = SessionSimulator(tiny_world, seed=3, concurrency=16).run(n, Serve(), progress=False).table()
+    via_router = SessionSimulator(tiny_world, seed=3, concurrency=16).run(n, serve, progress=False).table()
     sim_server = RecyclingServer(tiny_world, tiny_cascade, fixed_assignment(3))
     reference = SessionSimulator(tiny_world, seed=3, concurrency=16).run(n, sim_server, progress=False).table()
-    strategies = np.array([served[int(r)] for r in via_router["request_id"].to_numpy()])
+    strategies = np.array([serve.strategy_of[int(r)] for r in via_router["request_id"].to_numpy()])
     np.testing.assert_array_equal(strategies, reference["strategy"].to_numpy())
     assert (strategies == 3).mean() > 0.3
     np.testing.assert_allclose(via_router["expected_reward"].to_numpy(), reference["expected_reward"].to_numpy(),
