@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.replay import RouterInTheLoop, router_sender
+from comrecycle.sim.router_loop import RouterInTheLoop, router_sender
 from client.triton_client import CascadeClient, ServingError
 from comrecycle.repository import install_router_params, repository_server
 from comrecycle.router.cache import RedisStageCache

@@ -52,6 +52,28 @@ def test_policy_in_the_closed_loop(tiny_model_set, tiny_estimator):
     assert mf["compute_saved_pct"] == 0.0 and abs(mf["effect_loss_pct"]) < 1e-9
 
 
+def test_the_router_core_in_the_closed_loop_decides_and_serves_as_the_simulator_does(tiny_model_set, tiny_estimator):
+    """The deployed rule through recycle_router's own core (RecycleRouter, memory cache, the
+    estimator called on the live cache state) and through the simulator's recycling server:
+    the same strategies, pages (q of the served page) and reference q_0 on every request."""
+    import json
+
+    from comrecycle.policy.closed_loop import simulate_router
+
+    costs = [float(v) for v in json.loads((tiny_model_set / "cost_profile.json").read_text())["strategy_cost"].values()]
+    params = {"lambda": 5.0, "omega": 0.0, "choice": "argmax", "costs": costs, "budget": 0.01}
+    sim, _ = simulate_policy(tiny_model_set, 600, seed=3, estimator_dir=tiny_estimator, params=params, progress=False)
+    core = simulate_router(tiny_model_set, 600, tiny_estimator, params, seed=3, progress=False)
+    s = core["strategy"].to_numpy()
+    np.testing.assert_array_equal(s, sim["strategy"].to_numpy())
+    assert 0.05 < (s[core["is_repeat"].to_numpy()] > 0).mean() < 0.95  # the estimator decides both ways
+    served = np.arange(len(s))
+    for t in (sim, core):
+        assert np.isfinite(np.stack([t[f"q_{j}"].to_numpy() for j in range(4)], 1)[served, s]).all()
+    np.testing.assert_allclose(core["q_0"].to_numpy(), sim["q_0"].to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose(core["expected_reward"].to_numpy(), sim["expected_reward"].to_numpy(), rtol=1e-5)
+
+
 def test_random_recycling_baseline_recycles_about_p_of_the_usable_repeats(tiny_model_set):
     import json
 

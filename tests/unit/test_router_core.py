@@ -231,7 +231,7 @@ def test_router_in_the_simulator_serves_what_the_simulators_recycling_server_ser
     """The router (client in the loop: feedback, simulated time, new sessions) and the
     simulator's RecyclingServer, both recycling the rank list whenever they can, serve the
     same pages to the same simulated sessions: same request filter, cache and features."""
-    from client.replay import RouterInTheLoop, router_sender
+    from comrecycle.sim.router_loop import RouterInTheLoop, router_sender
     from comrecycle.sim.env import SessionSimulator
     from comrecycle.sim.recycling import RecyclingServer, fixed_assignment
 
