@@ -102,9 +102,10 @@ def settings_from_args(args: dict, env=None) -> RouterSettings:
     return RouterSettings.resolve({k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}, env)
 
 
-def build_router(args: dict, backend) -> RecycleRouter:
-    """The router of one model instance, from Triton's initialize() args."""
-    s = settings_from_args(args)
+def build_router(args: dict, backend, settings: RouterSettings | None = None) -> RecycleRouter:
+    """The router of one model instance, from Triton's initialize() args (and its settings, when
+    the caller has resolved them already)."""
+    s = settings if settings is not None else settings_from_args(args)
     model_dir = Path(args["model_repository"])
     router_params = RouterParams.load(model_dir / args["model_version"] / PARAMS_FILE)
     session_ttl = s.effective_session_ttl_s

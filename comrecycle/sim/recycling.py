@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..router.entry import CacheEntry
-from ..router.state import apply_feedback, next_entry
+from ..router.state import READS, apply_feedback, next_entry
 from ..runtime.cascade import InProcessCascade
 from ..settings import SERVING
 from ..specs import PAGE_SIZE, STAGES, STRATEGIES
@@ -25,8 +25,6 @@ from .world import World
 from ..errors import UserError
 
 N_STRATEGIES = len(STRATEGIES)
-# strategy j reads the cache of this stage (None for the full cascade)
-CACHED_STAGE = {j: (STAGES[j - 1] if j > 0 else None) for j in STRATEGIES}
 
 
 class StageCache:
@@ -72,7 +70,7 @@ class StageCache:
 
     def candidates(self, user: int, strategy: int, now: float | None = None) -> np.ndarray | None:
         """The cached list strategy j reads, or None (absent, emptied by exposure, expired)."""
-        stage = CACHED_STAGE[strategy]
+        stage = READS[strategy]  # the stage whose cached list strategy j reads (None: the full cascade)
         e = self.entries.get(int(user))
         if stage is None or e is None or stage not in e.lists:
             return None

@@ -40,7 +40,7 @@ class BlsBackend:
 class TritonPythonModel:
     def initialize(self, args):
         settings = settings_from_args(args)
-        self.router = build_router(args, BlsBackend())
+        self.router = build_router(args, BlsBackend(), settings)
         self.metrics = RouterMetrics(pb_utils, args["model_name"], args["model_version"],
                                      flush_s=settings.metrics_flush_s)
         inflight = settings.max_inflight_batches
