@@ -3,10 +3,14 @@
 Per dynamically formed batch of client requests (one page each):
 
   validate -> claim the users' cache entries (one pipelined Redis round trip, with a per-user
-  lock) -> request filter (initial / repeated) -> one estimator call for all repeated requests
-  -> strategy scores -(c_j + λ ΔQ_ij) -> requests grouped by strategy, one call per group to
-  the cascade suffix (groups issued concurrently) -> pages -> write back the recomputed stage
-  outputs (one pipelined round trip) and release the locks.
+  lock) -> request filter (router.request_filter: initial / repeated) -> decision step
+  (router.decision: one estimator call for all repeated requests, strategy scores
+  -(c_j + λ ΔQ_ij)) -> requests grouped by strategy, one call per group to the cascade suffix
+  (groups issued concurrently) -> pages -> write back the recomputed stage outputs (one
+  pipelined round trip) and release the locks.
+
+The same core serves on Triton (Redis cache), in-process (memory cache) and in the simulator,
+whose policies replace the decision step (sim.recycling).
 
 The calls go through a `Backend` (Triton BLS in comrecycle/serving/backends/comrecycle_router/model.py; the
 in-process onnxruntime cascade in tests and replays), the cache through a `RedisStageCache`
@@ -38,139 +42,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable
 
 import numpy as np
 
-from ..rule import allowed_strategies, decide, depth_guard, policy_dq
 from ..runtime.validation import InputError, check_tensor
-from ..runtime.stage import pad_lists
-from ..settings import SERVING, RouterSettings
-from ..specs import (EXCLUDE_MAX, N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS, STAGES, STRATEGIES,
-                     STRATEGY_CANDIDATES, STRATEGY_MODEL, UNAVAILABLE_SCORE)
+from ..specs import N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS, STRATEGIES, UNAVAILABLE_SCORE
+from .batch import (CACHE_TTL_S, N_STRATEGIES, PHASES, SESSION_TTL_S, STRATEGY_OUTPUTS, TIME_MAX,
+                    Backend, BackendError, BatchReport, RouterRequest, RouterResult, ServingError, lap, page_row,
+                    call_strategy)
+from .decision import Decision, LearnedDecision
 from .entry import CacheEntry
-from .state import READS, _in_sorted, apply_feedback, next_entry, recent_unique
 from .params import RouterParams
-from ..errors import ServingFailure
+from .request_filter import request_filter
+from .state import next_entry, recent_unique
+from .undelivered import UndeliveredFeedback
+
+__all__ = ["PHASES", "BackendError", "BatchReport", "RecycleRouter", "RouterResult", "ServingError"]
 
 log = logging.getLogger("comrecycle.router")
-
-N_STRATEGIES = len(STRATEGIES)
-SESSION_TTL_S = RouterSettings().session_ttl_s  # a user silent this long starts a new session
-CACHE_TTL_S = SERVING.cache_ttl_s
-# the stage outputs a strategy's model returns that the cache stores, plus the page
-STRATEGY_OUTPUTS = {j: [f"{s}_items" for s in STAGES[j:-1]] + ["rerank_items", "rerank_scores"]
-                    for j in STRATEGIES}
-CALL_MAX_BATCH = SERVING.ensemble_max_batch  # rows per BLS call of a cascade suffix (its config's max_batch_size)
-TIME_MAX = 1e10  # request_time upper bound in seconds (year 2286): larger values overflow the features
-UNDELIVERED_USERS_MAX = 100_000  # users whose feedback a router keeps while Redis is unavailable
-
-
-class BackendError(ServingFailure):
-    """A model call failed (the message names the model and Triton's error)."""
-
-
-class ServingError(ServingFailure):
-    """A request that could not be served (-> INTERNAL for that request only)."""
-
-
-class Backend(Protocol):
-    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str],
-                    version: int = -1) -> dict[str, np.ndarray]:
-        """One batched call; raises BackendError."""
-
-
-@dataclass
-class RouterResult:
-    page_items: np.ndarray  # [n <= PAGE_SIZE] int64
-    page_scores: np.ndarray  # [n] float32
-    strategy: int
-    strategy_scores: np.ndarray  # [K+1] float32, UNAVAILABLE_SCORE where unavailable
-    page_token: int = 0  # the page's number in the session (0: not recorded in the cache)
-
-    def tensors(self) -> dict[str, np.ndarray]:
-        """Output tensors with the batch dim of 1 (names from specs.ROUTER_OUTPUTS)."""
-        return {"page_items": self.page_items[None].astype(np.int64),
-                "page_scores": self.page_scores[None].astype(np.float32),
-                "strategy": np.array([[self.strategy]], np.int64),
-                "strategy_scores": self.strategy_scores[None].astype(np.float32),
-                "page_token": np.array([[self.page_token]], np.int64)}
-
-
-PHASES = ("parse", "claim", "decide", "stages", "commit")
-CACHE_RESULTS = ("hit", "miss", "busy", "corrupt", "error", "stale_version", "expired", "new_session")
-
-
-def _lap(phase: dict, name: str, t0: float) -> float:
-    t = time.perf_counter()
-    phase[name] += t - t0
-    return t
-
-
-@dataclass
-class BatchReport:
-    """What one batch did (model.py turns it into Prometheus metrics)."""
-
-    requests: int = 0
-    invalid: int = 0
-    failed: int = 0
-    strategies: np.ndarray = field(default_factory=lambda: np.zeros(N_STRATEGIES, np.int64))
-    # one result per look-up (they add up to the requests that passed the checks)
-    cache: dict = field(default_factory=lambda: dict.fromkeys(CACHE_RESULTS, 0))
-    estimator_failures: int = 0
-    fallbacks: int = 0  # recycling groups re-served by strategy 0
-    compute_spent: float = 0.0  # in units of one full cascade
-    compute_saved: float = 0.0  # versus strategy 0 for every served request
-    cache_write_failed: bool = False
-    lost_writes: int = 0  # write-backs skipped: the batch no longer held the user's lock
-    repaired: int = 0  # keys that held no entry of ours (another Redis type, oversize), deleted
-    time_clamped: int = 0  # request_time earlier than the user's last request, clamped to it
-    parked_feedback: int = 0  # requests whose viewed items were parked for the next holder of the lock
-    feedback_mismatch: int = 0  # feedback whose page_token is not the user's latest page
-    feedback_dropped: int = 0  # users whose kept feedback was dropped (UNDELIVERED_USERS_MAX reached)
-    # wall seconds of each phase of the batch: where a slow request spent its time
-    phase_seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-
-
-@dataclass
-class _Req:
-    """One valid request while its batch is processed."""
-
-    user_id: int
-    user_features: np.ndarray  # [3]
-    history: np.ndarray  # [n]
-    now: float
-    status: str = "miss"  # the claim: hit | miss | busy | corrupt | error
-    repeated: bool = False
-    writable: bool = False  # we hold the user's lock and may write the entry back
-    entry: CacheEntry | None = None  # the entry after the new feedback was applied
-    request_features: np.ndarray = field(default_factory=lambda: np.array([-1, 0, 0, 0], np.float32))
-    cache_state: np.ndarray = field(default_factory=lambda: np.full(3 * N_RECYCLE, -1, np.float32))
-    available: np.ndarray = field(default_factory=lambda: np.eye(1, N_STRATEGIES, dtype=bool)[0])
-    exposed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    strategy: int = 0
-    scores: np.ndarray | None = None  # [K+1] strategy scores
-    outputs: dict | None = None
-    error: str = ""  # why it could not be served (outputs None)
-    estimated: bool = False  # the estimator was called for it (its cost counts)
-    index: int = -1  # position in the batch
-    new_session: bool = False
-    held: bool = False  # the batch holds the user's lock: its page is recorded in the cache
-    write: bool = True  # False: the lock is released without a write (the request filter failed)
-    token_in: int | None = None  # the page_token the feedback refers to (None: the latest page)
-    recyclable: dict = field(default_factory=dict)  # stage -> cached items a recycled page may use
-    viewed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    clicked: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    undelivered: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # kept through an outage
-
-
-def _row(items: np.ndarray, scores: np.ndarray | None = None):
-    keep = items != PAD_ID
-    return items[keep], (None if scores is None else scores[keep])
 
 
 class RecycleRouter:
@@ -179,12 +71,13 @@ class RecycleRouter:
     def __init__(self, cache, backend: Backend, params: RouterParams, model_version: str | Callable[[], str],
                  ttl_s: float = CACHE_TTL_S, clock: Callable[[], float] = time.time, seed: int = 0,
                  session_ttl_s: float = SESSION_TTL_S, request_time_window_s: float = 0.0,
-                 lock_refresh_s: float | None = None):
+                 lock_refresh_s: float | None = None, decision: Decision | None = None):
         """ttl_s: lifetime of a cached stage list; session_ttl_s: of the user's session state
         (exposed items, page count); the Redis key lives as long. request_time_window_s > 0: a
         request_time further than this from the server clock is INVALID_ARG (0: not checked, for
         clients on a simulated clock). lock_refresh_s: how often a running batch extends its users'
-        locks (default: a third of the cache's lock_ms)."""
+        locks (default: a third of the cache's lock_ms). decision: the decision step (default:
+        router.decision.LearnedDecision, the estimator and the params' rule)."""
         self.cache, self.backend, self.params = cache, backend, params
         # the stage models' fingerprint, or a callable giving it (read at the start of every batch)
         self._version_source = model_version if callable(model_version) else None
@@ -195,15 +88,15 @@ class RecycleRouter:
         self.lock_refresh_s = lock_refresh_s if lock_refresh_s is not None else (
             lock_ms / 3000.0 if lock_ms else None)
         self.session_ttl_s = max(float(session_ttl_s), self.ttl_s)
-        self.rng = np.random.default_rng(seed)
-        # viewed items reported while Redis was unavailable: parked in Redis once it answers again,
-        # by the next batch that reaches it or by a background retry (whichever comes first)
-        self.undelivered: dict[int, np.ndarray] = {}
-        self._undelivered_lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
-        self.undelivered_retry_s = float(getattr(cache, "retry_after_s", 1.0)) or 1.0
+        self.decision = decision if decision is not None else LearnedDecision(params, seed)
+        # viewed items reported while Redis was unavailable: parked in Redis once it answers again
+        self.feedback = UndeliveredFeedback(cache)
         self.costs = np.asarray(params.costs, np.float64)
-        self.uses_estimator = params.lam > 0 or params.omega > 0
+
+    @property
+    def undelivered(self) -> dict[int, np.ndarray]:
+        """user id -> viewed items kept through a Redis outage (not yet parked)."""
+        return self.feedback.kept
 
     def close(self) -> None:
         for part in (self.cache, self.backend):
@@ -212,8 +105,8 @@ class RecycleRouter:
                 close()
 
     # ---- 1. validation ------------------------------------------------------------------------
-    def parse(self, tensors: dict[str, np.ndarray], now: float) -> tuple[_Req, np.ndarray, np.ndarray, bool]:
-        """One request -> (_Req, viewed, clicked, new_session); InputError if invalid."""
+    def parse(self, tensors: dict[str, np.ndarray], now: float) -> tuple[RouterRequest, np.ndarray, np.ndarray, bool]:
+        """One request -> (RouterRequest, viewed, clicked, new_session); InputError if invalid."""
         for spec in ROUTER_INPUTS:
             value = tensors.get(spec.name)
             if value is None and spec.optional:
@@ -234,7 +127,7 @@ class RecycleRouter:
                 raise InputError(f"model '{ROUTER}', input 'request_time': expected a time within "
                                  f"{self.request_time_window_s:g} s of the server clock ({now:.3f}), got {t:.3f}")
         hist = tensors["history"][0]
-        req = _Req(user_id=int(tensors["user_id"][0, 0]), user_features=tensors["user_features"][0],
+        req = RouterRequest(user_id=int(tensors["user_id"][0, 0]), user_features=tensors["user_features"][0],
                    history=hist[hist != PAD_ID], now=t if t is not None else now)
         token = tensors.get("page_token")
         req.token_in = int(token[0, 0]) if token is not None else None
@@ -275,7 +168,7 @@ class RecycleRouter:
         now = self.clock()
         phase = report.phase_seconds
         t = time.perf_counter()
-        reqs: list[_Req] = []
+        reqs: list[RouterRequest] = []
         for i, tensors in enumerate(requests):
             try:
                 r, viewed, clicked, new_session = self.parse(tensors, now)
@@ -286,16 +179,16 @@ class RecycleRouter:
             r.index, r.viewed, r.clicked, r.new_session = i, viewed, clicked, new_session
             r.exposed = recent_unique(viewed)  # what strategy 0 excludes unless the cache knows more
             reqs.append(r)
-        t = _lap(phase, "parse", t)
+        t = lap(phase, "parse", t)
         if not reqs:
             return results, report
         initial_scores = np.r_[-self.costs[0], np.full(N_RECYCLE, UNAVAILABLE_SCORE)].astype(np.float32)
         pages: dict[int, np.ndarray] = {}
 
         claimed = [False]  # new sessions answered before the claim would not know their page_token
-        deferred: list[_Req] = []
+        deferred: list[RouterRequest] = []
 
-        def done(group: list[_Req]) -> None:
+        def done(group: list[RouterRequest]) -> None:
             for r in group:
                 if answered[r.index]:
                     continue
@@ -305,7 +198,7 @@ class RecycleRouter:
                 try:
                     if r.outputs is None:  # could not be served at all
                         raise ServingError(r.error or f"{ROUTER}: the request could not be served")
-                    page, page_scores = _row(r.outputs["rerank_items"], r.outputs["rerank_scores"])
+                    page, page_scores = page_row(r.outputs["rerank_items"], r.outputs["rerank_scores"])
                     page, page_scores = page[:PAGE_SIZE], page_scores[:PAGE_SIZE]
                     token = ((r.entry.page + 1 if r.entry is not None and not r.new_session else 1)
                              if r.held else 0)
@@ -336,21 +229,20 @@ class RecycleRouter:
             await asyncio.sleep(0)  # let the call go out before the blocking claim
         rest = [r for r in reqs if not r.new_session]
         token = uuid.uuid4().hex
-        held: list[_Req] = []
+        held: list[RouterRequest] = []
         stamps: dict[int, bytes] = {}  # what each held user's entry was when claimed (commit's check)
         parked_lens: dict[int, int] = {}  # the parked feedback each claim applied (trimmed at commit)
         keeper = None
         try:
             for r in reqs:  # feedback this router kept through a Redis outage goes with the user's request
-                with self._undelivered_lock:
-                    kept = self.undelivered.pop(r.user_id, None) if self.undelivered else None
+                kept = self.feedback.take(r.user_id)
                 if kept is not None and not r.new_session:
                     r.undelivered = kept
                     r.exposed = recent_unique(kept, r.exposed)
             claims = self.cache.claim([r.user_id for r in reqs], token,
                                       viewed=[np.concatenate([r.undelivered, r.viewed]) for r in reqs],
                                       new_session=[r.new_session for r in reqs])
-            self._keep_undelivered(reqs, claims, report)
+            self.feedback.after_claim(reqs, claims, report)
             for r, claim in zip(reqs, claims):
                 r.scores = initial_scores
                 if claim.repaired:
@@ -373,9 +265,9 @@ class RecycleRouter:
                 done(deferred)
             if held and self.lock_refresh_s:
                 keeper = asyncio.ensure_future(self._keep_locks([r.user_id for r in held], token))
-            t = _lap(phase, "claim", t)
-            await self._decide(rest, report)
-            t = _lap(phase, "decide", t)
+            t = lap(phase, "claim", t)
+            await self.decision(rest, self.backend, report)
+            t = lap(phase, "decide", t)
             await self._run_groups(rest, report, done)
             if fresh_call is not None:
                 await fresh_call
@@ -403,52 +295,14 @@ class RecycleRouter:
                 done(left)
             if keeper is not None:
                 keeper.cancel()
-            t = _lap(phase, "stages", t)
+            t = lap(phase, "stages", t)
             self._write_back(held, pages, token, stamps, parked_lens, report)
-            _lap(phase, "commit", t)
+            lap(phase, "commit", t)
         return results, report
 
-    def _keep_undelivered(self, reqs: list[_Req], claims, report: BatchReport) -> None:
-        """Redis failed for the batch: keep the viewed items its requests reported (bounded); Redis
-        answered: park what earlier batches kept, so that no feedback is lost to an outage."""
-        if any(c.status == "error" for c in claims):
-            with self._undelivered_lock:
-                for r, c in zip(reqs, claims):
-                    ids = np.concatenate([r.undelivered, r.viewed])
-                    if c.status != "error" or not ids.size or r.new_session:
-                        continue
-                    if len(self.undelivered) >= UNDELIVERED_USERS_MAX and r.user_id not in self.undelivered:
-                        self.undelivered.pop(next(iter(self.undelivered)))  # the oldest goes first
-                        report.feedback_dropped += 1
-                    old = self.undelivered.get(r.user_id, np.zeros(0, np.int64))
-                    self.undelivered[r.user_id] = np.concatenate([old, ids])[-EXCLUDE_MAX:]
-                start = self.undelivered and (self._flusher is None or not self._flusher.is_alive())
-                if start:
-                    self._flusher = threading.Thread(target=self._flush_loop, name="comrecycle-feedback",
-                                                     daemon=True)
-                    self._flusher.start()
-        elif self.undelivered:
-            self.flush_undelivered()
-
-    def flush_undelivered(self) -> bool:
-        """Park the kept feedback in Redis; True when nothing is left to deliver."""
-        with self._undelivered_lock:
-            kept, self.undelivered = self.undelivered, {}
-        if not kept:
-            return True
-        if self.cache.park(kept):
-            log.info("Redis answers again: parked the feedback of %d users kept during the outage", len(kept))
-            return True
-        with self._undelivered_lock:  # put back, under what arrived meanwhile
-            for u, ids in kept.items():
-                self.undelivered[u] = np.concatenate([ids, self.undelivered.get(u, np.zeros(0, np.int64))])[-EXCLUDE_MAX:]
-        return False
-
-    def _flush_loop(self) -> None:
-        while True:
-            time.sleep(self.undelivered_retry_s)
-            if self.flush_undelivered():
-                return
+    def _filter(self, r: RouterRequest, claim, report: BatchReport) -> None:
+        request_filter(r, claim, report, model_version=self.model_version, ttl_s=self.ttl_s,
+                       session_ttl_s=self.session_ttl_s, params=self.params)
 
     async def _keep_locks(self, user_ids: list[int], token: str) -> None:
         """Extend the batch's locks every lock_refresh_s while it runs (cancelled at the write-back)."""
@@ -456,7 +310,7 @@ class RecycleRouter:
             await asyncio.sleep(self.lock_refresh_s)
             self.cache.extend(user_ids, token)
 
-    def _write_back(self, held: list[_Req], pages: dict[int, np.ndarray], token: str, stamps: dict[int, bytes],
+    def _write_back(self, held: list[RouterRequest], pages: dict[int, np.ndarray], token: str, stamps: dict[int, bytes],
                     parked_lens: dict[int, int], report: BatchReport) -> None:
         """One round trip: the entries of the users whose lock the batch holds (served: the next
         entry; not served: the feedback it brought, so none is lost), then the locks released."""
@@ -468,7 +322,9 @@ class RecycleRouter:
                     continue
                 if r.index in pages:
                     before = None if r.new_session else r.entry
-                    writes[r.user_id] = next_entry(before, r.strategy if before is not None else 0, r.outputs,
+                    kept = r.outputs if r.cache_from is None else {  # as if strategy cache_from had served
+                        k: v for k, v in r.outputs.items() if k in STRATEGY_OUTPUTS[r.cache_from]}
+                    writes[r.user_id] = next_entry(before, r.strategy if before is not None else 0, kept,
                                                    pages[r.index], r.now, self.model_version)
                 elif r.entry is not None:
                     writes[r.user_id] = r.entry  # feedback applied, no page served
@@ -488,141 +344,23 @@ class RecycleRouter:
         report.cache_write_failed = not result
         report.lost_writes += getattr(result, "lost", 0)
 
-    # ---- 2. request filter ----------------------------------------------------------------------
-    def _filter(self, r: _Req, claim, report: BatchReport) -> None:
-        """The request's view of the user's state after its claim (new sessions: none)."""
-        if r.new_session:  # served by the fresh call; its entry is written if the claim holds the lock
-            report.cache[claim.status if claim.status in ("busy", "error") else "new_session"] += 1
-            return
-        status = claim.status
-        e = claim.entry
-        if status == "busy":
-            # strategy 0, excluding everything known to be exposed (read without the lock); its
-            # viewed items were parked by the claim for the next request under the lock
-            if r.viewed.size:
-                report.parked_feedback += 1
-            known = ([e.exposed] if e is not None else []) + [claim.pending, r.undelivered, r.exposed]
-            r.exposed = recent_unique(*known)
-        elif status == "hit" and e is not None:
-            if not 0.0 <= e.last_ts <= TIME_MAX:  # written by a build without the request_time rules
-                status, e = "corrupt", None
-            elif r.now - e.last_ts > self.session_ttl_s:
-                status, e = "expired", None
-            elif e.model_version != self.model_version:
-                # lists of other models are not recycled; the session (exposed items, pages) goes on
-                status = "stale_version"
-                e = CacheEntry(self.model_version, e.last_ts, e.page, e.exposed, e.last_page, {})
-        report.cache[status] += 1
-        if status in ("busy", "error"):
-            return
-        if e is None:  # miss, corrupt, expired: initial; the viewed items it reports (+ parked) are kept
-            exposed = recent_unique(claim.pending, r.undelivered, r.viewed)
-            r.entry = CacheEntry(self.model_version, r.now, 0, exposed, np.zeros(0, np.int64), {})
-            r.exposed = exposed
-            return
-        if r.now < e.last_ts:  # a client clock that went back: ages are never negative
-            report.time_clamped += 1
-            r.now = e.last_ts
-        # `last_page` holds the items of the pages served since the last one whose feedback arrived.
-        # Feedback about the latest page (or without a token) settles them; about an older page (a
-        # burst of requests), they stay held back from recycled pages until it does.
-        settled = r.token_in is None or r.token_in == e.page
-        if not settled:
-            report.feedback_mismatch += 1
-        r.entry, r.request_features, r.cache_state, r.available = apply_feedback(
-            e, r.viewed, r.clicked, r.now, self.ttl_s, parked=np.concatenate([claim.pending, r.undelivered]),
-            hold=None if settled else e.last_page)
-        if settled:
-            r.entry.last_page = np.zeros(0, np.int64)
-            r.recyclable = {s: lst.items for s, lst in r.entry.lists.items()}
-        else:
-            held_back = np.sort(r.entry.last_page)
-            r.recyclable = {s: lst.items[~_in_sorted(lst.items, held_back)] for s, lst in r.entry.lists.items()}
-        if self.params.max_pages:
-            r.available = depth_guard(r.available[None], r.cache_state[None], self.params.max_pages)[0]
-        if self.params.strategies is not None:  # the family λ was certified for
-            r.available = allowed_strategies(r.available[None], self.params.strategies)[0]
-        r.exposed = r.entry.exposed
-        r.repeated = True
-
-    # ---- 3. estimator + decision ----------------------------------------------------------------
-    async def _decide(self, reqs: list[_Req], report: BatchReport) -> None:
-        # only requests that can recycle need a prediction
-        rep = [r for r in reqs if r.repeated and r.available[1:].any()]
-        if not rep:
-            return
-        if not self.uses_estimator:
-            # λ = 0 and ω = 0: the scores are -c_j whatever ΔQ̂ is, so the estimator is not called
-            avail = np.stack([r.available for r in rep])
-            choice = decide(np.zeros(avail.shape), avail, self.params.as_decide_params())
-            scores = np.where(avail, -self.costs[None, :], UNAVAILABLE_SCORE).astype(np.float32)
-            for k, r in enumerate(rep):
-                r.strategy, r.scores = int(choice[k]), scores[k]
-            return
-        chunks = [rep[k:k + SERVING.estimator_max_batch] for k in range(0, len(rep), SERVING.estimator_max_batch)]
-        try:
-            outs = await asyncio.gather(*[self.backend.infer(
-                "estimator", {"user_features": np.stack([r.user_features for r in c]).astype(np.int64),
-                              "history": pad_lists([r.history for r in c]),
-                              "request_features": np.stack([r.request_features for r in c]),
-                              "cache_state": np.stack([r.cache_state for r in c])},
-                ["delta_q"], self.params.estimator_version) for c in chunks])
-            dq = np.concatenate([np.asarray(o["delta_q"], np.float64).reshape(len(c), N_RECYCLE)
-                                 for o, c in zip(outs, chunks)])
-        except Exception as e:  # noqa: BLE001 - a failed or malformed estimator answer: strategy 0
-            report.estimator_failures += len(rep)
-            spent = self.params.estimator_cost * len(rep)  # the call was paid for all the same
-            report.compute_spent += spent
-            report.compute_saved -= spent
-            if isinstance(e, BackendError):
-                log.warning("estimator call failed; %d repeated requests served by strategy 0: %s", len(rep), e)
-            else:
-                log.error("estimator answer unusable (%s: %s); %d repeated requests served by strategy 0",
-                          type(e).__name__, e, len(rep))
-            return  # initial scores: strategy 0 only
-        for r in rep:
-            r.estimated = True
-        dq = np.concatenate([np.zeros((len(rep), 1)), dq], axis=1)
-        avail = np.stack([r.available for r in rep])
-        bad = ~np.isfinite(dq).all(axis=1)
-        avail[bad, 1:] = False  # a non-finite prediction never recycles
-        dq[bad] = 0.0
-        rule = self.params.as_decide_params()
-        dq = policy_dq(dq, rule)
-        choice = decide(dq, avail, rule, seed=int(self.rng.integers(2**31)))
-        scores = np.where(avail, -(self.costs[None, :] + self.params.lam * dq), UNAVAILABLE_SCORE).astype(np.float32)
-        for k, r in enumerate(rep):
-            r.strategy, r.scores = int(choice[k]), scores[k]
-
     # ---- 4. the cascade suffixes ----------------------------------------------------------------
-    def _inputs(self, group: list[_Req], j: int) -> dict[str, np.ndarray]:
-        inputs = {"user_id": np.array([[r.user_id] for r in group], np.int64),
-                  "user_features": np.stack([r.user_features for r in group]).astype(np.int64),
-                  "history": pad_lists([r.history for r in group]),
-                  "request_features": np.stack([r.request_features for r in group]).astype(np.float32)}
-        if j == 0:
-            inputs["exclude_items"] = pad_lists([r.exposed for r in group])
-        else:
-            inputs[STRATEGY_CANDIDATES[j]] = pad_lists([r.recyclable[READS[j]] for r in group])
-        return inputs
+    async def _call(self, group: list[RouterRequest], j: int) -> None:
+        """Serve `group` by strategy j; raises BackendError. Requests whose outputs the decision
+        step already computed are not run again."""
+        todo = [r for r in group if r.outputs is None]
+        for r, out in zip(todo, await call_strategy(self.backend, todo, j)):
+            r.outputs = out
 
-    async def _call(self, group: list[_Req], j: int) -> None:
-        """Serve `group` by strategy j (chunks of CALL_MAX_BATCH); raises BackendError."""
-        for k in range(0, len(group), CALL_MAX_BATCH):
-            chunk = group[k:k + CALL_MAX_BATCH]
-            out = await self.backend.infer(STRATEGY_MODEL[j], self._inputs(chunk, j), STRATEGY_OUTPUTS[j])
-            for row, r in enumerate(chunk):
-                r.outputs = {name: out[name][row] for name in STRATEGY_OUTPUTS[j]}
-
-    async def _run_groups(self, reqs: list[_Req], report: BatchReport,
-                          done: Callable[[list[_Req]], None] = lambda g: None) -> None:
+    async def _run_groups(self, reqs: list[RouterRequest], report: BatchReport,
+                          done: Callable[[list[RouterRequest]], None] = lambda g: None) -> None:
         """One concurrent BLS call per strategy group; `done(group)` as soon as a group is served
         (so a recycled request never waits for a full cascade of the same batch); a failed
         recycling group is re-served by strategy 0."""
         groups = {j: [r for r in reqs if r.strategy == j] for j in STRATEGIES}
         groups = {j: g for j, g in groups.items() if g}
 
-        async def run(j: int, g: list[_Req]) -> None:
+        async def run(j: int, g: list[RouterRequest]) -> None:
             await self._call(g, j)
             done(g)
 

@@ -14,7 +14,7 @@ from ..runtime.cascade import CONTEXT_NAMES, run_chain
 from ..runtime.stage import StageRuntime, load_stage_runtimes
 from ..runtime.validation import InputError
 from ..specs import ensemble_specs
-from .core import BackendError
+from .batch import BackendError
 
 # served model -> the stages it runs and the tensor that feeds the first one its candidates
 CHAINS = {name: (ens.stages, None if ens.entry is None else ens.entry.name) for name, ens in ensemble_specs().items()}

@@ -18,10 +18,10 @@ RECENT_PAGES_MAX = RECENT_PAGES * PAGE_SIZE
 def isin(items: np.ndarray, small: np.ndarray) -> np.ndarray:
     """np.isin(items, small) for integer ids, by binary search in the sorted `small` (cheaper
     than np.isin's set machinery, or a broadcast compare, at a page's size against a list)."""
-    return _in_sorted(items, np.sort(small))
+    return in_sorted(items, np.sort(small))
 
 
-def _in_sorted(items: np.ndarray, sorted_small: np.ndarray) -> np.ndarray:
+def in_sorted(items: np.ndarray, sorted_small: np.ndarray) -> np.ndarray:
     if sorted_small.size == 0 or items.size == 0:
         return np.zeros(items.shape, bool)
     idx = np.searchsorted(sorted_small, items)
@@ -42,9 +42,9 @@ def apply_feedback(entry: CacheEntry, viewed: np.ndarray, clicked: np.ndarray, n
     Returns (entry with the lists updated, request_features [4], cache_state [3K], available [K+1])."""
     gone = np.unique(viewed if parked is None or not parked.size else np.concatenate([viewed, parked]))
     n_clicked = np.intersect1d(clicked, entry.last_page).size if clicked.size else 0
-    lists = {s: StageList(lst.items[~_in_sorted(lst.items, gone)] if gone.size else lst.items, lst.ts, lst.pages)
+    lists = {s: StageList(lst.items[~in_sorted(lst.items, gone)] if gone.size else lst.items, lst.ts, lst.pages)
              for s, lst in entry.lists.items()}
-    fresh = gone[~_in_sorted(gone, np.sort(entry.exposed))] if entry.exposed.size else gone
+    fresh = gone[~in_sorted(gone, np.sort(entry.exposed))] if entry.exposed.size else gone
     exposed = np.concatenate([entry.exposed, fresh])[-EXCLUDE_MAX:]
     new = CacheEntry(entry.model_version, entry.last_ts, entry.page, exposed, entry.last_page, lists)
     feats = np.array([now - entry.last_ts, entry.page, np.unique(viewed).size, n_clicked], np.float32)
@@ -56,7 +56,7 @@ def apply_feedback(entry: CacheEntry, viewed: np.ndarray, clicked: np.ndarray, n
         lst = lists.get(READS[j])
         if lst is None:
             continue
-        left = lst.items.size if held_back is None else int((~_in_sorted(lst.items, held_back)).sum())
+        left = lst.items.size if held_back is None else int((~in_sorted(lst.items, held_back)).sum())
         if left > 0 and now - lst.ts <= ttl_s:
             state[j - 1] = (now - lst.ts, lst.pages, left)
             avail[j] = True

@@ -122,7 +122,7 @@ def test_load_plan_says_why_each_model_cannot_load(tmp_path):
 def test_the_router_s_call_sizes_fit_the_configs_it_calls(variant):
     """The router chunks its BLS calls by CALL_MAX_BATCH and its estimator calls by
     the estimator's max batch (settings.SERVING): every model it calls must take batches that large."""
-    from comrecycle.router.core import CALL_MAX_BATCH, STRATEGY_MODEL
+    from comrecycle.router.batch import CALL_MAX_BATCH, STRATEGY_MODEL
     from comrecycle.settings import SERVING
 
     ESTIMATOR_MAX_BATCH = SERVING.estimator_max_batch

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from comrecycle.router.core import BatchReport
+from comrecycle.router.batch import BatchReport
 from comrecycle.router.serving import RouterMetrics
 
 

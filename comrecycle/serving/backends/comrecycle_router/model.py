@@ -10,7 +10,7 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from comrecycle.router.core import BackendError, ServingError
+from comrecycle.router.batch import BackendError, ServingError
 from comrecycle.router.runner import BatchRunner
 from comrecycle.router.serving import RouterMetrics, build_router, settings_from_args
 from comrecycle.runtime.validation import InputError
