@@ -76,21 +76,6 @@ def cmd_closed_loop(a) -> int:
             raise CommandError(f"--explore-arms: strategy ids must be in 0..{N_RECYCLE}, got {a.explore_arms!r}")
     fixed = a.strategy is not None or a.random is not None
     est_cost = float(params.get("estimator_cost", 0.0)) if params and not fixed and not a.oracle and not dcaf else 0.0
-    if a.via_router:
-        if not (a.estimator and params) or fixed or a.oracle or dcaf or controller or a.explore or sim_options:
-            raise CommandError("--via-router runs the installed rule (--estimator and --params) through the router's "
-                               "core; not with --strategy, --random, --oracle, --dcaf-logs, --controller, --explore "
-                               "or --continue-prob")
-        from ..policy.closed_loop import simulate_router
-
-        table = simulate_router(models, a.warmup + a.requests, a.estimator, params, seed=a.seed,
-                                progress=not a.quiet).slice(a.warmup)
-        res = closed_loop_metrics(table, costs, est_cost)
-        res.update({"policy": "comrecycle through recycle_router's core (RecycleRouter, memory cache), fixed λ",
-                    "budget_pct": 100 * float(params["budget"]) if params.get("budget") is not None else None,
-                    "seed": a.seed, "lambda_start": float(params["lambda"]), "max_pages": params.get("max_pages"),
-                    "warmup_requests": a.warmup})
-        return _report(res, a, table)
     table, policy = simulate_policy(models, a.warmup + a.requests, seed=a.seed, estimator_dir=a.estimator,
                                     params=params, controller=controller, strategy=a.strategy, progress=not a.quiet,
                                     sim_options=sim_options, oracle=a.oracle, max_pages=a.max_pages,
@@ -102,7 +87,8 @@ def cmd_closed_loop(a) -> int:
     res = closed_loop_metrics(table, costs, est_cost)
     res.update({"policy": f"random p={a.random:g}" if a.random is not None else
                 f"strategy {a.strategy}" if a.strategy is not None else
-                ("oracle" if a.oracle else "dcaf-cache_pages" if dcaf else "comrecycle")
+                ("oracle" if a.oracle else "dcaf-cache_pages" if dcaf else
+                 "comrecycle (the router's own decision)" if policy is None else "comrecycle")
                 + (" + λ controller" if controller else ", fixed λ"),
                 "budget_pct": 100 * float(params["budget"]) if params else None, "seed": a.seed,
                 "continue_prob": a.continue_prob, "lambda_start": float(params["lambda"]) if params else None,
@@ -177,10 +163,6 @@ def add_parsers(sub) -> None:
     s.add_argument("--params", help="params JSON from comrecycle solve (λ, c_j, budget)")
     s.add_argument("--strategy", type=int, choices=range(N_RECYCLE + 1), help="a fixed rule instead of the policy")
     s.add_argument("--controller", action="store_true", help="near-line λ: keep the predicted loss at the budget")
-    s.add_argument("--via-router", action="store_true",
-                   help="serve every page through recycle_router's own core (RecycleRouter with a memory cache, "
-                        "the stages and the estimator in-process, the client in the loop) instead of the "
-                        "simulator's recycling server: the closed loop of the rule as deployed")
     s.add_argument("--oracle", action="store_true", help="decide with the true ΔQ (runs every strategy per request)")
     s.add_argument("--dcaf-logs", nargs="+", metavar="LOG",
                    help="DCAF-style baseline: ΔQ from a hand-picked feature (pages served from the cache) scaled by "

@@ -88,7 +88,9 @@ def _controlled_choice(policy, dq: np.ndarray, available: np.ndarray, rep: np.nd
 
 class PolicyAssignment(_RecordsDecisions):
     """An `assign(batch, available, cache_state)` for RecyclingServer: the estimator's ΔQ̂ on
-    the live cache state, then the params' decision rule (λ from the params or a controller)."""
+    the live cache state, then the params' decision rule with λ from a controller, and
+    ε-exploration (what the installed router does not do; without them simulate_policy uses the
+    router's own decision)."""
 
     def __init__(self, estimator, params: dict, controller: LambdaController | None = None,
                  explore: float = 0.0, explore_arms: tuple[int, ...] | None = None, seed: int = 0,
@@ -270,16 +272,24 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
                     oracle: bool = False, max_pages: int | None = None, random_p: float | None = None,
                     explore: float = 0.0, explore_arms: tuple[int, ...] | None = None, dcaf: dict | None = None,
                     explore_shadow: bool = False):
-    """Run the policy (or a fixed `strategy` for every repeated request) in the simulator.
-    Returns (log table with q_0 and the served q_j, the PolicyAssignment or None).
+    """Run a policy (or a fixed `strategy` for every repeated request) in the simulator, every
+    page served by recycle_router's core (sim.recycling.RecyclingServer).
+    Returns (log table with q_0 and the served q_j, in serving order; the policy object or None).
+
+    With an estimator and params and neither a controller nor exploration, the router decides as
+    installed (router.decision.LearnedDecision on the estimator's ONNX graph). Otherwise a
+    simulator policy replaces its decision step: PolicyAssignment (controller, exploration),
+    the oracle, DCAF, a fixed strategy or random recycling.
     max_pages: the depth guard for a fixed strategy (a policy takes it from its params).
     sim_options: SessionSimulator keyword overrides (e.g. continue_prob) for shifted traffic.
     random_p: the random-recycling baseline (recycle with probability p, random strategy).
     dcaf: dcaf_from_logs(...) for the DCAF-style baseline (with params and the controller)."""
+    from ..router.params import RouterParams
     from ..sim.env import SessionSimulator
     from ..sim.recycling import RecyclingServer, fixed_assignment, load_model_set, random_assignment
 
     world, cascade, costs = load_model_set(model_dir)
+    router_params, router_estimator = None, None
     if random_p is not None:
         rand = random_assignment(random_p, seed)
         policy = None
@@ -296,70 +306,20 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
         policy = assign = OracleAssignment(params, controller)
     elif dcaf is not None:
         policy = assign = DcafAssignment(params, dcaf["mean_loss"], dcaf["mean_pages"], dcaf["mean_effect"], controller)
+    elif controller is None and explore == 0:
+        policy = assign = None  # the router's own decision
+        router_params, router_estimator = RouterParams.from_dict(params, "params"), estimator_dir
     else:
         from ..estimator.effect_loss import EffectLossEstimator
 
         policy = assign = PolicyAssignment(EffectLossEstimator.load(estimator_dir), params, controller,
                                            explore=explore, explore_arms=explore_arms, seed=seed,
                                            explore_shadow=explore_shadow)
-    server = RecyclingServer(world, cascade, assign, costs, counterfactuals=(0,))
+    server = RecyclingServer(world, cascade, assign, costs, counterfactuals=(0,), params=router_params,
+                             estimator_dir=router_estimator)
     if oracle:
         policy.server = server
     sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2), **(sim_options or {}))
     name = (f"random p={random_p:g}" if random_p is not None else "full" if strategy == 0 else f"strategy {strategy}" if strategy is not None
             else "oracle" if oracle else "dcaf" if dcaf is not None else "policy")
     return sim.run(n_requests, server, progress=progress, desc=f"closed loop ({name})").table(), policy
-
-
-class RouterClosedLoop:
-    """The deployed router itself in the simulator: recycle_router's core (RecycleRouter with a
-    memory cache, the stages and the estimator in-process, the params as installed) serves every
-    page with the client in the loop (sim.router_loop.RouterInTheLoop), and the full cascade
-    runs on the same state for q_0 (the reference of the realised loss, as in the main job).
-    It logs strategy, cost and q_0 plus the served strategy's q, as RecyclingServer does."""
-
-    def __init__(self, router, world, cascade, costs):
-        from ..sim.router_loop import RouterInTheLoop, router_sender
-
-        self.client = RouterInTheLoop(router_sender(router))
-        self.world, self.cascade, self.costs = world, cascade, np.asarray(costs, np.float64)
-        self.last: dict = {}
-
-    def __call__(self, batch) -> list[np.ndarray]:
-        from ..sim.recycling import page_expected_clicks
-
-        pages = self.client(batch)
-        if self.client.errors:
-            raise RuntimeError(f"the router failed {len(self.client.errors)} request(s): {self.client.errors[:3]}")
-        strategy = np.array(self.client.batch_strategies, np.int64)
-        B = len(batch)
-        full = self.cascade.run([batch.context(i) for i in range(B)])
-        q = np.full((B, N_RECYCLE + 1), np.nan, np.float32)
-        q[:, 0] = page_expected_clicks(self.world, batch.interest, [o["rerank_items"] for o in full])
-        q[np.arange(B), strategy] = page_expected_clicks(self.world, batch.interest, pages)
-        self.last = {"strategy": strategy.astype(np.int8), "propensity": np.ones(B, np.float32), "q": q,
-                     "cost": self.costs[strategy].astype(np.float32)}
-        return pages
-
-    def on_feedback(self, batch, outcome) -> None:
-        self.client.on_feedback(batch, outcome)
-
-
-def simulate_router(model_dir, n_requests: int, estimator_dir, params: dict, seed: int = 0,
-                    concurrency: int = 256, progress: bool = True):
-    """The deployed rule through the router's own core in the simulator (RouterClosedLoop).
-    Returns the log table (q_0 and the served q_j), in serving order."""
-    from ..router.core import RecycleRouter
-    from ..router.inprocess import InProcessBackend
-    from ..router.memory_cache import MemoryStageCache
-    from ..router.params import RouterParams
-    from ..sim.env import SessionSimulator
-    from ..sim.recycling import load_model_set
-
-    world, cascade, _ = load_model_set(model_dir)
-    router_params = RouterParams.from_dict(params, "params")
-    router = RecycleRouter(MemoryStageCache(), InProcessBackend.load(model_dir, estimator_dir), router_params,
-                           "simulator")
-    server = RouterClosedLoop(router, world, cascade, router_params.costs)
-    sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2))
-    return sim.run(n_requests, server, progress=progress, desc="closed loop (recycle_router core)").table()

@@ -1,86 +1,37 @@
-"""Recycling inside the simulator: the per-user stage cache a served system keeps, and a
-`serve` function that answers repeated requests by any strategy 0-3 (docs/method.md) with
-the same ONNX stage models Triton serves (in-process onnxruntime).
+"""Recycling inside the simulator: `RecyclingServer`, a simulator `serve` function that is
+recycle_router's own core (router.core.RecycleRouter, with a memory cache and the in-process
+stages, the client in the loop), and the simulator's policies that replace its decision step
+(logging, static, random; the oracle and the baselines in policy.closed_loop).
 
-Cache semantics (the router's own functions, router.core.next_entry and apply_feedback):
+Cache semantics are the router's (router.state, router.request_filter):
   * after a request, each stage output that was computed is written back;
   * the items the user viewed (exposed) are removed from every cached list of that user;
   * strategy j > 0 reads the cached output of STAGES[j-1] and runs STAGES[j:] on it;
-  * a first page (initial request) starts from an empty cache and always uses strategy 0;
-  * an entry older than the TTL is treated as absent (the request filter's "expired").
+  * a first page (new session) starts from an empty cache and always uses strategy 0;
+  * a list older than the TTL is treated as absent (the request filter's "expired").
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ..router.entry import CacheEntry
-from ..router.state import READS, apply_feedback, next_entry
-from ..runtime.cascade import InProcessCascade
-from ..settings import SERVING
-from ..specs import PAGE_SIZE, STAGES, STRATEGIES
-from .env import Outcome, RequestBatch
-from .world import World
 from ..errors import UserError
+from ..router.batch import RouterRequest, call_strategy
+from ..router.core import RecycleRouter
+from ..router.decision import LearnedDecision
+from ..router.inprocess import InProcessBackend
+from ..router.memory_cache import MemoryStageCache
+from ..router.params import RouterParams
+from ..runtime.cascade import InProcessCascade
+from ..runtime.estimator_onnx import EstimatorRuntime
+from ..specs import N_RECYCLE, STRATEGIES, UNAVAILABLE_SCORE
+from .env import Outcome, RequestBatch
+from .router_loop import RouterInTheLoop, router_sender
+from .world import World
 
 N_STRATEGIES = len(STRATEGIES)
-
-
-class StageCache:
-    """user index -> the router's cache entry (router.cache.CacheEntry), kept by the router's own
-    functions: `next_entry` after a served page, `apply_feedback` for the exposure and for what
-    the request filter sees (cache state, availability). One implementation of the cache's
-    semantics for the router (in Redis) and the simulator (in memory)."""
-
-    VERSION = "simulator"
-
-    def __init__(self, ttl_s: float = SERVING.cache_ttl_s):
-        self.ttl_s = float(ttl_s)
-        self.entries: dict[int, CacheEntry] = {}
-
-    def clear(self, user: int) -> None:
-        self.entries.pop(int(user), None)
-
-    def write(self, user: int, outputs: dict[str, np.ndarray], ts: float = 0.0) -> None:
-        """After a served request: the stages it computed replace their lists (1 page served
-        from them); the lists it did not recompute have served one more page."""
-        page = np.asarray(outputs.get("rerank_items", _EMPTY), np.int64)[:PAGE_SIZE]
-        self.entries[int(user)] = next_entry(self.entries.get(int(user)), -1, outputs, page, float(ts), self.VERSION)
-
-    def remove_exposed(self, user: int, viewed: np.ndarray) -> None:
-        e = self.entries.get(int(user))
-        if e is None or viewed.size == 0:
-            return
-        self.entries[int(user)] = apply_feedback(e, np.asarray(viewed, np.int64), _EMPTY, e.last_ts, self.ttl_s)[0]
-
-    def view(self, user: int, now: float) -> tuple[np.ndarray, np.ndarray]:
-        """(cache_state [3K] float32, available [K+1] bool) of the user's entry at `now`, as the
-        router's request filter computes them (specs.CACHE_STATE; -1s where unavailable)."""
-        e = self.entries.get(int(user))
-        if e is None:
-            return np.full(3 * (N_STRATEGIES - 1), -1, np.float32), np.eye(1, N_STRATEGIES, dtype=bool)[0]
-        _, _, state, avail = apply_feedback(e, _EMPTY, _EMPTY, float(now), self.ttl_s)
-        return state, avail
-
-    def state(self, user: int, now: float) -> np.ndarray:
-        """[K*3] float32, the estimator's `cache_state`: age in seconds, pages served, items left
-        of the list each strategy 1..K reads; -1s where unavailable."""
-        return self.view(user, now)[0]
-
-    def candidates(self, user: int, strategy: int, now: float | None = None) -> np.ndarray | None:
-        """The cached list strategy j reads, or None (absent, emptied by exposure, expired)."""
-        stage = READS[strategy]  # the stage whose cached list strategy j reads (None: the full cascade)
-        e = self.entries.get(int(user))
-        if stage is None or e is None or stage not in e.lists:
-            return None
-        if now is not None and not self.view(user, now)[1][strategy]:
-            return None
-        items = e.lists[stage].items
-        return items if items.size else None
-
-
-_EMPTY = np.zeros(0, np.int64)
 
 
 def page_expected_clicks(world: World, interests: np.ndarray, pages: list[np.ndarray]) -> np.ndarray:
@@ -170,94 +121,149 @@ def random_assignment(p: float, seed: int = 0) -> AssignFn:
 
 
 class RecyclingServer:
-    """A simulator `serve` function with a per-user stage cache.
+    """A simulator `serve` function: recycle_router's core with the client in the loop.
 
-    counterfactuals=True also runs every available strategy for every repeated request and
-    records q_j = the exact expected clicks of strategy j's page (NaN where unavailable);
-    only the assigned strategy's page is served and written back to the cache.
+    assign: a simulator policy that replaces the router's decision step, called once per batch
+    with every request of it (`AssignFn`; initial requests may only get strategy 0); None: the
+    router's own decision (the estimator in `estimator_dir` and `params`, as installed).
+    counterfactuals=True also runs every available strategy for every repeated request, on the
+    same state, and records q_j = the exact expected clicks of strategy j's page (NaN where
+    unavailable); False: the served strategy's only; a tuple: those strategies' besides the served
+    one. Only the served page is written back to the cache. `last` holds what the log records of
+    the last batch (strategy, propensity, q, cache_state, cost).
     """
 
-    def __init__(self, world: World, cascade: InProcessCascade, assign: AssignFn,
-                 strategy_cost: dict[int, float] | None = None, counterfactuals: bool | tuple[int, ...] = False):
-        """counterfactuals: True (every strategy), False (the served one), or the strategies
-        whose q_j to compute besides the served one."""
-        self.world, self.cascade, self.assign = world, cascade, assign
+    def __init__(self, world: World, cascade: InProcessCascade, assign: AssignFn | None,
+                 strategy_cost: dict[int, float] | None = None, counterfactuals: bool | tuple[int, ...] = False,
+                 params: RouterParams | None = None, estimator_dir=None):
+        self.world, self.assign = world, assign
         self.cost = strategy_cost or {j: 1.0 if j == 0 else float("nan") for j in STRATEGIES}
         if counterfactuals is True:
             counterfactuals = tuple(STRATEGIES)
         self.counterfactuals = tuple(counterfactuals or ())
-        self.cache = StageCache()
+        if params is None:
+            if assign is None:
+                raise UserError("the router's own decision needs its params (and estimator)")
+            params = RouterParams(lam=0.0, costs=tuple(float(np.nan_to_num(self.cost[j], nan=1.0)) for j in STRATEGIES))
+        estimator = None if estimator_dir is None else EstimatorRuntime(Path(estimator_dir) / "estimator.onnx")
+        self.backend = InProcessBackend(cascade.stages, estimator)
+        # the router's own decision step (assign None) or the simulator policy, then the q_j tap
+        self.learned = LearnedDecision(params) if assign is None else None
+        self.router = RecycleRouter(MemoryStageCache(), self.backend, params, "simulator", decision=self._decide)
+        self.client = RouterInTheLoop(router_sender(self.router), record=False)
         self.last: dict[str, np.ndarray] = {}
-
-    def availability(self, batch: RequestBatch) -> np.ndarray:
-        return self._views(batch)[1]
-
-    def _views(self, batch: RequestBatch) -> tuple[np.ndarray, np.ndarray]:
-        """(cache_state [B, 3K], available [B, K+1]) of a batch, as the router's request filter
-        sees them (initial requests: nothing available but strategy 0)."""
-        views = [self.cache.view(batch.user_index[i], batch.ts[i]) for i in range(len(batch))]
-        state = np.stack([v[0] for v in views]) if views else np.zeros((0, 3 * (N_STRATEGIES - 1)), np.float32)
-        avail = np.stack([v[1] for v in views]) if views else np.zeros((0, N_STRATEGIES), bool)
-        avail[~np.asarray(batch.is_repeat, bool), 1:] = False
-        return state, avail
-
-    def expected_clicks(self, batch: RequestBatch, idx: np.ndarray, j: int) -> np.ndarray:
-        """[len(idx)] exact expected clicks of strategy j's page for requests idx."""
-        return self._page_clicks(batch, idx, self._run(batch, idx, j))
-
-    def _page_clicks(self, batch: RequestBatch, idx: np.ndarray, outs: list) -> np.ndarray:
-        """Expected clicks of the pages in `outs` (one per request of idx); errors re-raised."""
-        for o in outs:
-            if isinstance(o, Exception):
-                raise o
-        return page_expected_clicks(self.world, batch.interest[idx], [o["rerank_items"] for o in outs])
-
-    def _run(self, batch: RequestBatch, idx: np.ndarray, j: int) -> list[dict]:
-        ctxs = [batch.context(i) for i in idx]
-        cands = None if j == 0 else [self.cache.candidates(batch.user_index[i], j, batch.ts[i]) for i in idx]
-        return self.cascade.run(ctxs, strategy=j, candidates=cands)
+        self._batch: RequestBatch | None = None
+        self._live: dict[int, RouterRequest] = {}  # batch row -> the router's request, while deciding
+        self._failure: BaseException | None = None
 
     def __call__(self, batch: RequestBatch) -> list[np.ndarray]:
         B = len(batch)
-        for i in range(B):
-            if not batch.is_repeat[i]:
-                self.cache.clear(batch.user_index[i])
-        cache_state, avail = self._views(batch)
-        strategy, propensity = self.assign(batch, avail, cache_state)
-        if not avail[np.arange(B), strategy].all():
-            raise ValueError("assignment chose a strategy whose cache is unavailable")
-        q = np.full((B, N_STRATEGIES), np.nan, np.float32)
-        served: list[dict | None] = [None] * B
-        for j in range(N_STRATEGIES):
-            if j in self.counterfactuals:
-                idx = np.flatnonzero((avail[:, j] & (batch.is_repeat | (j == 0))) | (strategy == j))
-            else:
-                idx = np.flatnonzero(strategy == j)
-            if idx.size == 0:
-                continue
-            outs = self._run(batch, idx, j)
-            q[idx, j] = self._page_clicks(batch, idx, outs)
-            for r, o in enumerate(outs):
-                if strategy[idx[r]] == j:
-                    served[idx[r]] = o
-        # an assignment may ask that the cache keep what another strategy would have left
-        # (shadow exploration: a refresh drawn by exploration is served but not written back)
-        cache_as = getattr(self.assign, "cache_as", None)
-        for i in range(B):
-            out = served[i]
-            if cache_as is not None and cache_as[i] > strategy[i]:
-                keep = {f"{s}_items" for s in STAGES[int(cache_as[i]):-1]}
-                out = {k: v for k, v in out.items() if k in keep}
-            self.cache.write(batch.user_index[i], out, batch.ts[i])
-        self.last = {"strategy": strategy, "propensity": propensity, "q": q, "cache_state": cache_state,
+        self._batch, self._failure = batch, None
+        self._q = np.full((B, N_STRATEGIES), np.nan, np.float32)
+        self._state = np.full((B, 3 * N_RECYCLE), -1, np.float32)
+        self._propensity = np.ones(B, np.float32)
+        try:
+            pages = self.client(batch)
+        finally:
+            self._batch, self._live = None, {}
+        if self._failure is not None:
+            raise self._failure
+        if self.client.errors:
+            raise RuntimeError(f"the router failed {len(self.client.errors)} request(s): {self.client.errors[:3]}")
+        strategy = np.array(self.client.batch_strategies, np.int64)
+        todo = np.flatnonzero(np.isnan(self._q[np.arange(B), strategy]))  # served without the tap (new sessions)
+        if todo.size:
+            self._q[todo, strategy[todo]] = page_expected_clicks(self.world, batch.interest[todo],
+                                                                 [pages[i] for i in todo])
+        self.last = {"strategy": strategy.astype(np.int8), "propensity": self._propensity, "q": self._q,
+                     "cache_state": self._state,
                      "cost": np.array([self.cost[int(s)] for s in strategy], np.float32)}
-        return [o["rerank_items"] for o in served]
+        return pages
 
     def on_feedback(self, batch: RequestBatch, outcome: Outcome) -> None:
-        """Exposure: remove the viewed items from the user's cached lists."""
-        for i in range(len(batch)):
-            viewed = outcome.page_items[i][:int(outcome.n_viewed[i])]
-            self.cache.remove_exposed(batch.user_index[i], viewed)
+        """The viewed and clicked items go with the session's next request, as a client sends them."""
+        self.client.on_feedback(batch, outcome)
+
+    # ---- the decision step, played by `assign` ------------------------------------------------
+    def expected_clicks(self, batch: RequestBatch, idx: np.ndarray, j: int) -> np.ndarray:
+        """[len(idx)] exact expected clicks of strategy j's page for rows idx of the batch being
+        decided, on the router's state of each request (for policies that look at the truth)."""
+        outs = self._run([self._live[int(i)] for i in idx], j)
+        return page_expected_clicks(self.world, batch.interest[idx], [o["rerank_items"] for o in outs])
+
+    def _run(self, reqs: list[RouterRequest], j: int) -> list[dict]:
+        """Strategy j's outputs for `reqs`, synchronously: the in-process backend's calls never
+        suspend, so the coroutine finishes in one step (also inside the router's event loop)."""
+        coro = call_strategy(self.backend, reqs, j)
+        try:
+            coro.send(None)
+        except StopIteration as finished:
+            return finished.value
+        coro.close()
+        raise RuntimeError("the in-process backend suspended a call")
+
+    async def _decide(self, reqs: list[RouterRequest], backend, report) -> None:
+        try:
+            batch = self._batch
+            B = len(batch)
+            self._live = {r.index: r for r in reqs}
+            avail = np.zeros((B, N_STRATEGIES), bool)
+            avail[:, 0] = True
+            for r in reqs:
+                avail[r.index], self._state[r.index] = r.available, r.cache_state
+            avail[~np.asarray(batch.is_repeat, bool), 1:] = False
+            if self.learned is not None:
+                await self.learned(reqs, backend, report)
+                strategy = np.zeros(B, np.int64)
+                for r in reqs:
+                    strategy[r.index] = r.strategy
+                self._tap(avail, strategy)
+            else:
+                self._assigned(avail)
+        except BaseException as e:  # noqa: BLE001 - raised by __call__, not turned into strategy 0
+            self._failure = e
+            raise
+
+    def _assigned(self, avail: np.ndarray) -> None:
+        """The simulator policy's strategies for the live requests."""
+        batch = self._batch
+        B = len(batch)
+        strategy, propensity = self.assign(batch, avail, self._state)
+        strategy = np.asarray(strategy, np.int64)
+        if not avail[np.arange(B), strategy].all():
+            raise ValueError("assignment chose a strategy whose cache is unavailable")
+        if set(np.flatnonzero(strategy != 0).tolist()) - set(self._live):
+            raise ValueError("assignment recycled a request that starts a session")
+        self._propensity = np.asarray(propensity, np.float32)
+        self._tap(avail, strategy)
+        cache_as = getattr(self.assign, "cache_as", None)
+        for i in sorted(self._live):
+            r, s = self._live[i], int(strategy[i])
+            r.strategy = s
+            r.scores = np.where(avail[i], -np.nan_to_num([self.cost[k] for k in STRATEGIES], nan=0.0),
+                                UNAVAILABLE_SCORE).astype(np.float32)
+            # an assignment may ask that the cache keep what another strategy would have left
+            # (shadow exploration: a refresh drawn by exploration is served but not written back)
+            if cache_as is not None and cache_as[i] > s:
+                r.cache_from = int(cache_as[i])
+
+    def _tap(self, avail: np.ndarray, strategy: np.ndarray) -> None:
+        """q_j of the chosen strategy and of the counterfactual ones, each run once on the
+        request's state; the chosen outputs are served as computed."""
+        batch = self._batch
+        rows = np.array(sorted(self._live), np.int64)
+        for j in STRATEGIES:
+            mine = strategy[rows] == j
+            if j in self.counterfactuals:
+                mine |= avail[rows, j] & (np.asarray(batch.is_repeat)[rows] | (j == 0))
+            idx = rows[mine]
+            if idx.size == 0:
+                continue
+            outs = self._run([self._live[int(i)] for i in idx], j)
+            self._q[idx, j] = page_expected_clicks(self.world, batch.interest[idx], [o["rerank_items"] for o in outs])
+            for i, o in zip(idx, outs):
+                if strategy[i] == j:
+                    self._live[int(i)].outputs = o  # served as computed: the router does not run it again
 
 
 def load_model_set(model_dir) -> tuple[World, InProcessCascade, dict[int, float]]:

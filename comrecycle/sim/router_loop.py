@@ -44,8 +44,10 @@ class RouterInTheLoop:
 
     page_output = "page_items"
 
-    def __init__(self, send: Callable[[list], list[Answer]], model: str = ROUTER):
-        self.send, self.model = send, model
+    def __init__(self, send: Callable[[list], list[Answer]], model: str = ROUTER, record: bool = True):
+        """record=False keeps only what the next requests need (no per-request rows: long
+        simulations)."""
+        self.send, self.model, self.record = send, model, record
         self.feedback: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # session id -> (viewed, clicked)
         self.tokens: dict[int, int] = {}  # session id -> page_token of the page the feedback describes
         self.rows: list[tuple] = []
@@ -101,6 +103,8 @@ class RouterInTheLoop:
                                                        np.asarray(outcome.clicked_items[i], np.int64))
             if self._tokens[i] is not None:
                 self.tokens[int(batch.session_id[i])] = self._tokens[i]
+            if not self.record:
+                continue
             s, secs = self._pending[i]
             self.rows.append((s, secs, float(outcome.expected_clicks[i]), int(batch.session_id[i]),
                               bool(batch.is_repeat[i])))

@@ -4,22 +4,38 @@ cascade runs for every strategy)."""
 import numpy as np
 import pytest
 
-from comrecycle.sim.recycling import StageCache, simulate_log
+from comrecycle.sim.recycling import simulate_log
 
 pytestmark = pytest.mark.slow
 
 
-def test_cache_semantics():
-    c = StageCache()
-    c.write(1, {"retrieval_items": np.array([1, 2, 3]), "prerank_items": np.array([2, 3]),
-                "rank_items": np.array([3]), "rerank_items": np.array([3])})
-    assert (c.candidates(1, 1) == [1, 2, 3]).all() and (c.candidates(1, 3) == [3]).all()
-    assert c.candidates(1, 0) is None and c.candidates(2, 1) is None  # never another user's items
-    c.remove_exposed(1, np.array([3]))
-    assert (c.candidates(1, 2) == [2]).all()
-    assert c.candidates(1, 3) is None  # emptied by exposure -> unavailable
-    c.clear(1)
-    assert c.candidates(1, 1) is None
+def test_the_simulator_serves_through_the_router_core_and_never_recycles_another_users_items(tiny_model_set):
+    """Every page of a simulated log is served by recycle_router's core (memory cache): a
+    recycled page only holds items of that user's own cached lists, never one they viewed."""
+    from comrecycle.sim.env import SessionSimulator
+    from comrecycle.sim.recycling import RecyclingServer, fixed_assignment, load_model_set
+
+    world, cascade, costs = load_model_set(tiny_model_set)
+    server = RecyclingServer(world, cascade, fixed_assignment(3), costs)
+    seen: dict[int, set] = {}
+    checked = 0
+    sim = SessionSimulator(world, seed=4, concurrency=32)
+    for _ in range(12):
+        batch = sim.next_batch(limit=32)
+        lists = {int(u): set(server.router.cache._decoded(server.router.cache.data[int(u)]).lists["rank"].items.tolist())
+                 for u in batch.user_id if int(u) in server.router.cache.data
+                 and "rank" in server.router.cache._decoded(server.router.cache.data[int(u)]).lists}
+        pages = server(batch)
+        outcome = sim.feedback(batch, pages)
+        server.on_feedback(batch, outcome)
+        for i, page in enumerate(pages):
+            u, sid = int(batch.user_id[i]), int(batch.session_id[i])
+            if server.last["strategy"][i] == 3:
+                assert set(page.tolist()) <= lists[u]  # the user's own rank list
+                assert not set(page.tolist()) & seen.get(sid, set())  # nothing they viewed
+                checked += 1
+            seen.setdefault(sid, set()).update(outcome.page_items[i][:int(outcome.n_viewed[i])].tolist())
+    assert checked > 50  # recycled pages were checked
 
 
 def test_randomised_log(tiny_model_set):

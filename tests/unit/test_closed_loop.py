@@ -41,7 +41,7 @@ def test_policy_in_the_closed_loop(tiny_model_set, tiny_estimator):
     t, pol = simulate_policy(tiny_model_set, 600, seed=3, estimator_dir=tiny_estimator, params=params, progress=False)
     rep = t["is_repeat"].to_numpy()
     s = t["strategy"].to_numpy()
-    assert (s[~rep] == 0).all() and len(pol.pred_loss) > 0
+    assert (s[~rep] == 0).all() and (s[rep] > 0).any() and pol is None  # the router decided
     m = closed_loop_metrics(t, costs, estimator_cost=0.01)
     assert abs(sum(m["strategy_mix"].values()) - 1) < 1e-9
     assert m["loss_ci95"][0] <= m["effect_loss_pct"] <= m["loss_ci95"][1]
@@ -52,18 +52,27 @@ def test_policy_in_the_closed_loop(tiny_model_set, tiny_estimator):
     assert mf["compute_saved_pct"] == 0.0 and abs(mf["effect_loss_pct"]) < 1e-9
 
 
-def test_the_router_core_in_the_closed_loop_decides_and_serves_as_the_simulator_does(tiny_model_set, tiny_estimator):
-    """The deployed rule through recycle_router's own core (RecycleRouter, memory cache, the
-    estimator called on the live cache state) and through the simulator's recycling server:
-    the same strategies, pages (q of the served page) and reference q_0 on every request."""
+def test_the_installed_rule_and_the_simulators_learned_policy_decide_alike(tiny_model_set, tiny_estimator):
+    """The closed loop of the installed rule (the router's own decision step: the estimator's ONNX
+    graph called on the live cache state, the params' rule) and the simulator's PolicyAssignment
+    (the torch estimator, used with a λ controller or exploration) in its place: the same
+    strategies, pages (q of the served page) and reference q_0 on every request."""
     import json
 
-    from comrecycle.policy.closed_loop import simulate_router
+    from comrecycle.estimator.effect_loss import EffectLossEstimator
+    from comrecycle.policy.closed_loop import PolicyAssignment
+    from comrecycle.sim.env import SessionSimulator
+    from comrecycle.sim.recycling import RecyclingServer, load_model_set
 
     costs = [float(v) for v in json.loads((tiny_model_set / "cost_profile.json").read_text())["strategy_cost"].values()]
     params = {"lambda": 5.0, "omega": 0.0, "choice": "argmax", "costs": costs, "budget": 0.01}
-    sim, _ = simulate_policy(tiny_model_set, 600, seed=3, estimator_dir=tiny_estimator, params=params, progress=False)
-    core = simulate_router(tiny_model_set, 600, tiny_estimator, params, seed=3, progress=False)
+    core, policy = simulate_policy(tiny_model_set, 600, seed=3, estimator_dir=tiny_estimator, params=params,
+                                   progress=False)
+    assert policy is None  # the router decided
+    world, cascade, model_costs = load_model_set(tiny_model_set)
+    server = RecyclingServer(world, cascade, PolicyAssignment(EffectLossEstimator.load(tiny_estimator), params),
+                             model_costs, counterfactuals=(0,))
+    sim = SessionSimulator(world, seed=3, concurrency=min(256, world.n_users // 2)).run(600, server, progress=False).table()
     s = core["strategy"].to_numpy()
     np.testing.assert_array_equal(s, sim["strategy"].to_numpy())
     assert 0.05 < (s[core["is_repeat"].to_numpy()] > 0).mean() < 0.95  # the estimator decides both ways
