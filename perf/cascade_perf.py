@@ -10,7 +10,6 @@ gRPC and HTTP at each concurrency. Writes results.csv and results.md in --out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time

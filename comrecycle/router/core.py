@@ -48,15 +48,14 @@ from typing import Callable
 
 import numpy as np
 
-from ..runtime.validation import InputError, check_tensor
-from ..specs import N_RECYCLE, PAD_ID, PAGE_SIZE, ROUTER, ROUTER_INPUTS, STRATEGIES, UNAVAILABLE_SCORE
-from .batch import (CACHE_TTL_S, N_STRATEGIES, PHASES, SESSION_TTL_S, STRATEGY_OUTPUTS, TIME_MAX,
-                    Backend, BackendError, BatchReport, RouterRequest, RouterResult, ServingError, lap, page_row,
-                    call_strategy)
+from ..runtime.validation import InputError
+from ..specs import N_RECYCLE, PAGE_SIZE, ROUTER, STRATEGIES, UNAVAILABLE_SCORE
+from .batch import (CACHE_TTL_S, N_STRATEGIES, PHASES, SESSION_TTL_S, STRATEGY_OUTPUTS, Backend, BackendError,
+                    BatchReport, RouterRequest, RouterResult, ServingError, call_strategy, lap, page_row)
 from .decision import Decision, LearnedDecision
 from .entry import CacheEntry
 from .params import RouterParams
-from .request_filter import request_filter
+from .request_filter import parse_request, request_filter
 from .state import next_entry, recent_unique
 from .undelivered import UndeliveredFeedback
 
@@ -104,36 +103,6 @@ class RecycleRouter:
             if close is not None:
                 close()
 
-    # ---- 1. validation ------------------------------------------------------------------------
-    def parse(self, tensors: dict[str, np.ndarray], now: float) -> tuple[RouterRequest, np.ndarray, np.ndarray, bool]:
-        """One request -> (RouterRequest, viewed, clicked, new_session); InputError if invalid."""
-        for spec in ROUTER_INPUTS:
-            value = tensors.get(spec.name)
-            if value is None and spec.optional:
-                continue
-            if check_tensor(ROUTER, spec, value) != 1:
-                raise InputError(f"model '{ROUTER}', input '{spec.name}': {ROUTER} serves one page per "
-                                 f"request: expected batch size 1, got {value.shape[0]}")
-        t = tensors.get("request_time")
-        ns = tensors.get("new_session")
-        if ns is not None and int(ns[0, 0]) not in (0, 1):
-            raise InputError(f"model '{ROUTER}', input 'new_session': expected 0 or 1, got {int(ns[0, 0])}")
-        if t is not None:
-            t = float(t[0, 0])
-            if not 0.0 <= t <= TIME_MAX:  # also NaN; the spec already refuses ±inf
-                raise InputError(f"model '{ROUTER}', input 'request_time': expected seconds in [0, {TIME_MAX:g}] "
-                                 f"(Unix time or a replay's clock), got {t:g}")
-            if self.request_time_window_s > 0 and abs(t - now) > self.request_time_window_s:
-                raise InputError(f"model '{ROUTER}', input 'request_time': expected a time within "
-                                 f"{self.request_time_window_s:g} s of the server clock ({now:.3f}), got {t:.3f}")
-        hist = tensors["history"][0]
-        req = RouterRequest(user_id=int(tensors["user_id"][0, 0]), user_features=tensors["user_features"][0],
-                   history=hist[hist != PAD_ID], now=t if t is not None else now)
-        token = tensors.get("page_token")
-        req.token_in = int(token[0, 0]) if token is not None else None
-        viewed, clicked = tensors["viewed_items"][0], tensors["clicked_items"][0]
-        return req, viewed[viewed != PAD_ID], clicked[clicked != PAD_ID], bool(ns is not None and ns[0, 0] == 1)
-
     # ---- the whole batch ----------------------------------------------------------------------
     async def serve(self, requests: list[dict[str, np.ndarray]],
                     respond: Callable[[int, object], None] | None = None) -> tuple[list, BatchReport]:
@@ -171,7 +140,7 @@ class RecycleRouter:
         reqs: list[RouterRequest] = []
         for i, tensors in enumerate(requests):
             try:
-                r, viewed, clicked, new_session = self.parse(tensors, now)
+                r, viewed, clicked, new_session = parse_request(tensors, now, self.request_time_window_s)
             except InputError as e:
                 report.invalid += 1
                 answer(i, e)

@@ -1,5 +1,6 @@
-"""The router's request filter (docs/method.md): what a request may recycle, from the user's cache
-entry as its claim returned it and the previous page's feedback it brings."""
+"""A request's way into the router: its tensors checked (`parse_request`), then the request filter
+(docs/method.md): what it may recycle, from the user's cache entry as its claim returned it and
+the previous page's feedback it brings."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,41 @@ from ..rule import allowed_strategies, depth_guard
 from .batch import TIME_MAX, BatchReport, RouterRequest
 from .entry import CacheEntry
 from .params import RouterParams
+from ..runtime.validation import InputError, check_tensor
+from ..specs import PAD_ID, ROUTER, ROUTER_INPUTS
 from .state import apply_feedback, in_sorted, recent_unique
+
+def parse_request(tensors: dict[str, np.ndarray], now: float, request_time_window_s: float = 0.0
+                  ) -> tuple[RouterRequest, np.ndarray, np.ndarray, bool]:
+    """One request's tensors (batch dim 1) -> (RouterRequest, viewed, clicked, new_session);
+    InputError if invalid. request_time_window_s > 0: request_time must be that close to `now`."""
+    for spec in ROUTER_INPUTS:
+        value = tensors.get(spec.name)
+        if value is None and spec.optional:
+            continue
+        if check_tensor(ROUTER, spec, value) != 1:
+            raise InputError(f"model '{ROUTER}', input '{spec.name}': {ROUTER} serves one page per "
+                             f"request: expected batch size 1, got {value.shape[0]}")
+    t = tensors.get("request_time")
+    ns = tensors.get("new_session")
+    if ns is not None and int(ns[0, 0]) not in (0, 1):
+        raise InputError(f"model '{ROUTER}', input 'new_session': expected 0 or 1, got {int(ns[0, 0])}")
+    if t is not None:
+        t = float(t[0, 0])
+        if not 0.0 <= t <= TIME_MAX:  # also NaN; the spec already refuses ±inf
+            raise InputError(f"model '{ROUTER}', input 'request_time': expected seconds in [0, {TIME_MAX:g}] "
+                             f"(Unix time or a replay's clock), got {t:g}")
+        if request_time_window_s > 0 and abs(t - now) > request_time_window_s:
+            raise InputError(f"model '{ROUTER}', input 'request_time': expected a time within "
+                             f"{request_time_window_s:g} s of the server clock ({now:.3f}), got {t:.3f}")
+    hist = tensors["history"][0]
+    req = RouterRequest(user_id=int(tensors["user_id"][0, 0]), user_features=tensors["user_features"][0],
+               history=hist[hist != PAD_ID], now=t if t is not None else now)
+    token = tensors.get("page_token")
+    req.token_in = int(token[0, 0]) if token is not None else None
+    viewed, clicked = tensors["viewed_items"][0], tensors["clicked_items"][0]
+    return req, viewed[viewed != PAD_ID], clicked[clicked != PAD_ID], bool(ns is not None and ns[0, 0] == 1)
+
 
 def request_filter(r: RouterRequest, claim, report: BatchReport, *, model_version: str, ttl_s: float,
                    session_ttl_s: float, params: RouterParams) -> None:
