@@ -83,6 +83,28 @@ def test_the_installed_rule_and_the_simulators_learned_policy_decide_alike(tiny_
     np.testing.assert_allclose(core["expected_reward"].to_numpy(), sim["expected_reward"].to_numpy(), rtol=1e-5)
 
 
+def test_the_simulators_learned_policy_keeps_the_certified_family(tiny_model_set, tiny_estimator):
+    """Params certified for a family of strategies ("strategies": here 0-2, not 3): the router and
+    the simulator's PolicyAssignment both keep to it."""
+    import json
+
+    from comrecycle.estimator.effect_loss import EffectLossEstimator
+    from comrecycle.policy.closed_loop import PolicyAssignment
+    from comrecycle.sim.env import SessionSimulator
+    from comrecycle.sim.recycling import RecyclingServer, load_model_set
+
+    costs = [float(v) for v in json.loads((tiny_model_set / "cost_profile.json").read_text())["strategy_cost"].values()]
+    params = {"lambda": 0.01, "omega": 0.0, "choice": "argmax", "costs": costs, "budget": 0.01, "strategies": [0, 1, 2]}
+    core, _ = simulate_policy(tiny_model_set, 300, seed=3, estimator_dir=tiny_estimator, params=params, progress=False)
+    world, cascade, model_costs = load_model_set(tiny_model_set)
+    server = RecyclingServer(world, cascade, PolicyAssignment(EffectLossEstimator.load(tiny_estimator), params),
+                             model_costs, counterfactuals=(0,))
+    sim = SessionSimulator(world, seed=3, concurrency=min(256, world.n_users // 2)).run(300, server, progress=False).table()
+    for t in (core, sim):
+        s = t["strategy"].to_numpy()
+        assert not (s == 3).any() and (s == 2).any()
+
+
 def test_random_recycling_baseline_recycles_about_p_of_the_usable_repeats(tiny_model_set):
     import json
 
