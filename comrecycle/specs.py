@@ -206,6 +206,23 @@ PAGE_TOKEN = TensorSpec("page_token", "int64", (1,),
                         "page arrives, its items are held back from recycled pages", nonnegative=True,
                         optional=True)
 ROUTER_INPUTS = (USER_ID, USER_FEATURES, HISTORY, VIEWED_ITEMS, CLICKED_ITEMS, REQUEST_TIME, NEW_SESSION, PAGE_TOKEN)
+
+
+def router_request(user_id: int, user_features, history, viewed=(), clicked=(), *, request_time: float | None = None,
+                   new_session: bool = False, page_token: int | None = None) -> dict[str, np.ndarray]:
+    """The input tensors of one recycle_router request (no batch dim), typed as ROUTER_INPUTS;
+    request_time and page_token are left out when None (the router then uses its clock and the
+    user's latest page)."""
+    req = {"user_id": np.array([user_id], np.int64), "user_features": np.asarray(user_features, np.int64),
+           "history": np.asarray(history, np.int64), "viewed_items": np.asarray(viewed, np.int64),
+           "clicked_items": np.asarray(clicked, np.int64), "new_session": np.array([int(new_session)], np.int64)}
+    if request_time is not None:
+        req["request_time"] = np.array([request_time], np.float64)
+    if page_token is not None:
+        req["page_token"] = np.array([page_token], np.int64)
+    return req
+
+
 # The strategy score of an unavailable strategy: the lowest float32, not -inf. Triton writes
 # -inf as `-Infinity` in JSON responses, which strict JSON parsers (JavaScript, Go, Jackson) and
 # perf_analyzer's profile export reject; a finite floor sorts the same.

@@ -39,7 +39,7 @@ import numpy as np
 
 from client.triton_client import CascadeClient, ServingError
 from comrecycle.repository import DEFAULT_REPOSITORY
-from comrecycle.specs import ROUTER
+from comrecycle.specs import ROUTER, router_request
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # cheap recycling, tiny λ: every repeat with a cached list recycles (the hardest case for consistency)
@@ -77,13 +77,8 @@ class _User:
 
     def request(self) -> dict[str, np.ndarray]:
         self.t += 7.0
-        r = {"user_id": np.array([self.uid], np.int64), "user_features": np.array([0, 1, 2], np.int64),
-             "history": np.array(self.history, np.int64), "viewed_items": np.array(self.viewed, np.int64),
-             "clicked_items": np.array(self.clicked, np.int64), "request_time": np.array([self.t], np.float64),
-             "new_session": np.array([1 if self.first else 0], np.int64)}
-        if self.token is not None and not self.first:
-            r["page_token"] = np.array([self.token], np.int64)
-        return r
+        return router_request(self.uid, [0, 1, 2], self.history, self.viewed, self.clicked, request_time=self.t,
+                              new_session=self.first, page_token=None if self.first else self.token)
 
     def saw(self, out: dict[str, np.ndarray]) -> None:
         """The client shows this page: the user views its first N_VIEW items, clicks the first."""

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from comrecycle.repository import DEFAULT_REPOSITORY
-from comrecycle.specs import ROUTER, STRATEGIES
+from comrecycle.specs import ROUTER, STRATEGIES, router_request
 
 from .perf_analyzer_run import format_rows, run_perf, write_input_data, write_rows_csv
 
@@ -74,12 +74,11 @@ async def _warm(url: str, contexts) -> list[np.ndarray]:
 
 
 def _router_request(ctx, page: np.ndarray, new_session: int) -> dict[str, np.ndarray]:
-    viewed = page[:3] if page.size else np.array([0], np.int64)  # perf_analyzer needs non-empty shapes
-    clicked = page[:1] if page.size else np.array([0], np.int64)
-    history = ctx["history"] if ctx["history"].size else np.array([0], np.int64)
-    return {"user_id": ctx["user_id"], "user_features": ctx["user_features"], "history": history,
-            "viewed_items": viewed.astype(np.int64), "clicked_items": clicked.astype(np.int64),
-            "new_session": np.array([new_session], np.int64)}
+    viewed = page[:3] if page.size else [0]  # perf_analyzer needs non-empty shapes
+    clicked = page[:1] if page.size else [0]
+    history = ctx["history"] if ctx["history"].size else [0]
+    return router_request(int(ctx["user_id"][0]), ctx["user_features"], history, viewed, clicked,
+                          new_session=bool(new_session))
 
 
 def strategy_latencies(export: dict) -> dict[int, np.ndarray]:

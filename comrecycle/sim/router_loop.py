@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..specs import ROUTER
+from ..specs import ROUTER, router_request
 
 
 @dataclass
@@ -60,16 +60,11 @@ class RouterInTheLoop:
     def request(self, batch, i: int) -> dict[str, np.ndarray]:
         ctx = batch.context(i)
         first = not bool(batch.is_repeat[i])
-        viewed, clicked = (np.zeros(0, np.int64),) * 2 if first else self.feedback.get(
-            int(batch.session_id[i]), (np.zeros(0, np.int64),) * 2)
-        req = {"user_id": ctx["user_id"], "user_features": ctx["user_features"], "history": ctx["history"],
-               "viewed_items": viewed, "clicked_items": clicked,
-               "request_time": np.array([batch.ts[i]], np.float64),
-               "new_session": np.array([1 if first else 0], np.int64)}
+        viewed, clicked = ((),) * 2 if first else self.feedback.get(int(batch.session_id[i]), ((),) * 2)
+        # the page_token ties the feedback to the page it describes
         token = None if first else self.tokens.get(int(batch.session_id[i]))
-        if token is not None:  # ties the feedback to the page it describes
-            req["page_token"] = np.array([token], np.int64)
-        return req
+        return router_request(int(ctx["user_id"][0]), ctx["user_features"], ctx["history"], viewed, clicked,
+                              request_time=float(batch.ts[i]), new_session=first, page_token=token)
 
     @property
     def batch_strategies(self) -> list[int]:
