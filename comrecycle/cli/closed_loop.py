@@ -175,9 +175,10 @@ def add_parsers(sub) -> None:
                         "an on-policy log for calibrate-estimator")
     s.add_argument("--explore-arms", help="strategies exploration draws from (comma separated; default all)")
     s.add_argument("--explore-shadow", action="store_true",
-                   help="an explored refresh (a strategy that recomputes more stages than the policy's choice) is "
-                        "served, but the cache keeps what the policy's choice would have left: the log's cache "
-                        "states stay those of the policy (for calibrate-estimator)")
+                   help="an explored strategy is served, but the cache keeps what the policy's choice would have "
+                        "left (for an explored recycle, the lists of the policy's refresh, computed in the "
+                        "shadow): the log's cache states stay those of the policy (for solve and "
+                        "calibrate-estimator on the deployed rule's own states)")
     s.add_argument("--requests", type=int, default=20_000, help="measured requests (after --warmup)")
     s.add_argument("--warmup", type=int, default=0, metavar="N",
                    help="first serve N requests that are not measured: the λ controller settles and the caches "

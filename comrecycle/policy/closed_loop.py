@@ -101,10 +101,11 @@ class PolicyAssignment(_RecordsDecisions):
         own states is what calibrate-estimator needs: the loss at a given cache depth depends
         on the policy that aged the cache (docs/history.md, "Per-depth calibration fitted off-policy").
 
-        explore_shadow: an explored strategy that recomputes more stages than the policy's
-        choice (a refresh where the policy recycled) is served, but the cache keeps what the
-        policy's choice would have left (`cache_as`): exploration then does not make the
-        caches younger than the policy does, and the log's states stay the policy's."""
+        explore_shadow: an explored strategy is served, but the cache keeps what the policy's
+        choice would have left (`cache_as`): an explored refresh does not rejuvenate the lists
+        the policy would have reused, and an explored recycle does not age the lists the policy
+        would have refreshed (its refresh runs in the shadow). The log's states stay the
+        policy's: what `solve` needs to certify the deployed rule on its own states."""
         self.estimator, self.params, self.controller = estimator, dict(params), controller
         self.explore, self.explore_arms = float(explore), explore_arms
         self.explore_shadow = bool(explore_shadow)

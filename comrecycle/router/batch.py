@@ -101,8 +101,9 @@ class RouterRequest:
     The decision step (router.decision) sets `strategy`, `scores` and `estimated`. A decision that
     has already run the chosen strategy for a request (the simulator's, which computes every
     strategy's page on the same state) may leave its outputs in `outputs`: the router serves them
-    instead of calling the model again. `cache_from` makes the write-back keep the lists as if
-    that strategy had served the page (the simulator's shadow exploration); None: the served one."""
+    instead of calling the model again. `cache_outputs`, when set, are the stage outputs the
+    write-back keeps instead of the served ones (the simulator's shadow exploration: the lists
+    the policy's own choice would have left); None: the served outputs."""
 
     user_id: int
     user_features: np.ndarray  # [3]
@@ -130,7 +131,7 @@ class RouterRequest:
     viewed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     clicked: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     undelivered: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # kept through an outage
-    cache_from: int | None = None
+    cache_outputs: dict | None = None
 
 
 def page_row(items: np.ndarray, scores: np.ndarray | None = None):

@@ -50,7 +50,7 @@ import numpy as np
 
 from ..runtime.validation import InputError
 from ..specs import N_RECYCLE, PAGE_SIZE, ROUTER, STRATEGIES, UNAVAILABLE_SCORE
-from .batch import (CACHE_TTL_S, N_STRATEGIES, PHASES, SESSION_TTL_S, STRATEGY_OUTPUTS, Backend, BackendError,
+from .batch import (CACHE_TTL_S, N_STRATEGIES, PHASES, SESSION_TTL_S, Backend, BackendError,
                     BatchReport, RouterRequest, RouterResult, ServingError, call_strategy, lap, page_row)
 from .decision import Decision, LearnedDecision
 from .entry import CacheEntry
@@ -291,8 +291,7 @@ class RecycleRouter:
                     continue
                 if r.index in pages:
                     before = None if r.new_session else r.entry
-                    kept = r.outputs if r.cache_from is None else {  # as if strategy cache_from had served
-                        k: v for k, v in r.outputs.items() if k in STRATEGY_OUTPUTS[r.cache_from]}
+                    kept = r.outputs if r.cache_outputs is None else r.cache_outputs
                     writes[r.user_id] = next_entry(before, r.strategy if before is not None else 0, kept,
                                                    pages[r.index], r.now, self.model_version)
                 elif r.entry is not None:

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
-from ..router.batch import RouterRequest, call_strategy
+from ..router.batch import STRATEGY_OUTPUTS, RouterRequest, call_strategy
 from ..router.core import RecycleRouter
 from ..router.decision import LearnedDecision
 from ..router.inprocess import InProcessBackend
@@ -162,10 +162,11 @@ class RecyclingServer:
         self._q = np.full((B, N_STRATEGIES), np.nan, np.float32)
         self._state = np.full((B, 3 * N_RECYCLE), -1, np.float32)
         self._propensity = np.ones(B, np.float32)
+        self._computed: dict[tuple[int, int], dict] = {}  # (batch row, strategy) -> outputs the tap ran
         try:
             pages = self.client(batch)
         finally:
-            self._batch, self._live = None, {}
+            self._batch, self._live, self._computed = None, {}, {}
         if self._failure is not None:
             raise self._failure
         if self.client.errors:
@@ -243,9 +244,19 @@ class RecyclingServer:
             r.scores = np.where(avail[i], -np.nan_to_num([self.cost[k] for k in STRATEGIES], nan=0.0),
                                 UNAVAILABLE_SCORE).astype(np.float32)
             # an assignment may ask that the cache keep what another strategy would have left
-            # (shadow exploration: a refresh drawn by exploration is served but not written back)
-            if cache_as is not None and cache_as[i] > s:
-                r.cache_from = int(cache_as[i])
+            # (shadow exploration: an explored strategy is served, the policy's choice written back)
+            if cache_as is not None and int(cache_as[i]) != s:
+                r.cache_outputs = self._shadow_outputs(r, int(cache_as[i]))
+
+    def _shadow_outputs(self, r: RouterRequest, policy_choice: int) -> dict[str, np.ndarray]:
+        """The stage outputs that `policy_choice` would have written back for request r, served
+        by another strategy: for an explored refresh, the served outputs of the stages the policy's
+        choice runs too (the other lists keep aging); for an explored recycle, the outputs of the
+        policy's own (fresher) choice, which the tap has usually computed already (q_0)."""
+        if policy_choice < r.strategy:
+            out = self._computed.get((r.index, policy_choice))
+            return out if out is not None else self._run([r], policy_choice)[0]
+        return {k: v for k, v in r.outputs.items() if k in STRATEGY_OUTPUTS[policy_choice]}
 
     def _tap(self, avail: np.ndarray, strategy: np.ndarray) -> None:
         """q_j of the chosen strategy and of the counterfactual ones, each run once on the
@@ -262,6 +273,7 @@ class RecyclingServer:
             outs = self._run([self._live[int(i)] for i in idx], j)
             self._q[idx, j] = page_expected_clicks(self.world, batch.interest[idx], [o["rerank_items"] for o in outs])
             for i, o in zip(idx, outs):
+                self._computed[(int(i), j)] = o
                 if strategy[i] == j:
                     self._live[int(i)].outputs = o  # served as computed: the router does not run it again
 

@@ -279,6 +279,40 @@ def _rank_list_pages(tiny_world, tiny_cascade, shadow):
     return state[rep, 2, 1], (t["strategy"].to_numpy()[rep] == 0).all()  # strategy 3's list: pages served
 
 
+class _RecycleEveryRepeat:
+    """An assignment that serves strategy 3 wherever the rank list is available; with `shadow`,
+    it asks the server to leave the cache as strategy 0 (a full refresh) would have."""
+
+    def __init__(self, shadow: bool):
+        self.shadow, self.cache_as = shadow, None
+
+    def __call__(self, batch, available, cache_state):
+        n = len(available)
+        s = np.where(available[:, 3], 3, 0).astype(np.int8)
+        self.cache_as = np.zeros(n, np.int8) if self.shadow else None
+        return s, np.ones(n, np.float32)
+
+
+def test_shadow_exploration_of_a_recycle_writes_back_the_policys_refresh(tiny_world, tiny_cascade):
+    from comrecycle.sim.env import SessionSimulator
+    from comrecycle.sim.recycling import RecyclingServer
+
+    def run(shadow):
+        server = RecyclingServer(tiny_world, tiny_cascade, _RecycleEveryRepeat(shadow), counterfactuals=(0,))
+        t = SessionSimulator(tiny_world, seed=3, concurrency=16).run(240, server, progress=False).table()
+        state = np.stack(t["cache_state"].to_numpy(zero_copy_only=False)).reshape(len(t), 3, 3)
+        served = t["strategy"].to_numpy()
+        return state[t["is_repeat"].to_numpy(), 2, 1], served, t
+
+    pages, served, _ = run(False)
+    assert (served == 3).sum() > 50 and pages.max() >= 3  # recycling ages the rank list
+    pages, served, t = run(True)
+    # recycled pages are served, but every page leaves the lists a refresh computes: one page old
+    assert (served == 3).sum() > 50 and (pages[pages >= 0] == 1).all()
+    q = np.stack([t[f"q_{j}"].to_numpy() for j in (0, 3)], 1)[served == 3]
+    assert np.isfinite(q).all()  # q_0 (the shadow refresh) and q_3 (served) both recorded
+
+
 def test_shadow_exploration_serves_the_refresh_but_keeps_the_policys_cache(tiny_world, tiny_cascade):
     pages, all_full = _rank_list_pages(tiny_world, tiny_cascade, shadow=False)
     assert all_full and (pages[pages >= 0] == 1).all()  # every page rewrote the lists
