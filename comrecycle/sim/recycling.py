@@ -24,6 +24,7 @@ from ..router.decision import LearnedDecision
 from ..router.inprocess import InProcessBackend
 from ..router.memory_cache import MemoryStageCache
 from ..router.params import RouterParams
+from ..router.request_filter import parse_request
 from ..runtime.cascade import InProcessCascade
 from ..runtime.estimator_onnx import EstimatorRuntime
 from ..specs import N_RECYCLE, STRATEGIES, UNAVAILABLE_SCORE
@@ -189,8 +190,17 @@ class RecyclingServer:
     def expected_clicks(self, batch: RequestBatch, idx: np.ndarray, j: int) -> np.ndarray:
         """[len(idx)] exact expected clicks of strategy j's page for rows idx of the batch being
         decided, on the router's state of each request (for policies that look at the truth)."""
-        outs = self._run([self._live[int(i)] for i in idx], j)
+        outs = self._run([self._request_of(batch, int(i)) for i in idx], j)
         return page_expected_clicks(self.world, batch.interest[idx], [o["rerank_items"] for o in outs])
+
+    def _request_of(self, batch: RequestBatch, i: int) -> RouterRequest:
+        """Row i's request as the router holds it: being decided, or a new session (which the
+        router sends to the full cascade at once, with no cache state), parsed from what the
+        client sent."""
+        r = self._live.get(i)
+        if r is None:
+            r = parse_request({k: v[None] for k, v in self.client.request(batch, i).items()}, float(batch.ts[i]))[0]
+        return r
 
     def _run(self, reqs: list[RouterRequest], j: int) -> list[dict]:
         """Strategy j's outputs for `reqs`, synchronously: the in-process backend's calls never

@@ -52,6 +52,23 @@ def test_policy_in_the_closed_loop(tiny_model_set, tiny_estimator):
     assert mf["compute_saved_pct"] == 0.0 and abs(mf["effect_loss_pct"]) < 1e-9
 
 
+def test_the_oracle_in_the_closed_loop_decides_on_the_true_loss(tiny_model_set):
+    import json
+
+    costs = [float(v) for v in json.loads((tiny_model_set / "cost_profile.json").read_text())["strategy_cost"].values()]
+    params = {"lambda": 5.0, "omega": 0.0, "choice": "argmax", "costs": costs, "budget": 0.01}
+    # new sessions (sent to the full cascade, never decided) are in every batch: their q_0 counts in the effect
+    t, pol = simulate_policy(tiny_model_set, 400, seed=3, params=params, oracle=True, progress=False)
+    rep, s = t["is_repeat"].to_numpy(), t["strategy"].to_numpy()
+    assert (~rep).any() and (s[~rep] == 0).all() and (s[rep] > 0).any()
+    q0 = t["q_0"].to_numpy()
+    assert np.isfinite(q0).all()
+    # the predicted loss the oracle reports is the true loss of what it served
+    served = np.array([t[f"q_{j}"][i].as_py() for i, j in enumerate(s)], float)
+    assert abs(sum(pol.pred_loss) - float(np.sum(q0 - served))) < 1e-3 * max(1.0, float(np.sum(q0)))
+    assert abs(sum(pol.pred_effect) - float(np.sum(q0))) < 1e-3 * float(np.sum(q0))
+
+
 def test_the_installed_rule_and_the_simulators_learned_policy_decide_alike(tiny_model_set, tiny_estimator):
     """The closed loop of the installed rule (the router's own decision step: the estimator's ONNX
     graph called on the live cache state, the params' rule) and the simulator's PolicyAssignment
