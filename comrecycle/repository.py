@@ -124,7 +124,8 @@ def router_config(variant: str = "cpu") -> mc.ModelConfig:
     cfg.instance_group.append(mc.ModelInstanceGroup(count=SERVING.router_instances[variant], kind=mc.ModelInstanceGroup.KIND_CPU))
     cfg.dynamic_batching.max_queue_delay_microseconds = SERVING.router_queue_delay_us
     cfg.version_policy.latest.num_versions = 1
-    settings = RouterSettings(local_stages="all" if variant == "cpu" else "none")
+    cpu = variant == "cpu"
+    settings = RouterSettings(local_stages="all" if cpu else "none", local_estimator=int(cpu))
     for k, v in sorted(settings.config_parameters().items()):  # never the password: environment only
         cfg.parameters[k].string_value = v
     return cfg

@@ -106,6 +106,12 @@ class RouterSettings:
     local_stages: str = _setting("all", "COMRECYCLE_ROUTER_LOCAL_STAGES",
                                  "stages run in the router's process: a list such as rank,rerank, all, or "
                                  "none (every stage through Triton by BLS: stages on a GPU)")
+    # the estimator by BLS costs two inter-process hops and its batcher's queue delay on every
+    # repeated request (~2.5 ms of a recycled request's latency on 2 cores)
+    local_estimator: int = _setting(1, "COMRECYCLE_ROUTER_LOCAL_ESTIMATOR",
+                                    "1: the estimator version the params pin runs in the router's process "
+                                    "(onnxruntime on its installed model.onnx); 0: through Triton by BLS "
+                                    "(an estimator on a GPU)")
     # every pb_utils metric update is an inter-process round trip (~65-80 us): summed locally
     # and sent by a background thread
     metrics_flush_s: float = _setting(0.5, "COMRECYCLE_ROUTER_METRICS_FLUSH_S",
@@ -127,6 +133,8 @@ class RouterSettings:
                 bad(name, "a number >= 0")
         if self.lock_ms < 1:
             bad("lock_ms", "an integer >= 1")
+        if self.local_estimator not in (0, 1):
+            bad("local_estimator", "0 or 1")
         if self.max_inflight_batches < 1:
             bad("max_inflight_batches", "an integer >= 1")
         unknown = [s for s in self.local_stage_names() if s not in STAGES]

@@ -113,10 +113,14 @@ def build_router(args: dict, backend, settings: RouterSettings | None = None) ->
                             retry_after_s=s.retry_after_s, password=s.redis_password or None)
     fingerprint = FingerprintWatch(model_dir.parent, every_s=s.fingerprint_check_s)
     local = s.local_stage_names()
-    if local:
-        backend = LocalStagesBackend(backend, local_stage_runtimes(model_dir.parent, local))
-        log.info("recycle_router v%s runs %s in-process (the latest installed version)", args["model_version"],
-                 ", ".join(local))
+    uses_estimator = router_params.lam > 0 or router_params.omega > 0
+    estimator = (local_estimator_runtime(model_dir.parent, router_params.estimator_version)
+                 if s.local_estimator and uses_estimator else None)
+    if local or estimator is not None:
+        backend = LocalStagesBackend(backend, local_stage_runtimes(model_dir.parent, local) if local else {},
+                                     estimator=estimator)
+        log.info("recycle_router v%s runs %s in-process (stages: the latest installed version)", args["model_version"],
+                 ", ".join(local + ([f"estimator v{estimator[0]}"] if estimator is not None else [])))
     log.info("recycle_router v%s: λ=%.4g ω=%g costs=%s estimator v%s, model set %s, Redis %s (reachable: %s)",
              args["model_version"], router_params.lam, router_params.omega, router_params.costs,
              router_params.estimator_version, fingerprint.value, redact_url(s.redis_url), cache.ping())
@@ -149,6 +153,22 @@ def local_stage_runtimes(repo: str | Path, stages: list[str]):
     return runtimes
 
 
+def local_estimator_runtime(repo: str | Path, version: int = -1):
+    """(version, EstimatorRuntime) of the estimator the params pin (-1: the latest installed),
+    from the repository's `estimator/<version>/model.onnx`; None (calls go by BLS) when that
+    version is not installed."""
+    from ..runtime.estimator_onnx import EstimatorRuntime
+    from ..serving.layout import installed_versions
+
+    root = Path(repo) / "estimator"
+    versions = installed_versions(root, "model.onnx")
+    v = versions[-1] if version == -1 and versions else version
+    if v not in versions:
+        log.warning("estimator v%s is not installed under %s: the router calls it through Triton", version, root)
+        return None
+    return v, EstimatorRuntime(root / str(v) / "model.onnx")
+
+
 class LocalStagesBackend:
     """Calls of models whose every stage is local run in this process (onnxruntime, the same
     StageRuntime code as the Triton models); everything else goes to the wrapped backend (BLS).
@@ -158,17 +178,23 @@ class LocalStagesBackend:
     (onnxruntime releases the GIL), so the batch's recycled groups are served and answered
     while they run, as with BLS."""
 
-    def __init__(self, remote, runtimes: dict, threads: int = 2):
+    def __init__(self, remote, runtimes: dict, threads: int = 2, estimator=None):
+        """estimator: (version, EstimatorRuntime) run here for calls of that version (or -1);
+        None: the estimator goes to the wrapped backend."""
         from concurrent.futures import ThreadPoolExecutor
 
         from .inprocess import CHAINS, InProcessBackend
 
-        self.remote, self.local = remote, InProcessBackend(runtimes)
+        self.estimator_version = estimator[0] if estimator is not None else None
+        self.remote = remote
+        self.local = InProcessBackend(runtimes, estimator[1] if estimator is not None else None)
         self.chains = {model: stages for model, (stages, _) in CHAINS.items() if set(stages) <= set(runtimes)}
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="comrecycle-stages") \
             if any(len(st) > 1 for st in self.chains.values()) else None
 
     async def infer(self, model, inputs, outputs, version=-1):
+        if model == "estimator" and self.estimator_version is not None and version in (-1, self.estimator_version):
+            return self.local.run(model, inputs, outputs)  # one small ONNX call: on the event loop
         stages = self.chains.get(model)
         if stages is None:
             return await self.remote.infer(model, inputs, outputs, version)

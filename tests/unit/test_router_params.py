@@ -210,6 +210,46 @@ def test_every_stage_local_serves_each_strategy_model_like_the_in_process_backen
     partial.close()
 
 
+def test_the_local_estimator_runs_the_pinned_version_like_the_in_process_backend(tiny_repository, tiny_estimator):
+    """local_estimator = 1: the version the params pin runs in the router's process with the
+    in-process backend's result; another version, or one not installed, goes to Triton."""
+    import asyncio
+
+    import numpy as np
+
+    from comrecycle.router.inprocess import InProcessBackend
+    from comrecycle.router.serving import LocalStagesBackend, local_estimator_runtime
+    from comrecycle.runtime.estimator_onnx import EstimatorRuntime
+    from comrecycle.specs import N_RECYCLE
+
+    class Remote:
+        def __init__(self):
+            self.calls = []
+
+        async def infer(self, model, inputs, outputs, version=-1):
+            self.calls.append((model, version))
+            return {"delta_q": np.zeros((len(inputs["history"]), N_RECYCLE), np.float32)}
+
+    est = local_estimator_runtime(tiny_repository, -1)
+    assert est is not None and est[0] >= 1
+    assert local_estimator_runtime(tiny_repository, est[0] + 5) is None
+    feats = {"user_features": np.array([[0, 1, 2], [1, 0, 3]], np.int64),
+             "history": np.array([[3, 4], [5, -1]], np.int64),
+             "request_features": np.array([[10.0, 1, 5, 1], [3.0, 2, 0, 0]], np.float32),
+             "cache_state": np.array([[5.0, 1, 900, 5, 1, 300, 5, 1, 100], [60.0, 3, 800, 60, 3, 200, 60, 3, 40]],
+                                     np.float32)}
+    remote = Remote()
+    local = LocalStagesBackend(remote, {}, estimator=est)
+    got = asyncio.run(local.infer("estimator", feats, ["delta_q"], est[0]))
+    ref = InProcessBackend({}, EstimatorRuntime(tiny_estimator / "estimator.onnx")).run("estimator", feats, ["delta_q"])
+    np.testing.assert_allclose(got["delta_q"], ref["delta_q"], rtol=1e-6)
+    assert remote.calls == [] and np.abs(got["delta_q"]).sum() > 0
+    asyncio.run(local.infer("estimator", feats, ["delta_q"], -1))
+    assert remote.calls == []
+    asyncio.run(local.infer("estimator", feats, ["delta_q"], est[0] + 1))  # another version: Triton's
+    assert remote.calls == [("estimator", est[0] + 1)]
+
+
 def test_decide_and_the_router_share_one_params_validator(tmp_path):
     """`comrecycle decide` and recycle_router refuse the same params with the same message."""
     from comrecycle.policy.decide import load_params
