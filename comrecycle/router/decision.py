@@ -39,7 +39,7 @@ class LearnedDecision:
     def __init__(self, params: RouterParams, seed: int = 0):
         self.params = params
         self.costs = np.asarray(params.costs, np.float64)
-        self.uses_estimator = params.lam > 0 or params.omega > 0
+        self.uses_estimator = params.uses_estimator
         self.rng = np.random.default_rng(seed)  # the ω > 0 rule samples
 
     async def __call__(self, reqs: list[RouterRequest], backend: Backend, report: BatchReport) -> None:

@@ -39,6 +39,11 @@ class RouterParams:
     strategies: tuple[int, ...] | None = None  # the strategies the rule may use (None = all)
     source: dict = field(default_factory=dict, compare=False)  # the rest of the params file
 
+    @property
+    def uses_estimator(self) -> bool:
+        """λ = 0 and ω = 0: the scores are -c_j whatever ΔQ̂ is, so the estimator is never called."""
+        return self.lam > 0 or self.omega > 0
+
     def as_decide_params(self) -> dict:
         """The dict comrecycle.policy.decide.decide() takes."""
         return {"lambda": self.lam, "costs": list(self.costs), "omega": self.omega, "choice": self.choice,

@@ -113,9 +113,8 @@ def build_router(args: dict, backend, settings: RouterSettings | None = None) ->
                             retry_after_s=s.retry_after_s, password=s.redis_password or None)
     fingerprint = FingerprintWatch(model_dir.parent, every_s=s.fingerprint_check_s)
     local = s.local_stage_names()
-    uses_estimator = router_params.lam > 0 or router_params.omega > 0
     estimator = (local_estimator_runtime(model_dir.parent, router_params.estimator_version)
-                 if s.local_estimator and uses_estimator else None)
+                 if s.local_estimator and router_params.uses_estimator else None)
     if local or estimator is not None:
         backend = LocalStagesBackend(backend, local_stage_runtimes(model_dir.parent, local) if local else {},
                                      estimator=estimator)
