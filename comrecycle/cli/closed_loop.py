@@ -44,9 +44,22 @@ def cmd_closed_loop(a) -> int:
         params["budget"] = a.budget
     if a.random is not None and not 0 <= a.random <= 1:
         raise CommandError(f"--random must be a probability in [0, 1], got {a.random}")
-    if a.strategy is None and a.random is None and (params is None or not (a.estimator or a.oracle or a.dcaf_logs)):
-        raise CommandError("the policy needs --estimator and --params (or --oracle or --dcaf-logs with --params, "
-                           "or --strategy J for a fixed rule)")
+    if a.strategy is None and a.random is None and (
+            params is None or not (a.estimator or a.oracle or a.dcaf_logs or a.feature_ceiling_logs)):
+        raise CommandError("the policy needs --estimator and --params (or --oracle, --dcaf-logs or "
+                           "--feature-ceiling-logs with --params, or --strategy J for a fixed rule)")
+    ceiling = None
+    if a.feature_ceiling_logs:
+        if a.estimator or a.oracle or a.dcaf_logs or a.strategy is not None or a.random is not None or a.explore:
+            raise CommandError("--feature-ceiling-logs is its own policy: not with --estimator, --oracle, --dcaf-logs, "
+                               "--strategy, --random or --explore")
+        if not a.controller:
+            raise CommandError("--feature-ceiling-logs needs --controller (λ is tuned on the true loss in the loop)")
+        _require_files(a.feature_ceiling_logs, "--feature-ceiling-logs")
+        from ..policy.frontier import FeatureCeiling
+
+        ceiling = FeatureCeiling.fit(pa.concat_tables([pq.read_table(p) for p in a.feature_ceiling_logs],
+                                                      promote_options="default"), seed=a.seed)
     dcaf = None
     if a.dcaf_logs:
         if a.estimator or a.oracle or a.strategy is not None or a.random is not None:
@@ -75,19 +88,21 @@ def cmd_closed_loop(a) -> int:
         if arms is not None and (not arms or min(arms) < 0 or max(arms) > N_RECYCLE):
             raise CommandError(f"--explore-arms: strategy ids must be in 0..{N_RECYCLE}, got {a.explore_arms!r}")
     fixed = a.strategy is not None or a.random is not None
-    est_cost = float(params.get("estimator_cost", 0.0)) if params and not fixed and not a.oracle and not dcaf else 0.0
+    # the oracle, DCAF and the feature ceiling are upper bounds or baselines without an estimator call
+    est_cost = (float(params.get("estimator_cost", 0.0))
+                if params and not fixed and not a.oracle and not dcaf and ceiling is None else 0.0)
     table, policy = simulate_policy(models, a.warmup + a.requests, seed=a.seed, estimator_dir=a.estimator,
                                     params=params, controller=controller, strategy=a.strategy, progress=not a.quiet,
                                     sim_options=sim_options, oracle=a.oracle, max_pages=a.max_pages,
                                     random_p=a.random, explore=a.explore, explore_arms=arms, dcaf=dcaf,
-                                    explore_shadow=a.explore_shadow)
+                                    explore_shadow=a.explore_shadow, ceiling=ceiling)
     # the warm-up's requests run the policy (the controller adapts, the caches age) but are not
     # measured; rows are in serving order
     table = table.slice(a.warmup)
     res = closed_loop_metrics(table, costs, est_cost)
     res.update({"policy": f"random p={a.random:g}" if a.random is not None else
                 f"strategy {a.strategy}" if a.strategy is not None else
-                ("oracle" if a.oracle else "dcaf-cache_pages" if dcaf else
+                ("oracle" if a.oracle else "dcaf-cache_pages" if dcaf else "feature ceiling" if ceiling else
                  "comrecycle (the router's own decision)" if policy is None else "comrecycle")
                 + (" + λ controller" if controller else ", fixed λ"),
                 "budget_pct": 100 * float(params["budget"]) if params else None, "seed": a.seed,
@@ -137,21 +152,39 @@ def cmd_closed_loop_frontier(a) -> int:
     models = Path(a.models)
     if not (models / "manifest.json").exists():
         raise CommandError(f"{models}: not a model set (no manifest.json); build one with build_models.py")
-    if (a.estimator or a.oracle_budgets or a.dcaf_logs) and not a.params:
-        raise CommandError("--estimator, --oracle-budgets and --dcaf-logs need --params (c_j, estimator cost, starting λ)")
+    if (a.estimator or a.oracle_budgets or a.dcaf_logs or a.feature_ceiling_logs) and not a.params:
+        raise CommandError("--estimator, --oracle-budgets, --dcaf-logs and --feature-ceiling-logs need --params "
+                           "(c_j, estimator cost, starting λ)")
     _require_files(a.dcaf_logs, "--dcaf-logs")
-    oracle = [float(x) for x in a.oracle_budgets.split(",")] if a.oracle_budgets else []
+    _require_files(a.feature_ceiling_logs, "--feature-ceiling-logs")
+    oracle, ceiling = _budgets(a.oracle_budgets, "--oracle-budgets"), _budgets(a.ceiling_budgets, "--ceiling-budgets")
+    if a.feature_ceiling_logs and not ceiling:
+        raise CommandError("--feature-ceiling-logs needs --ceiling-budgets (e.g. 0.5,1,2)")
     if a.warmup < 0:
         raise CommandError(f"--warmup must be >= 0 requests, got {a.warmup}")
     try:
         closed_loop_frontier(str(models), a.out, a.seeds, estimator=a.estimator, params=a.params,
                              requests=a.requests, workers=a.workers, oracle_budgets_pct=oracle, progress=not a.quiet,
-                             dcaf_logs=a.dcaf_logs or (), warmup=a.warmup)
+                             dcaf_logs=a.dcaf_logs or (), warmup=a.warmup,
+                             ceiling_logs=a.feature_ceiling_logs or (), ceiling_budgets_pct=ceiling)
     except RuntimeError as e:
         raise CommandError(str(e)) from None
     print(Path(a.out, "frontier.md").read_text())
     print(f"wrote {a.out}/frontier.md, frontier.csv, frontier.json, frontier.png")
     return 0
+
+
+def _budgets(text: str | None, flag: str) -> list[float]:
+    """Budgets in % from '0.5,1,2' (empty for None)."""
+    if not text:
+        return []
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise CommandError(f"{flag}: expected budgets in % separated by commas, e.g. 0.5,1,2; got {text!r}") from None
+    if any(not 0 < v < 100 for v in values):
+        raise CommandError(f"{flag}: budgets are percentages in (0, 100), got {text!r}")
+    return values
 
 
 def add_parsers(sub) -> None:
@@ -167,6 +200,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--dcaf-logs", nargs="+", metavar="LOG",
                    help="DCAF-style baseline: ΔQ from a hand-picked feature (pages served from the cache) scaled by "
                         "each strategy's IPW mean loss in these exploration logs (Parquet), same solver and controller")
+    s.add_argument("--feature-ceiling-logs", nargs="+", metavar="LOG",
+                   help="the feature ceiling: regressors of the true ΔQ_j fitted on these randomised logs with q_j "
+                        "(comrecycle simulate --logging random), from the features a router sees; with --params "
+                        "and --controller, which here holds the *true* loss at the budget (evaluation only)")
     s.add_argument("--random", type=float, metavar="P", help="random recycling baseline: recycle a repeated "
                                                                "request with probability P by a random strategy")
     s.add_argument("--budget", type=float, help="override the params' loss budget b (0.01 = 1%%)")
@@ -206,6 +243,10 @@ def add_parsers(sub) -> None:
                    help="every run first serves N unmeasured requests (closed-loop --warmup), so that the "
                         "controllers start from a settled λ as a deployment would; runs are kept per N")
     s.add_argument("--oracle-budgets", help="budgets in %% for the oracle (comma separated; ~15 min per run)")
+    s.add_argument("--feature-ceiling-logs", nargs="+", metavar="LOG",
+                   help="randomised logs with q_j (comrecycle simulate --logging random): adds the feature ceiling, "
+                        "regressors of the true ΔQ_j from the features a router sees, λ held on the true loss")
+    s.add_argument("--ceiling-budgets", help="budgets in %% for the feature ceiling (comma separated)")
     s.add_argument("--dcaf-logs", nargs="+", metavar="LOG",
                    help="exploration logs (closed-loop --explore --log-out): adds the DCAF-style family at each budget")
     s.add_argument("--out", required=True, help="output directory (runs/ is kept: re-running resumes)")

@@ -175,6 +175,43 @@ class OracleAssignment(_RecordsDecisions):
         return s.astype(np.int8), np.ones(B, np.float32)
 
 
+class CeilingAssignment(_RecordsDecisions):
+    """The feature ceiling in the closed loop: ΔQ̂ from regressors of the true ΔQ on the live
+    request's observable features (policy.frontier.FeatureCeiling, fitted on a separate
+    randomised log), the params' decision rule, and a λ controller fed the *true* loss and
+    effect of what it chose (q_0 and the chosen strategy's page, run on the live state): λ
+    tuned on the true loss, as for the oracle. What a policy that sees only those features can
+    reach on its own cache states. Costs up to 2 extra cascades per request: evaluation only."""
+
+    def __init__(self, params: dict, ceiling, controller: LambdaController | None = None):
+        self.params, self.ceiling, self.controller = dict(params), ceiling, controller
+        self.server = None  # set by simulate_policy (the RecyclingServer that calls us)
+        self._init_records()
+
+    def __call__(self, batch, available: np.ndarray, cache_state: np.ndarray):
+        from .guards import observable_features_of_batch
+
+        B = len(batch)
+        rep = np.asarray(batch.is_repeat)
+        if self.controller is not None:
+            self.params["lambda"] = self.controller.lam
+        dq = self.ceiling.predict(observable_features_of_batch(batch, cache_state))
+        s = decide(dq, available, self.params)
+        s[~rep] = 0
+        q0 = self.server.expected_clicks(batch, np.arange(B), 0)
+        true_loss = np.zeros(B)
+        for j in range(1, N_RECYCLE + 1):
+            idx = np.flatnonzero(s == j)
+            if idx.size:
+                true_loss[idx] = q0[idx] - self.server.expected_clicks(batch, idx, j)
+        self.pred_loss.append(float(dq[np.arange(B), s].sum()))
+        self.pred_effect.append(float(q0.sum()))
+        self.pred_n.append(B)
+        if self.controller is not None:
+            self.controller.update(true_loss, q0)
+        return s.astype(np.int8), np.ones(B, np.float32)
+
+
 def relative_loss_ci(q_ref: np.ndarray, q_served: np.ndarray, session_id: np.ndarray, n_boot: int = 200,
                      seed: int = 7) -> tuple[float, float, float]:
     """Effect loss % = 100 (1 - Σ q_served / Σ q_ref) over the same requests [n], and its 95%
@@ -272,7 +309,7 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
                     concurrency: int = 256, progress: bool = True, sim_options: dict | None = None,
                     oracle: bool = False, max_pages: int | None = None, random_p: float | None = None,
                     explore: float = 0.0, explore_arms: tuple[int, ...] | None = None, dcaf: dict | None = None,
-                    explore_shadow: bool = False):
+                    explore_shadow: bool = False, ceiling=None):
     """Run a policy (or a fixed `strategy` for every repeated request) in the simulator, every
     page served by recycle_router's core (sim.recycling.RecyclingServer).
     Returns (log table with q_0 and the served q_j, in serving order; the policy object or None).
@@ -284,7 +321,8 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
     max_pages: the depth guard for a fixed strategy (a policy takes it from its params).
     sim_options: SessionSimulator keyword overrides (e.g. continue_prob) for shifted traffic.
     random_p: the random-recycling baseline (recycle with probability p, random strategy).
-    dcaf: dcaf_from_logs(...) for the DCAF-style baseline (with params and the controller)."""
+    dcaf: dcaf_from_logs(...) for the DCAF-style baseline (with params and the controller).
+    ceiling: a policy.frontier.FeatureCeiling for the feature ceiling (with params and the controller)."""
     from ..router.params import RouterParams
     from ..sim.env import SessionSimulator
     from ..sim.recycling import RecyclingServer, fixed_assignment, load_model_set, random_assignment
@@ -305,6 +343,8 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
             return fixed(batch, depth_guard(available, cache_state, max_pages), cache_state)
     elif oracle:
         policy = assign = OracleAssignment(params, controller)
+    elif ceiling is not None:
+        policy = assign = CeilingAssignment(params, ceiling, controller)
     elif dcaf is not None:
         policy = assign = DcafAssignment(params, dcaf["mean_loss"], dcaf["mean_pages"], dcaf["mean_effect"], controller)
     elif controller is None and explore == 0:
@@ -318,9 +358,9 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
                                            explore_shadow=explore_shadow)
     server = RecyclingServer(world, cascade, assign, costs, counterfactuals=(0,), params=router_params,
                              estimator_dir=router_estimator)
-    if oracle:
+    if oracle or ceiling is not None:
         policy.server = server
     sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2), **(sim_options or {}))
     name = (f"random p={random_p:g}" if random_p is not None else "full" if strategy == 0 else f"strategy {strategy}" if strategy is not None
-            else "oracle" if oracle else "dcaf" if dcaf is not None else "policy")
+            else "oracle" if oracle else "feature ceiling" if ceiling is not None else "dcaf" if dcaf is not None else "policy")
     return sim.run(n_requests, server, progress=progress, desc=f"closed loop ({name})").table(), policy

@@ -7,6 +7,9 @@ Families and their knob:
   random (p)           recycle with probability p, a random usable strategy (guard off)
   comrecycle (b)       the estimator + the λ controller holding the predicted loss at budget b
   oracle (b)           true ΔQ, the same controller (4 cascades per request: evaluation only)
+  ceiling (b)          the feature ceiling: regressors of the true ΔQ fitted on separate randomised
+                       logs, from the features a router sees; the controller holds the *true* loss
+                       (closed_loop.CeilingAssignment; 2 extra cascades per request: evaluation only)
   dcaf (b)             DCAF-style: ΔQ from a hand-picked feature (pages served from the cache)
                        scaled by the IPW mean loss of each strategy in exploration logs, the
                        same solver and controller (closed_loop.DcafAssignment)
@@ -34,8 +37,8 @@ from tqdm import tqdm
 GUARDS = (2, 3, 4, 5, 6, 8, None)
 RANDOM_P = (0.25, 0.5, 0.75, 1.0)
 BUDGETS_PCT = (0.25, 0.5, 1.0, 2.0, 5.0)
-FAMILIES = ("static-3", "random", "dcaf", "comrecycle", "oracle")
-BUDGET_FAMILIES = ("dcaf", "comrecycle", "oracle")  # one run per budget b, held by the controller
+FAMILIES = ("static-3", "random", "dcaf", "comrecycle", "ceiling", "oracle")
+BUDGET_FAMILIES = ("dcaf", "comrecycle", "ceiling", "oracle")  # one run per budget b, held by the controller
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Job:
         return f"{self.family}_{k}_s{self.seed}" + (f"_w{self.warmup}" if self.warmup else "")
 
     def args(self, models: str, estimator: str | None, params: str | None, requests: int,
-             dcaf_logs: tuple[str, ...] = ()) -> list[str]:
+             dcaf_logs: tuple[str, ...] = (), ceiling_logs: tuple[str, ...] = ()) -> list[str]:
         a = ["closed-loop", "--models", models, "--requests", str(requests), "--seed", str(self.seed), "--quiet"]
         if self.warmup:
             a += ["--warmup", str(self.warmup)]
@@ -64,16 +67,19 @@ class Job:
             return a + ["--oracle"] + b
         if self.family == "dcaf":
             return a + ["--dcaf-logs", *dcaf_logs] + b
+        if self.family == "ceiling":
+            return a + ["--feature-ceiling-logs", *ceiling_logs] + b
         return a + ["--estimator", estimator] + b
 
 
 def plan(seeds, budgets_pct=BUDGETS_PCT, with_estimator=True, oracle_budgets_pct=(), with_dcaf=False,
-         warmup: int = 0) -> list[Job]:
+         warmup: int = 0, ceiling_budgets_pct=()) -> list[Job]:
     """warmup applies to every family, so that all are measured on the same steady state."""
     jobs = [Job("static-3", m, s, warmup) for s in seeds for m in GUARDS]
     jobs += [Job("random", p, s, warmup) for s in seeds for p in RANDOM_P]
     if with_estimator:
         jobs += [Job("comrecycle", b, s, warmup) for s in seeds for b in budgets_pct]
+    jobs += [Job("ceiling", b, s, warmup) for s in seeds for b in ceiling_budgets_pct]
     jobs += [Job("oracle", b, s, warmup) for s in seeds for b in oracle_budgets_pct]
     if with_dcaf:
         jobs += [Job("dcaf", b, s, warmup) for s in seeds for b in budgets_pct]
@@ -81,14 +87,15 @@ def plan(seeds, budgets_pct=BUDGETS_PCT, with_estimator=True, oracle_budgets_pct
 
 
 def run_jobs(jobs: list[Job], out: Path, models: str, estimator: str | None, params: str | None,
-             requests: int, workers: int, progress: bool = True, dcaf_logs: tuple[str, ...] = ()) -> list[dict]:
+             requests: int, workers: int, progress: bool = True, dcaf_logs: tuple[str, ...] = (),
+             ceiling_logs: tuple[str, ...] = ()) -> list[dict]:
     """Run the missing jobs (`workers` at a time); returns every job's metrics."""
     out.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not (out / f"{j.name}.json").exists()]
     failures = []
 
     def one(job: Job) -> None:
-        cmd = [sys.executable, "-m", "comrecycle.cli", *job.args(models, estimator, params, requests, dcaf_logs),
+        cmd = [sys.executable, "-m", "comrecycle.cli", *job.args(models, estimator, params, requests, dcaf_logs, ceiling_logs),
                "--out", str(out / f"{job.name}.json")]
         r = subprocess.run(cmd, capture_output=True, text=True)
         (out / f"{job.name}.log").write_text(r.stdout + r.stderr)
@@ -185,7 +192,7 @@ def plot(summary: dict, runs: list[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colors = {"static-3": "tab:blue", "random": "tab:gray", "comrecycle": "tab:red", "oracle": "tab:green",
-              "dcaf": "tab:orange"}
+              "dcaf": "tab:orange", "ceiling": "tab:purple"}
     for fam in summary["families"]:
         ms = sorted([m for m in summary["points"] if m["family"] == fam], key=lambda m: m["loss_pct"])
         ax.plot([m["loss_pct"] for m in ms], [m["saved_pct"] for m in ms], "o-", color=colors[fam], label=fam,
@@ -215,14 +222,18 @@ def plot(summary: dict, runs: list[dict], path: Path) -> Path:
 
 def closed_loop_frontier(models: str, out: str | Path, seeds, estimator: str | None = None, params: str | None = None,
                          requests: int = 12_000, workers: int = 2, oracle_budgets_pct=(), progress: bool = True,
-                         dcaf_logs=(), warmup: int = 0) -> dict:
+                         dcaf_logs=(), warmup: int = 0, ceiling_logs=(), ceiling_budgets_pct=()) -> dict:
     """dcaf_logs: exploration logs (absolute or relative paths) that add the DCAF-style family;
-    warmup: requests each run serves unmeasured before its measured `requests`."""
+    ceiling_logs + ceiling_budgets_pct: randomised logs with q_j that add the feature ceiling at
+    those budgets; warmup: requests each run serves unmeasured before its measured `requests`."""
     out = Path(out)
     dcaf_logs = tuple(str(Path(p).resolve()) for p in dcaf_logs)
+    ceiling_logs = tuple(str(Path(p).resolve()) for p in ceiling_logs)
     jobs = plan(seeds, with_estimator=estimator is not None, oracle_budgets_pct=oracle_budgets_pct,
-                with_dcaf=bool(dcaf_logs), warmup=warmup)
-    runs = run_jobs(jobs, out / "runs", models, estimator, params, requests, workers, progress, dcaf_logs)
+                with_dcaf=bool(dcaf_logs), warmup=warmup,
+                ceiling_budgets_pct=ceiling_budgets_pct if ceiling_logs else ())
+    runs = run_jobs(jobs, out / "runs", models, estimator, params, requests, workers, progress, dcaf_logs,
+                    ceiling_logs)
     summary = summarise(runs)
     (out / "frontier.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=2, default=float))
     with open(out / "frontier.csv", "w") as f:

@@ -126,25 +126,45 @@ def feature_values(log: pa.Table, name: str) -> np.ndarray:
     raise UserError(f"unknown DCAF feature {name!r}; expected cache_pages, secs_since_prev or prev_clicks")
 
 
-def feature_ceiling(train_log: pa.Table, log: pa.Table, seed: int = 0) -> np.ndarray:
-    """[n, K+1] ΔQ̂ of `log` (column 0 = 0) by regressors of the *true* ΔQ_j fitted on a separate
-    randomised log of the same world, from the observable features (policy.guards.observable_features).
-    With λ swept and read at the realised loss, this is the feature ceiling of docs/evaluation.md#oracle-and-feature-ceiling: the
-    best a policy that sees only these features can expect, as opposed to the oracle, which also
-    knows the latent intent and the noise of each request."""
-    from .guards import noisy_target_regressor, observable_features
+@dataclass
+class FeatureCeiling:
+    """Regressors of the *true* ΔQ_j (j = 1..K) from the observable features
+    (policy.guards.observable_features), fitted on a randomised log with q_j. With λ tuned on the
+    true loss, the feature ceiling of docs/evaluation.md#oracle-and-feature-ceiling: the best a
+    policy that sees only these features can expect, as opposed to the oracle, which also knows
+    the latent intent and the noise of each request."""
 
-    train_g = Ground(train_log, np.ones(N_RECYCLE + 1))
-    x_train = np.concatenate(observable_features(train_log), 1)
-    x = np.concatenate(observable_features(log), 1)
-    out = np.zeros((log.num_rows, N_RECYCLE + 1))
-    for j in range(1, N_RECYCLE + 1):
-        rows = train_g.rep & train_g.avail[:, j]
-        if rows.sum() < 100:
-            raise UserError(f"feature ceiling: the training log has {int(rows.sum())} repeats with strategy {j} "
-                             f"available; expected at least 100 (a randomised log of a few thousand requests)")
-        out[:, j] = noisy_target_regressor(seed).fit(x_train[rows], train_g.dq[rows, j]).predict(x)
-    return out
+    models: list  # K fitted regressors, strategy 1..K
+
+    @classmethod
+    def fit(cls, train_log: pa.Table, seed: int = 0) -> "FeatureCeiling":
+        from .guards import noisy_target_regressor, observable_features
+
+        g = Ground(train_log, np.ones(N_RECYCLE + 1))
+        x = np.concatenate(observable_features(train_log), 1)
+        models = []
+        for j in range(1, N_RECYCLE + 1):
+            rows = g.rep & g.avail[:, j]
+            if rows.sum() < 100:
+                raise UserError(f"feature ceiling: the training log has {int(rows.sum())} repeats with strategy {j} "
+                                 f"available; expected at least 100 (a randomised log of a few thousand requests)")
+            models.append(noisy_target_regressor(seed).fit(x[rows], g.dq[rows, j]))
+        return cls(models)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """[n, K+1] ΔQ̂ (column 0 = 0) from observable features x [n, 3K + len(OBSERVABLE_EXTRA)]."""
+        out = np.zeros((len(x), N_RECYCLE + 1))
+        for j, m in enumerate(self.models, start=1):
+            out[:, j] = m.predict(x)
+        return out
+
+
+def feature_ceiling(train_log: pa.Table, log: pa.Table, seed: int = 0) -> np.ndarray:
+    """[n, K+1] ΔQ̂ of `log` (column 0 = 0) by FeatureCeiling fitted on a separate randomised
+    log of the same world."""
+    from .guards import observable_features
+
+    return FeatureCeiling.fit(train_log, seed).predict(np.concatenate(observable_features(log), 1))
 
 
 def frontier(log: pa.Table, costs, q_hat: np.ndarray | None = None, dq_hat: np.ndarray | None = None,

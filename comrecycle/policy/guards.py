@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..specs import CACHE_STATE, N_RECYCLE
+from ..specs import CACHE_STATE, N_RECYCLE, USER_FEATURE_NAMES
 from ..errors import UserError
 
 # (name, test, text) of each guard; `check` fills in the values
@@ -67,13 +67,29 @@ def _cache_state(log: pa.Table, required: bool = True) -> np.ndarray:
 OBSERVABLE_EXTRA = ("prev_clicks", "secs_since_prev", "prev_exposures", "gender", "age", "country", "history_len")
 
 
+def _extra(columns: dict[str, np.ndarray], history_len: np.ndarray) -> np.ndarray:
+    """[n, len(OBSERVABLE_EXTRA)] float64 in OBSERVABLE_EXTRA's order."""
+    return np.stack([np.asarray(columns[n], np.float64) for n in OBSERVABLE_EXTRA[:-1]]
+                    + [np.asarray(history_len, np.float64)], 1)
+
+
 def observable_features(log: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(cache state [n, 3K], extra [n, len(OBSERVABLE_EXTRA)]) float64: what a router sees of a request
     (the cache state is -1 everywhere for a log without it)."""
-    col = lambda n: log[n].to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
-    hist_len = np.asarray(pc.list_value_length(log["history"]).to_numpy(zero_copy_only=False), np.float64)
-    extra = np.stack([col(n) for n in OBSERVABLE_EXTRA[:-1]] + [hist_len], 1)
+    hist_len = pc.list_value_length(log["history"]).to_numpy(zero_copy_only=False)
+    extra = _extra({n: log[n].to_numpy(zero_copy_only=False) for n in OBSERVABLE_EXTRA[:-1]}, hist_len)
     return _cache_state(log, required=False).astype(np.float64), extra
+
+
+def observable_features_of_batch(batch, cache_state: np.ndarray) -> np.ndarray:
+    """[B, 3K + len(OBSERVABLE_EXTRA)] float64: observable_features (concatenated) of a live
+    simulator batch (sim.env.RequestBatch) and its cache state [B, 3K], as a log of it would give."""
+    user = np.asarray(batch.user_features)
+    columns = {"prev_clicks": batch.prev_clicks, "secs_since_prev": batch.secs_since_prev,
+               "prev_exposures": batch.prev_exposures,
+               **{name: user[:, k] for k, name in enumerate(USER_FEATURE_NAMES)}}
+    extra = _extra(columns, (np.asarray(batch.history) >= 0).sum(1))
+    return np.concatenate([np.asarray(cache_state, np.float64), extra], 1)
 
 
 def noisy_target_regressor(seed: int = 0):

@@ -261,6 +261,17 @@ def test_the_frontier_plans_the_dcaf_family_with_its_logs():
                          "--budget", "0.02"]
 
 
+def test_the_frontier_plans_the_feature_ceiling_at_its_budgets_with_its_logs():
+    from comrecycle.policy.closed_loop_frontier import Job, plan
+
+    jobs = plan([5, 7], with_estimator=False, ceiling_budgets_pct=(0.5, 1.0))
+    ceiling = [j for j in jobs if j.family == "ceiling"]
+    assert len(ceiling) == 4 and {j.knob for j in ceiling} == {0.5, 1.0}
+    args = Job("ceiling", 1.0, 5).args("m", None, "p.json", 100, (), ("/c.parquet",))
+    assert args[-7:] == ["--feature-ceiling-logs", "/c.parquet", "--params", "p.json", "--controller",
+                         "--budget", "0.01"]
+
+
 def test_the_frontier_warmup_reaches_every_run_and_keeps_its_runs_apart():
     from comrecycle.policy.closed_loop_frontier import Job, plan
 
@@ -336,3 +347,60 @@ def test_shadow_exploration_serves_the_refresh_but_keeps_the_policys_cache(tiny_
     pages, all_full = _rank_list_pages(tiny_world, tiny_cascade, shadow=True)
     # the same full pages were served, but the rank list aged as under strategy 3
     assert all_full and pages.max() >= 3 and (pages[pages >= 0] >= 1).all()
+
+
+def test_a_live_batchs_observable_features_are_those_of_its_log(tiny_model_set):
+    """The feature ceiling is fitted on logs and applied to live batches: both give a request
+    the same features (cache state, previous clicks, gap, exposures, user features, history length)."""
+    from comrecycle.policy.guards import observable_features, observable_features_of_batch
+    from comrecycle.sim.env import SessionSimulator
+    from comrecycle.sim.recycling import RecyclingServer, fixed_assignment, load_model_set
+
+    world, cascade, costs = load_model_set(tiny_model_set)
+    live, fixed = {}, fixed_assignment(3)
+
+    def assign(batch, available, cache_state):
+        for rid, row in zip(batch.request_id, observable_features_of_batch(batch, cache_state)):
+            live[int(rid)] = row
+        return fixed(batch, available, cache_state)
+
+    server = RecyclingServer(world, cascade, assign, costs, counterfactuals=(0,))
+    table = SessionSimulator(world, seed=4, concurrency=64).run(400, server, progress=False).table()
+    rep = table["is_repeat"].to_numpy()
+    assert rep.any() and (table["strategy"].to_numpy()[rep] == 3).any()
+    logged = np.concatenate(observable_features(table), 1)
+    ids = table["request_id"].to_numpy()
+    decided = np.array([int(r) in live for r in ids])
+    assert decided[rep].all()  # every repeat went through the decision step
+    np.testing.assert_allclose(np.stack([live[int(r)] for r in ids[decided]]), logged[decided], rtol=1e-6)
+
+
+def test_the_feature_ceiling_in_the_closed_loop_holds_the_true_loss(tiny_model_set, tiny_random_log):
+    """CeilingAssignment decides on regressors of the true ΔQ and feeds its λ controller the
+    true loss and effect of what it served (the log's q_0 and served q_j)."""
+    import json
+
+    from comrecycle.policy.frontier import FeatureCeiling
+
+    costs = [float(v) for v in json.loads((tiny_model_set / "cost_profile.json").read_text())["strategy_cost"].values()]
+    params = {"lambda": 5.0, "omega": 0.0, "choice": "argmax", "costs": costs, "budget": 0.01}
+    seen = []
+
+    class Recording(LambdaController):
+        def update(self, loss, effect):
+            seen.append((float(np.sum(loss)), float(np.sum(effect))))
+            return super().update(loss, effect)
+
+    ceiling = FeatureCeiling.fit(tiny_random_log)
+    ctl = Recording(lam=5.0, budget=0.01)
+    t, pol = simulate_policy(tiny_model_set, 500, seed=3, params=params, ceiling=ceiling, controller=ctl,
+                             progress=False)
+    rep, s = t["is_repeat"].to_numpy(), t["strategy"].to_numpy()
+    assert (s[~rep] == 0).all() and (s[rep] > 0).any() and (s[rep] == 0).any()
+    q0 = t["q_0"].to_numpy()
+    served = np.array([t[f"q_{j}"][i].as_py() for i, j in enumerate(s)], float)
+    true_loss, effect = np.sum(seen, axis=0)
+    assert abs(true_loss - float(np.sum(q0 - served))) < 1e-3 * float(np.sum(q0))
+    assert abs(effect - float(np.sum(q0))) < 1e-3 * float(np.sum(q0))
+    assert abs(sum(pol.pred_loss) - true_loss) > 1e-6  # what it decided on is a prediction, not the truth
+    assert len(ctl.trace) == len(pol.pred_n) > 1

@@ -228,6 +228,32 @@ def test_closed_loop_dcaf_arguments_are_checked(files, tiny_model_set, tmp_path)
     assert m["requests"] == 50 and "lambda_end" in m
 
 
+def test_closed_loop_feature_ceiling_arguments_are_checked(files, tiny_model_set, tmp_path):
+    params = tmp_path / "p.json"
+    params.write_text(json.dumps({"lambda": 1.0, "omega": 0.0, "choice": "argmax", "costs": [1, 0.9, 0.8, 0.05],
+                                  "budget": 0.01, "estimator_cost": 0.01}))
+    common = ["closed-loop", "--models", tiny_model_set, "--params", params, "--requests", 60, "--quiet"]
+    r = cli(*common, "--feature-ceiling-logs", files["log"])
+    assert r.returncode == 2 and "needs --controller" in r.stderr and "Traceback" not in r.stderr
+    r = cli(*common, "--feature-ceiling-logs", files["log"], "--controller", "--oracle")
+    assert r.returncode == 2 and "--feature-ceiling-logs is its own policy" in r.stderr
+    r = cli(*common, "--feature-ceiling-logs", tmp_path / "missing.parquet", "--controller")
+    assert r.returncode == 2 and "no such file" in r.stderr
+    frontier = ["closed-loop-frontier", "--models", tiny_model_set, "--params", params, "--out", tmp_path / "f",
+                "--feature-ceiling-logs", files["log"]]
+    r = cli(*frontier)
+    assert r.returncode == 2 and "needs --ceiling-budgets" in r.stderr
+    r = cli(*frontier, "--ceiling-budgets", "1,x")
+    assert r.returncode == 2 and "expected budgets in % separated by commas" in r.stderr
+    out = tmp_path / "ceiling.json"
+    r = cli(*common, "--feature-ceiling-logs", files["log"], "--controller", "--seed", 3, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = json.loads(out.read_text())
+    # an upper bound: no estimator call is paid
+    assert m["policy"] == "feature ceiling + λ controller" and m["requests"] == 60
+    assert m["compute_saved_pct"] == m["compute_saved_without_estimator_pct"]
+
+
 def test_closed_loop_warmup_serves_but_does_not_measure(files, tiny_model_set, tmp_path):
     from comrecycle.policy.closed_loop import closed_loop_metrics
 
