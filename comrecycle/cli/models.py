@@ -19,11 +19,13 @@ def cmd_train_estimator(a) -> int:
         raise CliError(f"--min-epochs must be in 0..--max-epochs ({a.max_epochs}), got {a.min_epochs}")
     if not 0 <= a.average_epochs <= a.max_epochs:
         raise CliError(f"--average-epochs must be in 0..--max-epochs ({a.max_epochs}), got {a.average_epochs}")
+    if a.ensemble < 1:
+        raise CliError(f"--ensemble must be >= 1 net, got {a.ensemble}")
     try:
         res = train_and_evaluate(a.logs, a.out, eval_logs=a.eval_logs, holdout=a.holdout, seed=a.seed,
                                  max_epochs=a.max_epochs, progress=not a.quiet, baselines=not a.no_baselines,
                                  min_epochs=a.min_epochs, list_origin=not a.no_list_origin, label=a.label,
-                                 average_epochs=a.average_epochs, select=a.select)
+                                 average_epochs=a.average_epochs, select=a.select, ensemble=a.ensemble)
     except UserError as e:
         raise CliError(str(e)) from None
     for name, m in res["metrics"].items():
@@ -146,6 +148,10 @@ def add_parsers(sub) -> None:
                    help="what early stopping and the choice of epoch watch on the validation sessions: the loss of "
                         "the logged reward (outcome) or minus the summed IPW Qini of ΔQ̂_j (uplift; on the feed "
                         "world it ranked worse, docs/RESULTS.md, 'The estimator's ranking is the bottleneck')")
+    s.add_argument("--ensemble", type=int, default=1, metavar="N",
+                   help="train N nets with different seeds and serve the mean of their q (and so of their ΔQ) "
+                        "as one graph: the ranking varies a lot from seed to seed, the mean ranks better; the "
+                        "estimator's compute is N times (docs/RESULTS.md, \"The estimator's training seed, and an ensemble\")")
     s.add_argument("--no-baselines", action="store_true", help="skip the T-learner and constant baselines")
     s.add_argument("--install", metavar="REPO", help="install as a new version of `estimator` in REPO")
     s.add_argument("--quiet", action="store_true")

@@ -59,8 +59,8 @@ def cmd_install_estimator(a) -> int:
 
     dst = install_estimator(a.repository, a.estimator, version=a.version)
     print(f"installed {a.estimator} as {dst} (estimator version {dst.name})")
-    print(f"a running server (explicit model control) loads it with: curl -X POST "
-          f"localhost:8000/v2/repository/models/estimator/load; `comrecycle serve` loads the latest version")
+    print("a running server (explicit model control) loads it with: curl -X POST "
+          "localhost:8000/v2/repository/models/estimator/load; `comrecycle serve` loads the latest version")
     return 0
 
 
@@ -109,6 +109,8 @@ def cmd_demo(a) -> int:
 
 def add_parsers(sub) -> None:
     """The serving commands' parsers."""
+    from ..policy.deploy import DEFAULT_CERTIFY_REQUESTS, DEFAULT_TRAIN_REQUESTS
+
     s = sub.add_parser("serve", help="run the embedded tritonserver in the foreground")
     s.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]))
     s.add_argument("--http-port", type=int, default=8000)
@@ -168,10 +170,12 @@ def add_parsers(sub) -> None:
     s.add_argument("--confidence", type=float, default=0.5,
                    help="solve --confidence: the level of the off-policy bound that meets the budget (0.5 = the "
                         "point estimate)")
-    s.add_argument("--train-requests", type=int, default=40_000,
-                   help="size of the randomised log the estimator is trained on (first run only; cached)")
-    s.add_argument("--certify-requests", type=int, default=40_000,
-                   help="size of the second randomised log λ is certified on (first run only; cached)")
+    s.add_argument("--train-requests", type=int, default=DEFAULT_TRAIN_REQUESTS,
+                   help="size of the randomised log the estimator is trained on (first run only; cached; "
+                        "default %(default)s)")
+    s.add_argument("--certify-requests", type=int, default=DEFAULT_CERTIFY_REQUESTS,
+                   help="size of the second randomised log λ is certified on (first run only; cached; "
+                        "default %(default)s)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=str(REPO_ROOT / "runs" / "demo"))
     s.set_defaults(func=cmd_demo)

@@ -21,85 +21,16 @@ import torch
 from tqdm import tqdm
 
 from ..models.export import IDX, OPSET, graft
-from ..models.train import _list_matrix
 from ..models.vocab import Vocab
-from ..sim.logs import LOG_SCHEMA, training_row_sample
-from ..specs import CACHE_STATE, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, HISTORY_MAX, N_RECYCLE
+from ..sim.logs import training_row_sample
+from ..specs import CACHE_STATE, ESTIMATOR_INPUTS, ESTIMATOR_OUTPUTS, N_RECYCLE
 from .calibration import DepthCalibration, fit_depth_calibration, graft_calibration
 from .labels import training_labels
-from .network import EffectLossNet
+from .log_features import LogError, features_from_log, has_cache_state, validate_training_log
+from .network import EffectLossNet, EnsembleNet
 from ..errors import UserError
 
 ORT_CHUNK = 65_536  # rows per onnxruntime call in predict (bounds the memory of the GRU's activations)
-TRAIN_COLUMNS = ("session_id", "page", "is_repeat", "gender", "age", "country", "secs_since_prev",
-                 "prev_exposures", "prev_clicks", "history", "strategy", "propensity", "reward")
-
-
-class LogError(UserError):
-    """A training log that cannot be used, with what was expected and what arrived."""
-
-
-def validate_training_log(table: pa.Table, where: str = "log") -> None:
-    missing = [c for c in TRAIN_COLUMNS if c not in table.column_names]
-    if missing:
-        raise LogError(f"{where}: missing columns {missing}; expected the request-log schema of docs/contracts.md#request-log-schema")
-    wrong = [f"{c}: expected {LOG_SCHEMA.field(c).type}, got {table.schema.field(c).type}"
-             for c in TRAIN_COLUMNS if table.schema.field(c).type != LOG_SCHEMA.field(c).type]
-    if wrong:
-        raise LogError(f"{where}: wrong column types: " + "; ".join(wrong))
-    p = table["propensity"].to_numpy()
-    bad = ~((p > 0) & (p <= 1))
-    if bad.any():
-        raise LogError(f"{where}: propensities must be in (0, 1]; got {int(bad.sum())} outside, e.g. "
-                       f"{float(p[bad][0])}")
-    y = table["reward"].to_numpy()
-    if not np.isfinite(y).all():
-        raise LogError(f"{where}: reward has {int((~np.isfinite(y)).sum())} NaN/inf values")
-    rep = table["is_repeat"].to_numpy()
-    s = table["strategy"].to_numpy()
-    if not rep.any() or (s[rep] == 0).all() or len(np.unique(s[rep])) < 2:
-        raise LogError(f"{where}: no randomised rows: repeated requests must carry several strategies "
-                       f"(got strategies {sorted(set(s[rep].tolist()))} on {int(rep.sum())} repeated "
-                       f"requests); write one with `comrecycle simulate --logging random`")
-    if (s < 0).any() or (s > N_RECYCLE).any():
-        raise LogError(f"{where}: strategy must be in 0..{N_RECYCLE}, got {sorted(set(s.tolist()))}")
-    if has_cache_state(table):
-        try:
-            cs = cache_state_from_log(table)
-        except LogError as e:
-            raise LogError(f"{where}: {e}") from None
-        if not np.isfinite(cs).all():
-            raise LogError(f"{where}: cache_state has {int((~np.isfinite(cs)).any(1).sum())} rows with NaN/inf")
-
-
-def has_cache_state(table: pa.Table) -> bool:
-    return "cache_state" in table.column_names
-
-
-def cache_state_from_log(table: pa.Table) -> np.ndarray:
-    """[n, 3K] float32; -1 (absent) everywhere when the log has no `cache_state` column."""
-    width = CACHE_STATE.dims[0]
-    if not has_cache_state(table):
-        return np.full((table.num_rows, width), -1.0, np.float32)
-    col = table["cache_state"].combine_chunks()
-    if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != width:
-        raise LogError(f"cache_state: expected fixed_size_list<float32>[{width}], got {col.type}")
-    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
-
-
-def features_from_log(table: pa.Table) -> dict[str, np.ndarray]:
-    """Served-tensor arrays (raw ids, batch first) from log rows."""
-    col = lambda n: table[n].to_numpy()  # noqa: E731
-    return {
-        "cache_state": cache_state_from_log(table),
-        "user_features": np.stack([col("gender"), col("age"), col("country")], 1).astype(np.int64),
-        "history": _list_matrix(table["history"], HISTORY_MAX),
-        "request_features": np.stack([col("secs_since_prev"), col("page").astype(np.float32),
-                                      col("prev_exposures").astype(np.float32),
-                                      col("prev_clicks").astype(np.float32)], 1).astype(np.float32),
-    }
-
-
 def _repeated_with_labels(table: pa.Table, label: str) -> tuple[pa.Table, np.ndarray, dict]:
     """The repeated requests of a log and their labels [rows]. The labels are computed over the
     whole log first: the view adjustment's item click rates use every page."""
@@ -139,6 +70,9 @@ class EffectLossEstimator:
     # "uplift" (minus the summed Qini coefficient of ΔQ̂_j, IPW-weighted: how well the model
     # ranks requests by their loss of recycling, which is what the policy uses)
     select: str = "outcome"
+    # > 1: that many nets trained with different seeds on the same log, served as one graph
+    # whose q is their mean (network.EnsembleNet); costs that many times the estimator's compute
+    ensemble: int = 1
     progress: bool = True
     history_: dict = field(default_factory=dict, init=False)
 
@@ -148,18 +82,17 @@ class EffectLossEstimator:
         validate_training_log(table)
         if self.select not in ("outcome", "uplift"):
             raise UserError(f"select: expected 'outcome' or 'uplift', got {self.select!r}")
+        if not (isinstance(self.ensemble, int) and self.ensemble >= 1):
+            raise UserError(f"ensemble: expected a number of nets >= 1, got {self.ensemble!r}")
         self.calibration_ = None
         # which rows trained it: `solve` refuses to certify a budget on them (cross-fitting)
         self.training_rows_ = training_row_sample(table, seed=self.seed)
         rep, y_rep, self.label_info_ = _repeated_with_labels(table, self.label)
-        torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         feats = features_from_log(rep)
         hist = feats["history"]
         self.vocab_ = Vocab(hist[hist >= 0])
         self.use_cache_state_ = has_cache_state(rep)
-        self.net_ = EffectLossNet(len(self.vocab_), self.emb, self.hidden, self.n_experts,
-                                  use_cache_state=self.use_cache_state_, list_origin=self.list_origin)
         X = self._tensors(feats)
         t = torch.from_numpy(rep["strategy"].to_numpy().astype(np.int64))
         y = torch.from_numpy(y_rep.astype(np.float32))
@@ -170,11 +103,33 @@ class EffectLossEstimator:
         valid_sessions = rng.choice(uniq, max(1, int(len(uniq) * self.valid_fraction)), replace=False)
         is_valid = np.isin(sessions, valid_sessions)
         tr, va = np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
+        t0 = time.time()
+        members, fits = [], []
+        for m in range(self.ensemble):  # member 0 is the single model of ensemble = 1
+            torch.manual_seed(self.seed + 7919 * m)
+            self.net_ = EffectLossNet(len(self.vocab_), self.emb, self.hidden, self.n_experts,
+                                      use_cache_state=self.use_cache_state_, list_origin=self.list_origin)
+            desc = "train estimator" + (f" {m + 1}/{self.ensemble}" if self.ensemble > 1 else "")
+            fits.append(self._fit_member(X, t, y, w, tr, va, rng if m == 0 else np.random.default_rng([self.seed, m]),
+                                         desc))
+            members.append(self.net_)
+        if self.ensemble > 1:
+            self.net_ = EnsembleNet(members)
+            self.net_.eval()
+        self.history_ = {"epochs": fits[0]["epochs"], "best_valid_loss": fits[0]["best_valid_loss"],
+                         "train_rows": int(len(tr)), "valid_rows": int(len(va)),
+                         "seconds": round(time.time() - t0, 1), "vocab_items": len(self.vocab_)}
+        if self.ensemble > 1:
+            self.history_["members"] = fits
+        return self
+
+    def _fit_member(self, X, t, y, w, tr: np.ndarray, va: np.ndarray, rng: np.random.Generator, desc: str) -> dict:
+        """Train self.net_ (Adam, early stopping or epoch averaging); returns its epochs and the
+        best validation figure."""
         opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr)
         best, best_state, bad_epochs = np.inf, None, 0
-        t0 = time.time()
         steps = max(1, len(tr) // self.batch_size)
-        bar = tqdm(total=self.max_epochs * steps, desc="train estimator", unit="step",
+        bar = tqdm(total=self.max_epochs * steps, desc=desc, unit="step",
                    disable=not self.progress, mininterval=1.0)
         epochs_run = 0
         averaged: dict[str, torch.Tensor] | None = None
@@ -214,10 +169,7 @@ class EffectLossEstimator:
         elif best_state is not None:
             self.net_.load_state_dict(best_state)
         self.net_.eval()
-        self.history_ = {"epochs": epochs_run, "best_valid_loss": float(best), "train_rows": int(len(tr)),
-                         "valid_rows": int(len(va)), "seconds": round(time.time() - t0, 1),
-                         "vocab_items": len(self.vocab_)}
-        return self
+        return {"epochs": epochs_run, "best_valid_loss": float(best)}
 
     def _tensors(self, feats: dict[str, np.ndarray]) -> list[torch.Tensor]:
         return [torch.from_numpy(feats["user_features"]), torch.from_numpy(self.vocab_.index(feats["history"])),
@@ -362,7 +314,7 @@ class EffectLossEstimator:
         np.save(out / "item_vocab.npy", self.vocab_.ids)
         params = {k: getattr(self, k) for k in ("emb", "hidden", "n_experts", "lr", "batch_size", "max_epochs",
                                                  "patience", "min_epochs", "valid_fraction", "ipw", "seed",
-                                                 "list_origin", "label", "average_epochs", "select")}
+                                                 "list_origin", "label", "average_epochs", "select", "ensemble")}
         cal = getattr(self, "calibration_", None)
         if cal is not None:
             (out / "calibration.json").write_text(cal.to_json())
@@ -382,8 +334,10 @@ class EffectLossEstimator:
         est = cls(**{"list_origin": False, **m["params"]})
         est.vocab_ = Vocab(np.load(out / "item_vocab.npy"))
         est.use_cache_state_ = bool(m.get("uses_cache_state", False))
-        est.net_ = EffectLossNet(len(est.vocab_), est.emb, est.hidden, est.n_experts,
-                                 use_cache_state=est.use_cache_state_, list_origin=est.list_origin)
+        nets = [EffectLossNet(len(est.vocab_), est.emb, est.hidden, est.n_experts,
+                              use_cache_state=est.use_cache_state_, list_origin=est.list_origin)
+                for _ in range(est.ensemble)]
+        est.net_ = nets[0] if est.ensemble == 1 else EnsembleNet(nets)
         est.net_.load_state_dict(torch.load(out / "estimator.pt", weights_only=True))  # tensors only, no pickle code
         est.net_.eval()
         est.history_ = m.get("fit", {})

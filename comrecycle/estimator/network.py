@@ -115,3 +115,19 @@ class EffectLossNet(nn.Module):
     def forward(self, user_features, history_idx, request_features, cache_state):
         q = torch.exp(self.logits(user_features, history_idx, request_features, cache_state))
         return q, q[:, :1] - q[:, 1:]
+
+
+class EnsembleNet(nn.Module):
+    """Several EffectLossNets trained on the same log with different seeds; q is the mean of
+    their q, so ΔQ is the mean of their ΔQ. Uplift learned from noisy clicks varies a lot from
+    seed to seed; the mean ranks requests better than a typical member (docs/RESULTS.md,
+    "The estimator's training seed, and an ensemble")."""
+
+    def __init__(self, members: list[EffectLossNet]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.k = members[0].k
+
+    def forward(self, user_features, history_idx, request_features, cache_state):
+        q = torch.stack([m(user_features, history_idx, request_features, cache_state)[0] for m in self.members]).mean(0)
+        return q, q[:, :1] - q[:, 1:]

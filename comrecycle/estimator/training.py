@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .baselines import ConstantModel, TLearner
-from .effect_loss import EffectLossEstimator, LogError, features_from_log, validate_training_log
+from .effect_loss import EffectLossEstimator
+from .log_features import LogError, features_from_log, validate_training_log
 from .evaluation import evaluate_uplift, treatment_curves
 from .uplift_report import plot_uplift_curves, report_markdown
 
@@ -74,7 +75,7 @@ def train_and_evaluate(logs, out: str | Path, eval_logs: str | Path | None = Non
                        holdout: float = 0.2, seed: int = 0, max_epochs: int = 15,
                        progress: bool = True, baselines: bool = True, min_epochs: int = 0,
                        list_origin: bool = True, label: str = "clicks",
-                       average_epochs: int = 0, select: str = "outcome") -> dict:
+                       average_epochs: int = 0, select: str = "outcome", ensemble: int = 1) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = read_training_logs(logs)
@@ -85,7 +86,7 @@ def train_and_evaluate(logs, out: str | Path, eval_logs: str | Path | None = Non
     t0 = time.time()
     est = EffectLossEstimator(seed=seed, max_epochs=max_epochs, min_epochs=min_epochs, progress=progress,
                               list_origin=list_origin, label=label,
-                              average_epochs=average_epochs, select=select).fit(train)
+                              average_epochs=average_epochs, select=select, ensemble=ensemble).fit(train)
     fit_s = time.time() - t0
 
     rep = held.filter(pc.equal(held["is_repeat"], True))

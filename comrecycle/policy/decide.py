@@ -50,7 +50,7 @@ def available_from_log(log: pa.Table, max_pages: int | None = None) -> np.ndarra
     avail[:, 0] = True
     avail[:, 1:] = rep[:, None]
     if "cache_state" in log.column_names:
-        from ..estimator.effect_loss import cache_state_from_log
+        from ..estimator.log_features import cache_state_from_log
 
         flat = cache_state_from_log(log)
         cs = flat.reshape(n, N_RECYCLE, len(CACHE_STATE_FIELDS))

@@ -17,7 +17,11 @@ ROUTER_ARTIFACTS = REPO_ROOT / "artifacts" / "router"
 # what the estimator is trained on and what λ is certified on: two uniformly randomised logs of
 # other sessions (uniform propensities keep the off-policy interval narrow; the skewed session
 # mixture that explores deep caches gives 1/0.02 weights and an interval too wide to use)
-ESTIMATOR_OPTIONS = {"max_epochs": 8, "label": "view-adjusted"}
+ESTIMATOR_OPTIONS = {"max_epochs": 8, "label": "view-adjusted", "ensemble": 3}
+# the estimator learns uplift from noisy clicks: three times the certification log's size
+# doubles its one-step saving at a 1% loss (docs/RESULTS.md, "More training data for the estimator")
+DEFAULT_TRAIN_REQUESTS = 120_000
+DEFAULT_CERTIFY_REQUESTS = 40_000
 PIPELINE_VERSION = 2  # part of the cache key: artifacts of an earlier pipeline are not reused
 
 
@@ -30,8 +34,8 @@ def _key(model_dir: Path, train_requests: int, seed: int) -> str:
 DEFAULT_MAX_PAGES = None  # the depth guard is an option, off by default
 
 
-def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_requests: int = 40_000,
-                  certify_requests: int = 40_000, heldout_requests: int = 3_000, seed: int = 0, workers: int = 2,
+def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_requests: int = DEFAULT_TRAIN_REQUESTS,
+                  certify_requests: int = DEFAULT_CERTIFY_REQUESTS, heldout_requests: int = 3_000, seed: int = 0, workers: int = 2,
                   max_pages: int | None = DEFAULT_MAX_PAGES, confidence: float = 0.5) -> dict:
     """Train (or reuse) an estimator and params for this model set and install them as the
     latest estimator / recycle_router versions. Returns paths and the params.
@@ -49,8 +53,10 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_reque
     work = ROUTER_ARTIFACTS / _key(model_dir, train_requests, seed)
     work.mkdir(parents=True, exist_ok=True)
     train, cert, held = work / "train.parquet", work / f"certify_{certify_requests}.parquet", work / "heldout.parquet"
-    est_dir = work / "estimator"
-    params_path = work / f"params_b{budget:g}_c{confidence:g}_m{max_pages or 0}.json"
+    # the estimator and the params it was certified with, per estimator recipe (the logs are shared)
+    recipe = hashlib.sha256(json.dumps(ESTIMATOR_OPTIONS, sort_keys=True).encode()).hexdigest()[:8]
+    est_dir = work / f"estimator-{recipe}"
+    params_path = est_dir / f"params_b{budget:g}_c{confidence:g}_m{max_pages or 0}.json"
     for path, n, s, what in ((train, train_requests, seed + 101, "training"),
                              (cert, certify_requests, seed + 303, "certification")):
         if not path.exists():

@@ -115,7 +115,7 @@ def ipw_mean_loss(log: pa.Table) -> np.ndarray:
 
 def feature_values(log: pa.Table, name: str) -> np.ndarray:
     if name == "cache_pages":  # pages served from the list each strategy reads (max over them)
-        from ..estimator.effect_loss import cache_state_from_log
+        from ..estimator.log_features import cache_state_from_log
 
         cs = cache_state_from_log(log).reshape(log.num_rows, N_RECYCLE, len(CACHE_STATE_FIELDS))
         return np.maximum(cs[:, :, 1].max(axis=1), 0.0)

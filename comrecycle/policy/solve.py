@@ -142,7 +142,7 @@ def solve_files(logs: str | Path, estimator: str | Path, opts: SolveOptions, *, 
                 costs_from_logs: bool = False, default_cost_profile: str | None = None,
                 out: str | Path | None = None) -> SolveResult:
     """Read the log and the estimator, resolve c_j, solve (and certify) λ, write the params to `out`."""
-    from ..estimator.effect_loss import features_from_log
+    from ..estimator.log_features import features_from_log
     from ..estimator.labels import training_labels
     from ..runtime.costs import measure_estimator_seconds
     from ..sim.logs import in_sample_share

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from client.triton_client import CascadeClient, ServingError
-from comrecycle.estimator.effect_loss import EffectLossEstimator, features_from_log
+from comrecycle.estimator.effect_loss import EffectLossEstimator
+from comrecycle.estimator.log_features import features_from_log
 from comrecycle.runtime.estimator_onnx import EstimatorRuntime
 
 pytestmark = pytest.mark.integration

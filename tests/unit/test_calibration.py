@@ -89,7 +89,8 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_onnx_graft_matches_numpy_and_survives_save_load(tiny_estimator, tiny_random_log, tmp_path):
-    from comrecycle.estimator.effect_loss import EffectLossEstimator, features_from_log
+    from comrecycle.estimator.effect_loss import EffectLossEstimator
+    from comrecycle.estimator.log_features import features_from_log
 
     est = EffectLossEstimator.load(tiny_estimator)
     rep = tiny_random_log.filter(tiny_random_log["is_repeat"])
@@ -132,7 +133,8 @@ def test_calibrate_estimator_cli(tiny_estimator, tiny_random_log, tmp_path):
 
 
 def test_calibration_can_use_the_view_adjusted_label(tiny_estimator, tiny_random_log):
-    from comrecycle.estimator.effect_loss import EffectLossEstimator, features_from_log
+    from comrecycle.estimator.effect_loss import EffectLossEstimator
+    from comrecycle.estimator.log_features import features_from_log
     from comrecycle.estimator.labels import training_labels
 
     est = EffectLossEstimator.load(tiny_estimator)

@@ -113,7 +113,8 @@ def _with_cache_state(feats, value):
 
 
 def test_cache_state_is_used_only_when_the_logs_carry_it(tiny_random_log):
-    from comrecycle.estimator.effect_loss import EffectLossEstimator, features_from_log
+    from comrecycle.estimator.effect_loss import EffectLossEstimator
+    from comrecycle.estimator.log_features import features_from_log
 
     f = features_from_log(tiny_random_log.slice(0, 64))
     assert (f["cache_state"] >= -1).all() and (f["cache_state"][:, 1::3].max() >= 1)
@@ -152,3 +153,8 @@ def test_min_epochs_above_max_epochs_is_refused(tmp_path):
 
     assert main(["train-estimator", "--logs", str(tmp_path / "x.parquet"), "--out", str(tmp_path / "o"),
                  "--max-epochs", "3", "--min-epochs", "5"]) == 2
+
+
+def test_train_estimator_refuses_an_ensemble_of_no_nets(log_path, tmp_path):
+    r = cli("train-estimator", "--logs", str(log_path), "--out", str(tmp_path / "e"), "--ensemble", "0", "--quiet")
+    assert r.returncode == 2 and "--ensemble must be >= 1 net, got 0" in r.stderr and "Traceback" not in r.stderr

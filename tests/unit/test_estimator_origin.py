@@ -34,7 +34,8 @@ def test_without_cache_state_the_origin_is_ignored():
 
 
 def test_estimators_saved_before_the_origin_feature_still_load(tiny_random_log, tmp_path):
-    from comrecycle.estimator.effect_loss import EffectLossEstimator, features_from_log
+    from comrecycle.estimator.effect_loss import EffectLossEstimator
+    from comrecycle.estimator.log_features import features_from_log
 
     feats = features_from_log(tiny_random_log.filter(tiny_random_log["is_repeat"]).slice(0, 200))
     old = EffectLossEstimator(max_epochs=1, list_origin=False, progress=False).fit(tiny_random_log)

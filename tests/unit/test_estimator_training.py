@@ -42,7 +42,7 @@ def test_view_adjusted_label_is_saved_and_reloaded(tiny_random_log, tmp_path):
 
 
 def test_a_saved_estimator_predicts_with_onnxruntime_what_torch_predicts(tiny_estimator, tiny_random_log, tmp_path):
-    from comrecycle.estimator.effect_loss import features_from_log
+    from comrecycle.estimator.log_features import features_from_log
 
     est = EffectLossEstimator.load(tiny_estimator)
     feats = features_from_log(tiny_random_log)
@@ -62,3 +62,28 @@ def test_a_saved_estimator_predicts_with_onnxruntime_what_torch_predicts(tiny_es
     # an empty log
     q0, dq0 = est.predict({k: v[:0] for k, v in feats.items()})
     assert q0.shape == (0, 4) and dq0.shape == (0, 3)
+
+
+def test_an_ensemble_serves_the_mean_of_its_members_and_its_first_member_is_the_single_model(
+        tiny_random_log, tmp_path):
+    from comrecycle.estimator.log_features import features_from_log
+    from comrecycle.estimator.network import EnsembleNet
+
+    single = EffectLossEstimator(max_epochs=2, progress=False).fit(tiny_random_log)
+    ens = EffectLossEstimator(max_epochs=2, ensemble=3, progress=False).fit(tiny_random_log)
+    assert isinstance(ens.net_, EnsembleNet) and len(ens.history_["members"]) == 3
+    for k, v in _weights(single).items():  # member 0 is trained exactly as ensemble = 1 would be
+        torch.testing.assert_close(v, ens.net_.members[0].state_dict()[k])
+    feats = features_from_log(tiny_random_log.filter(tiny_random_log["is_repeat"]))
+    X = ens._tensors(feats)
+    with torch.no_grad():
+        member_dq = [m(*X)[1].numpy() for m in ens.net_.members]
+    assert np.abs(member_dq[1] - member_dq[0]).max() > 1e-4  # other seeds, other nets
+    _, dq = ens.predict(feats)
+    np.testing.assert_allclose(dq, np.mean(member_dq, 0), rtol=1e-5, atol=1e-6)
+    # saved as one ONNX graph; reloaded, onnxruntime serves the same mean
+    ens.save(tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["params"]["ensemble"] == 3
+    back = EffectLossEstimator.load(tmp_path)
+    assert back._onnx_session() is not None and isinstance(back.net_, EnsembleNet)
+    np.testing.assert_allclose(back.predict(feats)[1], dq, rtol=1e-4, atol=1e-5)
