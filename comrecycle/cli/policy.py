@@ -174,9 +174,11 @@ def cmd_policy_check(a) -> int:
     budgets = _budgets_pct(a.budgets)
     if a.requests < 1000:
         raise CommandError(f"--requests: expected at least 1000 requests per log, got {a.requests}")
+    if a.ensemble < 1:
+        raise CommandError(f"--ensemble: expected a number of nets >= 1, got {a.ensemble}")
     rows, comparisons = feed_world_check(a.requests, a.seeds, budgets, confidence=a.confidence,
                                          train_requests=a.train_requests, max_epochs=a.max_epochs,
-                                         progress=not a.quiet, compare=a.compare)
+                                         progress=not a.quiet, compare=a.compare, ensemble=a.ensemble)
     text = check_markdown(rows, f"The learned policy on the feed world ({a.requests:,}-request logs, confidence "
                                 f"{a.confidence:g})") + comparison_markdown(comparisons, budgets)
     print(text)
@@ -253,6 +255,8 @@ def add_parsers(sub, default_cost_profile: str) -> None:
     s.add_argument("--budgets", default="0.5,1,2", help="loss budgets in %% (comma separated)")
     s.add_argument("--confidence", type=float, default=0.95, help="solve --confidence")
     s.add_argument("--max-epochs", type=int, default=15, help="estimator epochs (early stopping may stop sooner)")
+    s.add_argument("--ensemble", type=int, default=1, metavar="N",
+                   help="nets of the estimator (train-estimator --ensemble): the mean of N seeds' ΔQ̂")
     s.add_argument("--compare", action="store_true",
                    help="also compare rankings at equal true loss: the estimator, a T-learner, a DR-learner, the "
                         "feature ceiling, DCAF by one feature, the best static rule and the oracle")

@@ -193,11 +193,13 @@ def ranking_comparison(estimator, train: pa.Table, test: pa.Table, ceiling_log: 
 
 
 def feed_world_check(requests: int, seeds, budgets, confidence: float = 0.95, train_requests: int | None = None,
-                     max_epochs: int = 15, progress: bool = True, compare: bool = False) -> tuple[list, dict]:
+                     max_epochs: int = 15, progress: bool = True, compare: bool = False,
+                     ensemble: int = 1) -> tuple[list, dict]:
     """The pipeline on the feed world (sim/feed_world.py), per seed: logs seed·10 + 1, 2, 3 for
     training, solving and testing (disjoint users), the log's own costs, every budget. With
     compare: ranking_comparison per seed at the budgets' loss levels (and a fourth log, seed·10
-    + 4, of 200 000 requests for the feature ceiling). Returns (rows, {seed: comparison})."""
+    + 4, of 200 000 requests for the feature ceiling). ensemble: nets of the estimator
+    (EffectLossEstimator.ensemble). Returns (rows, {seed: comparison})."""
     from ..estimator.effect_loss import EffectLossEstimator
     from ..sim.feed_world import simulate_feed_log
 
@@ -206,7 +208,7 @@ def feed_world_check(requests: int, seeds, budgets, confidence: float = 0.95, tr
         train = simulate_feed_log(train_requests or requests, seed=seed * 10 + 1)
         solve, test = simulate_feed_log(requests, seed=seed * 10 + 2), simulate_feed_log(requests, seed=seed * 10 + 3)
         costs, _ = costs_in_log(train)
-        est = EffectLossEstimator(max_epochs=max_epochs, seed=seed, progress=progress).fit(train)
+        est = EffectLossEstimator(max_epochs=max_epochs, seed=seed, progress=progress, ensemble=ensemble).fit(train)
         q = true_q(test)
         rep = test["is_repeat"].to_numpy()
         cache: dict = {}

@@ -318,3 +318,9 @@ def test_frontier_refuses_a_log_without_ground_truth(files, tiny_random_log, tmp
     pq.write_table(nan_q, path)
     r = cli("frontier", "--logs", path, "--out", tmp_path / "fr")
     assert r.returncode == 2 and "the frontier needs q_1..q_3 on repeated requests; this log has none" in r.stderr
+
+
+def test_policy_check_refuses_an_ensemble_of_no_nets():
+    r = cli("policy-check", "--ensemble", "0", "--quiet")
+    assert r.returncode == 2 and "--ensemble: expected a number of nets >= 1, got 0" in r.stderr
+    assert "Traceback" not in r.stderr
