@@ -125,7 +125,9 @@ def run_demo(a) -> int:
             routed, full = replay_pair(srv.grpc_url, world, a.requests, a.concurrency, seed=a.seed + 1)
     p = info["params"]
     # the router calls (and pays for) the estimator only when the decision can depend on it
-    uses_estimator = float(p["lambda"]) > 0 or float(p.get("omega", 0.0)) > 0
+    from .router.params import RouterParams
+
+    uses_estimator = RouterParams.from_dict(p).uses_estimator
     print("[demo] paired evaluation: the full cascade on every state the router served (in-process) ...", flush=True)
     from client.replay import shadow_full_cascade
     paired = shadow_full_cascade(routed, world, model_dir)

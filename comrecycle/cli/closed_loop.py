@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from ..specs import N_RECYCLE
 from ..policy.solve import CommandError
+from .common import budgets_pct
 
 
 def _require_files(paths, flag: str) -> None:
@@ -157,7 +158,8 @@ def cmd_closed_loop_frontier(a) -> int:
                            "(c_j, estimator cost, starting λ)")
     _require_files(a.dcaf_logs, "--dcaf-logs")
     _require_files(a.feature_ceiling_logs, "--feature-ceiling-logs")
-    oracle, ceiling = _budgets(a.oracle_budgets, "--oracle-budgets"), _budgets(a.ceiling_budgets, "--ceiling-budgets")
+    oracle = budgets_pct(a.oracle_budgets, "--oracle-budgets")
+    ceiling = budgets_pct(a.ceiling_budgets, "--ceiling-budgets")
     if a.feature_ceiling_logs and not ceiling:
         raise CommandError("--feature-ceiling-logs needs --ceiling-budgets (e.g. 0.5,1,2)")
     if a.warmup < 0:
@@ -172,19 +174,6 @@ def cmd_closed_loop_frontier(a) -> int:
     print(Path(a.out, "frontier.md").read_text())
     print(f"wrote {a.out}/frontier.md, frontier.csv, frontier.json, frontier.png")
     return 0
-
-
-def _budgets(text: str | None, flag: str) -> list[float]:
-    """Budgets in % from '0.5,1,2' (empty for None)."""
-    if not text:
-        return []
-    try:
-        values = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise CommandError(f"{flag}: expected budgets in % separated by commas, e.g. 0.5,1,2; got {text!r}") from None
-    if any(not 0 < v < 100 for v in values):
-        raise CommandError(f"{flag}: budgets are percentages in (0, 100), got {text!r}")
-    return values
 
 
 def add_parsers(sub) -> None:

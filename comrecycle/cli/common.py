@@ -15,3 +15,17 @@ def default_model_dir(profile: str) -> Path:
 
 class CliError(UserError):
     """A user error: printed without a traceback, exit code 2."""
+
+
+def budgets_pct(text: str | None, flag: str = "--budgets") -> list[float]:
+    """Loss budgets in percent from "0.5,1,2" (empty for None)."""
+    if text is None:
+        return []
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise CliError(f"{flag}: expected budgets in % separated by commas, e.g. 0.5,1,2; got {text!r}") from None
+    bad = [v for v in values if not 0 <= v < 100]
+    if bad:
+        raise CliError(f"{flag}: expected percentages in [0, 100), got {bad}")
+    return values

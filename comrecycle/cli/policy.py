@@ -193,14 +193,10 @@ def cmd_policy_check(a) -> int:
 
 
 def _budgets_pct(text: str) -> list[float]:
-    try:
-        budgets = [float(b) / 100.0 for b in text.split(",")]
-    except ValueError:
-        raise CommandError(f"--budgets: expected comma-separated percentages such as 0.5,1,2, got {text!r}") from None
-    bad = [100 * b for b in budgets if not 0 <= b < 1]
-    if bad:
-        raise CommandError(f"--budgets: expected percentages in [0, 100), got {bad}")
-    return budgets
+    """--budgets as fractions (0.01 = 1%)."""
+    from .common import budgets_pct
+
+    return [b / 100.0 for b in budgets_pct(text)]
 
 
 def add_parsers(sub, default_cost_profile: str) -> None:

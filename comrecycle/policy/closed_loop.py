@@ -69,10 +69,12 @@ class _RecordsDecisions:
 
 
 def _controlled_choice(policy, dq: np.ndarray, available: np.ndarray, rep: np.ndarray,
-                       effect: np.ndarray) -> np.ndarray:
+                       effect: np.ndarray, realised=None) -> np.ndarray:
     """The shared decision step of the budget-driven policies: λ from the policy's controller
     (if any), the params' rule on ΔQ [n, K+1], strategy 0 for initial requests, then the
-    predicted loss of the choice and the effect `effect` [n] recorded and fed to the controller."""
+    predicted loss of the choice and the effect `effect` [n] recorded and fed to the controller.
+    realised: s [n] -> (loss [n], effect [n]) fed to the controller instead (λ held on the
+    true loss of what was chosen)."""
     if policy.controller is not None:
         policy.params["lambda"] = policy.controller.lam
     s = decide(dq, available, policy.params)
@@ -82,7 +84,7 @@ def _controlled_choice(policy, dq: np.ndarray, available: np.ndarray, rep: np.nd
     policy.pred_effect.append(float(np.sum(effect)))
     policy.pred_n.append(len(s))
     if policy.controller is not None:
-        policy.controller.update(chosen, effect)
+        policy.controller.update(*(realised(s) if realised is not None else (chosen, effect)))
     return s
 
 
@@ -192,23 +194,18 @@ class CeilingAssignment(_RecordsDecisions):
         from .guards import observable_features_of_batch
 
         B = len(batch)
-        rep = np.asarray(batch.is_repeat)
-        if self.controller is not None:
-            self.params["lambda"] = self.controller.lam
-        dq = self.ceiling.predict(observable_features_of_batch(batch, cache_state))
-        s = decide(dq, available, self.params)
-        s[~rep] = 0
         q0 = self.server.expected_clicks(batch, np.arange(B), 0)
-        true_loss = np.zeros(B)
-        for j in range(1, N_RECYCLE + 1):
-            idx = np.flatnonzero(s == j)
-            if idx.size:
-                true_loss[idx] = q0[idx] - self.server.expected_clicks(batch, idx, j)
-        self.pred_loss.append(float(dq[np.arange(B), s].sum()))
-        self.pred_effect.append(float(q0.sum()))
-        self.pred_n.append(B)
-        if self.controller is not None:
-            self.controller.update(true_loss, q0)
+
+        def true_loss(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            loss = np.zeros(B)
+            for j in range(1, N_RECYCLE + 1):
+                idx = np.flatnonzero(s == j)
+                if idx.size:
+                    loss[idx] = q0[idx] - self.server.expected_clicks(batch, idx, j)
+            return loss, q0
+
+        dq = self.ceiling.predict(observable_features_of_batch(batch, cache_state))
+        s = _controlled_choice(self, dq, available, np.asarray(batch.is_repeat), q0, realised=true_loss)
         return s.astype(np.int8), np.ones(B, np.float32)
 
 
@@ -361,6 +358,7 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
     if oracle or ceiling is not None:
         policy.server = server
     sim = SessionSimulator(world, seed=seed, concurrency=min(concurrency, world.n_users // 2), **(sim_options or {}))
-    name = (f"random p={random_p:g}" if random_p is not None else "full" if strategy == 0 else f"strategy {strategy}" if strategy is not None
-            else "oracle" if oracle else "feature ceiling" if ceiling is not None else "dcaf" if dcaf is not None else "policy")
+    name = (f"random p={random_p:g}" if random_p is not None else "full" if strategy == 0
+            else f"strategy {strategy}" if strategy is not None else "oracle" if oracle
+            else "feature ceiling" if ceiling is not None else "dcaf" if dcaf is not None else "policy")
     return sim.run(n_requests, server, progress=progress, desc=f"closed loop ({name})").table(), policy

@@ -19,7 +19,7 @@ ROUTER_ARTIFACTS = REPO_ROOT / "artifacts" / "router"
 # mixture that explores deep caches gives 1/0.02 weights and an interval too wide to use)
 ESTIMATOR_OPTIONS = {"max_epochs": 8, "label": "view-adjusted", "ensemble": 3}
 # the estimator learns uplift from noisy clicks: three times the certification log's size
-# doubles its one-step saving at a 1% loss (docs/RESULTS.md, "More training data for the estimator")
+# doubles its mean one-step saving at a 1% loss (docs/RESULTS.md, "The estimator's training seed, and an ensemble")
 DEFAULT_TRAIN_REQUESTS = 120_000
 DEFAULT_CERTIFY_REQUESTS = 40_000
 PIPELINE_VERSION = 2  # part of the cache key: artifacts of an earlier pipeline are not reused
@@ -34,8 +34,9 @@ def _key(model_dir: Path, train_requests: int, seed: int) -> str:
 DEFAULT_MAX_PAGES = None  # the depth guard is an option, off by default
 
 
-def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01, train_requests: int = DEFAULT_TRAIN_REQUESTS,
-                  certify_requests: int = DEFAULT_CERTIFY_REQUESTS, heldout_requests: int = 3_000, seed: int = 0, workers: int = 2,
+def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01,
+                  train_requests: int = DEFAULT_TRAIN_REQUESTS, certify_requests: int = DEFAULT_CERTIFY_REQUESTS,
+                  heldout_requests: int = 3_000, seed: int = 0, workers: int = 2,
                   max_pages: int | None = DEFAULT_MAX_PAGES, confidence: float = 0.5) -> dict:
     """Train (or reuse) an estimator and params for this model set and install them as the
     latest estimator / recycle_router versions. Returns paths and the params.
