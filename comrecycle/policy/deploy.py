@@ -19,7 +19,7 @@ ROUTER_ARTIFACTS = REPO_ROOT / "artifacts" / "router"
 # mixture that explores deep caches gives 1/0.02 weights and an interval too wide to use)
 ESTIMATOR_OPTIONS = {"max_epochs": 8, "label": "view-adjusted", "ensemble": 3}
 # the estimator learns uplift from noisy clicks, and its ranking keeps improving with the log:
-# one-step saving at a 1% loss 16.5 (40k), 19.0-28.5 (120k), 19.8-29.2 (200k), 35.7 (400k)
+# one-step saving at a 1% loss 16.5 (40k), 19.0-28.5 (120k), 19.8-29.2 (200k), 34.1-35.7 (400k)
 # (docs/RESULTS.md, "The estimator's training seed, and an ensemble")
 DEFAULT_TRAIN_REQUESTS = 400_000
 DEFAULT_CERTIFY_REQUESTS = 40_000
