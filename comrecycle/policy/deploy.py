@@ -18,9 +18,8 @@ ROUTER_ARTIFACTS = REPO_ROOT / "artifacts" / "router"
 # other sessions (uniform propensities keep the off-policy interval narrow; the skewed session
 # mixture that explores deep caches gives 1/0.02 weights and an interval too wide to use)
 ESTIMATOR_OPTIONS = {"max_epochs": 8, "label": "view-adjusted", "ensemble": 3}
-# the estimator learns uplift from noisy clicks, and its ranking keeps improving with the log:
-# one-step saving at a 1% loss 16.5 (40k), 19.0-28.5 (120k), 19.8-29.2 (200k), 34.1-35.7 (400k)
-# (docs/RESULTS.md, "The estimator's training seed, and an ensemble")
+# the estimator learns uplift from noisy clicks, and its ranking keeps improving with the log's
+# size up to 400 000 requests, the largest measured (docs/RESULTS.md, "The estimator's training seed, and an ensemble")
 DEFAULT_TRAIN_REQUESTS = 400_000
 DEFAULT_CERTIFY_REQUESTS = 40_000
 PIPELINE_VERSION = 2  # part of the cache key: artifacts of an earlier pipeline are not reused

@@ -1,6 +1,8 @@
 """Draws docs/estimator_scale/saving_vs_log_size.png from the one-step figures of docs/RESULTS.md,
 "The estimator's training seed, and an ensemble" (each number is a measured row of that table):
 `.venv/bin/python docs/estimator_scale/plot.py`."""
+from pathlib import Path
+
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -23,4 +25,4 @@ axes[0].set_ylabel("compute saved % (one-step)")
 h, l = axes[0].get_legend_handles_labels()
 fig.legend(h, l, loc="outside lower center", ncol=4, fontsize=9)
 fig.suptitle("The estimator's ranking against the size of its training log (held-out seed-12 log)")
-fig.savefig("docs/estimator_scale/saving_vs_log_size.png", dpi=110)
+fig.savefig(Path(__file__).with_name("saving_vs_log_size.png"), dpi=110)
