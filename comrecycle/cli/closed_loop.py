@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..estimator.labels import TRUE_Q
 from ..specs import N_RECYCLE
 from ..policy.solve import CommandError
 from .common import budgets_pct
@@ -18,6 +19,14 @@ def _require_files(paths, flag: str) -> None:
     missing = [str(p) for p in paths or () if not Path(p).is_file()]
     if missing:
         raise CommandError(f"{flag}: no such file(s) {missing}")
+
+
+def _estimator_label(estimator_dir) -> str | None:
+    """The label an estimator directory was trained on (its manifest), None when unreadable."""
+    try:
+        return json.loads((Path(estimator_dir) / "manifest.json").read_text())["params"].get("label")
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def cmd_closed_loop(a) -> int:
@@ -89,9 +98,13 @@ def cmd_closed_loop(a) -> int:
         if arms is not None and (not arms or min(arms) < 0 or max(arms) > N_RECYCLE):
             raise CommandError(f"--explore-arms: strategy ids must be in 0..{N_RECYCLE}, got {a.explore_arms!r}")
     fixed = a.strategy is not None or a.random is not None
-    # the oracle, DCAF and the feature ceiling are upper bounds or baselines without an estimator call
+    # an estimator fitted to the true q_j (train-estimator --label true-q) is the feature ceiling
+    # of the estimator's inputs, not a deployable policy
+    true_q_ceiling = bool(a.estimator) and _estimator_label(a.estimator) == TRUE_Q
+    # the oracle, DCAF and the feature ceilings are upper bounds or baselines without an estimator call
     est_cost = (float(params.get("estimator_cost", 0.0))
-                if params and not fixed and not a.oracle and not dcaf and ceiling is None else 0.0)
+                if params and not fixed and not a.oracle and not dcaf and ceiling is None and not true_q_ceiling
+                else 0.0)
     table, policy = simulate_policy(models, a.warmup + a.requests, seed=a.seed, estimator_dir=a.estimator,
                                     params=params, controller=controller, strategy=a.strategy, progress=not a.quiet,
                                     sim_options=sim_options, oracle=a.oracle, max_pages=a.max_pages,
@@ -104,6 +117,7 @@ def cmd_closed_loop(a) -> int:
     res.update({"policy": f"random p={a.random:g}" if a.random is not None else
                 f"strategy {a.strategy}" if a.strategy is not None else
                 ("oracle" if a.oracle else "dcaf-cache_pages" if dcaf else "feature ceiling" if ceiling else
+                 "feature ceiling (estimator inputs)" if true_q_ceiling else
                  "comrecycle (the router's own decision)" if policy is None else "comrecycle")
                 + (" + λ controller" if controller else ", fixed λ"),
                 "budget_pct": 100 * float(params["budget"]) if params else None, "seed": a.seed,

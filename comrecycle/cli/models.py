@@ -118,7 +118,7 @@ def cmd_profile_costs(a) -> int:
 
 def add_parsers(sub) -> None:
     """The models commands' parsers."""
-    from ..estimator.labels import LABELS
+    from ..estimator.labels import ESTIMATOR_LABELS, LABELS
 
     s = sub.add_parser("train-estimator", help="train the effect-loss estimator on a randomised log, "
                                                "evaluate it, write ONNX + manifest + report")
@@ -139,11 +139,13 @@ def add_parsers(sub) -> None:
     s.add_argument("--no-list-origin", action="store_true",
                    help="leave out the list-origin feature (the session page each cached list was computed "
                         "for), as estimators trained before it had (docs/history.md, 'Noise or shift: noise-free labels and the list origin')")
-    s.add_argument("--label", choices=LABELS, default="clicks",
+    s.add_argument("--label", choices=ESTIMATOR_LABELS, default="clicks",
                    help="what the estimator learns from: the logged clicks, or view-adjusted clicks (the "
                         "scrolling-depth noise removed by a control variate, unbiased under position-based "
                         "examination; needs the n_viewed, page_items and clicked_items columns; "
-                        "docs/RESULTS.md, \"View-adjusted labels\")")
+                        "docs/RESULTS.md, \"View-adjusted labels\"); true-q = a simulator log's exact q_j of "
+                        "every strategy, noise-free: not deployable, the feature ceiling of the estimator's "
+                        "inputs (docs/evaluation.md#oracle-and-feature-ceiling)")
     s.add_argument("--select", choices=("outcome", "uplift"), default="outcome",
                    help="what early stopping and the choice of epoch watch on the validation sessions: the loss of "
                         "the logged reward (outcome) or minus the summed IPW Qini of ΔQ̂_j (uplift; on the feed "

@@ -28,10 +28,17 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ..specs import PAGE_SIZE
+from ..specs import N_RECYCLE, PAGE_SIZE
 from ..errors import UserError
 
+# the logged rewards a label (and an off-policy estimate) can be built from
 LABELS = ("clicks", "view-adjusted")
+# "true-q": the simulator's exact expected clicks q_0..q_K of every strategy (columns q_j, NaN
+# where a cache is absent), all arms of each request at once, no noise. A diagnostic, not a way
+# to deploy: no real log has q_j. Fitted with the estimator's architecture and inputs it gives
+# the feature ceiling of those inputs (docs/evaluation.md#oracle-and-feature-ceiling).
+TRUE_Q = "true-q"
+ESTIMATOR_LABELS = LABELS + (TRUE_Q,)
 EXPOSURE_COLUMNS = ("n_viewed", "page_items", "clicked_items")
 # views of prior weight pulling a rarely seen item's click rate to the log's mean rate
 CTR_PRIOR_VIEWS = 20.0
@@ -118,9 +125,18 @@ def _clicked_mask(ids: np.ndarray, row: np.ndarray, clicked_items: list, n: int)
 
 def training_labels(table: pa.Table, label: str = "clicks") -> tuple[np.ndarray, dict]:
     """y [rows of table] for the estimator: the logged clicks, or the view-adjusted clicks
-    (which need the exposure columns; the item rates are estimated over the whole table)."""
-    if label not in LABELS:
-        raise UserError(f"label must be one of {LABELS}, got {label!r}")
+    (which need the exposure columns; the item rates are estimated over the whole table);
+    for "true-q", y [rows, K+1] is the q_j columns (NaN where unknown)."""
+    if label not in ESTIMATOR_LABELS:
+        raise UserError(f"label must be one of {ESTIMATOR_LABELS}, got {label!r}")
+    if label == TRUE_Q:
+        missing = [f"q_{j}" for j in range(N_RECYCLE + 1) if f"q_{j}" not in table.column_names]
+        if missing:
+            raise UserError(f"label 'true-q' needs the ground-truth columns q_0..q_{N_RECYCLE} of a simulator log; "
+                            f"the log lacks {missing} (write one with `comrecycle simulate --logging random`)")
+        y = np.stack([table[f"q_{j}"].to_numpy(zero_copy_only=False).astype(np.float32)
+                      for j in range(N_RECYCLE + 1)], 1)
+        return y, {"label": TRUE_Q, "rows_with_q0": int(np.isfinite(y[:, 0]).sum())}
     if label == "clicks":
         return table["reward"].to_numpy().astype(np.float32), {"label": "clicks"}
     missing = [c for c in EXPOSURE_COLUMNS if c not in table.column_names]

@@ -277,6 +277,28 @@ def test_closed_loop_warmup_serves_but_does_not_measure(files, tiny_model_set, t
     assert m["compute_saved_pct"] == pytest.approx(want["compute_saved_pct"])
 
 
+def test_a_true_q_estimator_runs_in_the_closed_loop_as_the_ceiling_without_estimator_cost(
+        files, tiny_random_log, tiny_model_set, tmp_path):
+    from comrecycle.estimator.effect_loss import EffectLossEstimator
+    from comrecycle.policy.closed_loop import closed_loop_metrics
+
+    est = EffectLossEstimator(max_epochs=1, label="true-q", progress=False).fit(tiny_random_log).save(tmp_path / "tq")
+    params = tmp_path / "p.json"
+    params.write_text(json.dumps({"lambda": 1.0, "omega": 0.0, "choice": "argmax", "costs": [1, 0.9, 0.8, 0.05],
+                                  "budget": 0.01, "estimator_cost": 0.2}))
+    out, log = tmp_path / "cl.json", tmp_path / "cl.parquet"
+    r = cli("closed-loop", "--models", tiny_model_set, "--params", params, "--estimator", est, "--controller",
+            "--requests", 300, "--seed", 4, "--quiet", "--out", out, "--log-out", log)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(out.read_text())
+    assert m["policy"].startswith("feature ceiling (estimator inputs)")
+    # the ceiling is a bound, not a served model: no estimator call is charged
+    want = closed_loop_metrics(pq.read_table(log), [1, 0.9, 0.8, 0.05], 0.0)
+    assert m["compute_saved_pct"] == pytest.approx(want["compute_saved_pct"])
+    assert want["compute_saved_pct"] != pytest.approx(
+        closed_loop_metrics(pq.read_table(log), [1, 0.9, 0.8, 0.05], 0.2)["compute_saved_pct"])
+
+
 def test_decide_refuses_a_params_file_that_is_not_json(files):
     r = cli("decide", "--logs", files["held"], "--estimator", files["est"], "--params", files["log"],
             "--out", files["dir"] / "d.parquet")
