@@ -138,12 +138,15 @@ def ranking_comparison(estimator, train: pa.Table, test: pa.Table, ceiling_log: 
                        loss_pcts, seed: int = 0) -> dict[str, list[float]]:
     """Compute saved % at each true loss in loss_pcts on `test`, λ tuned on the true loss, for
     the ΔQ̂ of: the GRU + MMoE estimator, a T-learner and a DR-learner (gradient-boosted trees
-    on the tabular features, fitted on `train`), the feature ceiling (regressors of the true ΔQ
-    fitted on `ceiling_log`), DCAF by one feature (the best of three), the best static rule and
+    on the tabular features, fitted on `train`), the feature ceilings (gradient boosting of the
+    true ΔQ on summary features, and the estimator's own net fitted to the true q_j, both on
+    `ceiling_log`), DCAF by one feature (the best of three), the best static rule and
     the oracle. The same held-out rows for all: how well each ranking serves the policy."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     from ..estimator.baselines import TLearner
+    from ..estimator.effect_loss import EffectLossEstimator
+    from ..estimator.labels import TRUE_Q
     from ..estimator.training import tabular_features
     from .frontier import feature_ceiling, feature_values, ipw_mean_loss
 
@@ -181,6 +184,12 @@ def ranking_comparison(estimator, train: pa.Table, test: pa.Table, ceiling_log: 
     out["DR-learner"] = ranking_saving(q, rep, costs, dr, loss_pcts).tolist()
     out["feature ceiling"] = ranking_saving(q, rep, costs, feature_ceiling(ceiling_log, test, seed),
                                             loss_pcts).tolist()
+    # the estimator's architecture and inputs (item-level history included) fitted to the true
+    # q_j of the same log: the ceiling of what those inputs allow, as far as this net finds it
+    net_ceiling = EffectLossEstimator(label=TRUE_Q, max_epochs=estimator.max_epochs, seed=seed,
+                                      ensemble=estimator.ensemble, progress=False).fit(ceiling_log)
+    out["feature ceiling (estimator inputs)"] = ranking_saving(
+        q, rep, costs, predict(test, net_ceiling, repeated_only=True)[1], loss_pcts).tolist()
     mean_loss = ipw_mean_loss(train)
     dcaf = []
     for f in ("cache_pages", "secs_since_prev", "prev_clicks"):

@@ -81,6 +81,24 @@ def test_certified_budget_holds_on_unseen_feed_logs():
     assert all(r["saved_pct"] <= r["oracle_saved_pct"] + 1e-9 for r in rows)
 
 
+def test_ranking_comparison_puts_every_ranking_below_the_oracle_and_fits_the_net_ceiling_on_true_q():
+    """Each row is compute saved at equal true loss on the same test rows; the oracle ranks by
+    the true ΔQ, so no ranking beats it by more than the discreteness of the λ sweep."""
+    from comrecycle.estimator.effect_loss import EffectLossEstimator
+    from comrecycle.policy.decide import costs_in_log
+    from comrecycle.policy.pipeline import ranking_comparison
+
+    train, test, ceiling = (simulate_feed_log(6_000, seed=s) for s in (21, 23, 24))
+    costs, _ = costs_in_log(train)
+    est = EffectLossEstimator(max_epochs=2, progress=False).fit(train)
+    out = ranking_comparison(est, train, test, ceiling, costs, [1.0, 2.0])
+    assert {"oracle", "GRU + MMoE", "feature ceiling", "feature ceiling (estimator inputs)",
+            "best static"} <= set(out)
+    for name, saved in out.items():
+        assert all(s <= o + 0.5 for s, o in zip(saved, out["oracle"])), (name, saved, out["oracle"])
+    assert out["oracle"][1] > 0
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "comrecycle.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=900, cwd=ROOT)
