@@ -70,6 +70,18 @@ def cmd_closed_loop(a) -> int:
 
         ceiling = FeatureCeiling.fit(pa.concat_tables([pq.read_table(p) for p in a.feature_ceiling_logs],
                                                       promote_options="default"), seed=a.seed)
+    true_q_ceiling = bool(a.estimator) and _estimator_label(a.estimator) == TRUE_Q
+    if true_q_ceiling:
+        # fitted to the true q_j (train-estimator --label true-q): the feature ceiling of the
+        # estimator's inputs, run as the summary-feature ceiling is (λ on the true loss)
+        if (not a.controller or a.explore or a.strategy is not None or a.random is not None or a.oracle
+                or a.dcaf_logs):
+            raise CommandError(f"{a.estimator} was trained with --label true-q: it is the feature ceiling of the "
+                               f"estimator's inputs, run with --params and --controller (λ tuned on the true loss), "
+                               f"not with --explore, --strategy, --random, --oracle or --dcaf-logs")
+        from ..estimator.effect_loss import EffectLossEstimator
+
+        ceiling = EffectLossEstimator.load(a.estimator)
     dcaf = None
     if a.dcaf_logs:
         if a.estimator or a.oracle or a.strategy is not None or a.random is not None:
@@ -98,14 +110,11 @@ def cmd_closed_loop(a) -> int:
         if arms is not None and (not arms or min(arms) < 0 or max(arms) > N_RECYCLE):
             raise CommandError(f"--explore-arms: strategy ids must be in 0..{N_RECYCLE}, got {a.explore_arms!r}")
     fixed = a.strategy is not None or a.random is not None
-    # an estimator fitted to the true q_j (train-estimator --label true-q) is the feature ceiling
-    # of the estimator's inputs, not a deployable policy
-    true_q_ceiling = bool(a.estimator) and _estimator_label(a.estimator) == TRUE_Q
     # the oracle, DCAF and the feature ceilings are upper bounds or baselines without an estimator call
     est_cost = (float(params.get("estimator_cost", 0.0))
-                if params and not fixed and not a.oracle and not dcaf and ceiling is None and not true_q_ceiling
-                else 0.0)
-    table, policy = simulate_policy(models, a.warmup + a.requests, seed=a.seed, estimator_dir=a.estimator,
+                if params and not fixed and not a.oracle and not dcaf and ceiling is None else 0.0)
+    table, policy = simulate_policy(models, a.warmup + a.requests, seed=a.seed,
+                                    estimator_dir=None if true_q_ceiling else a.estimator,
                                     params=params, controller=controller, strategy=a.strategy, progress=not a.quiet,
                                     sim_options=sim_options, oracle=a.oracle, max_pages=a.max_pages,
                                     random_p=a.random, explore=a.explore, explore_arms=arms, dcaf=dcaf,
@@ -116,8 +125,8 @@ def cmd_closed_loop(a) -> int:
     res = closed_loop_metrics(table, costs, est_cost)
     res.update({"policy": f"random p={a.random:g}" if a.random is not None else
                 f"strategy {a.strategy}" if a.strategy is not None else
-                ("oracle" if a.oracle else "dcaf-cache_pages" if dcaf else "feature ceiling" if ceiling else
-                 "feature ceiling (estimator inputs)" if true_q_ceiling else
+                ("oracle" if a.oracle else "dcaf-cache_pages" if dcaf else
+                 "feature ceiling (estimator inputs)" if true_q_ceiling else "feature ceiling" if ceiling else
                  "comrecycle (the router's own decision)" if policy is None else "comrecycle")
                 + (" + λ controller" if controller else ", fixed λ"),
                 "budget_pct": 100 * float(params["budget"]) if params else None, "seed": a.seed,

@@ -88,6 +88,12 @@ def _controlled_choice(policy, dq: np.ndarray, available: np.ndarray, rep: np.nd
     return s
 
 
+def estimator_features(batch, cache_state: np.ndarray) -> dict[str, np.ndarray]:
+    """The estimator's served inputs of a simulator batch on its live cache state [B, 3K]."""
+    return {"user_features": batch.user_features.astype(np.int64), "history": np.asarray(batch.history, np.int64),
+            "request_features": batch.request_features, "cache_state": cache_state.astype(np.float32)}
+
+
 class PolicyAssignment(_RecordsDecisions):
     """An `assign(batch, available, cache_state)` for RecyclingServer: the estimator's ΔQ̂ on
     the live cache state, then the params' decision rule with λ from a controller, and
@@ -116,10 +122,7 @@ class PolicyAssignment(_RecordsDecisions):
         self._init_records()
 
     def __call__(self, batch, available: np.ndarray, cache_state: np.ndarray):
-        feats = {"user_features": batch.user_features.astype(np.int64),
-                 "history": np.asarray(batch.history, np.int64),
-                 "request_features": batch.request_features, "cache_state": cache_state.astype(np.float32)}
-        q, dq = self.estimator.predict(feats)
+        q, dq = self.estimator.predict(estimator_features(batch, cache_state))
         dq = np.concatenate([np.zeros((len(dq), 1)), dq], 1)
         dq = policy_dq(dq, self.params)
         rep = np.asarray(batch.is_repeat)
@@ -178,9 +181,11 @@ class OracleAssignment(_RecordsDecisions):
 
 
 class CeilingAssignment(_RecordsDecisions):
-    """The feature ceiling in the closed loop: ΔQ̂ from regressors of the true ΔQ on the live
-    request's observable features (policy.frontier.FeatureCeiling, fitted on a separate
-    randomised log), the params' decision rule, and a λ controller fed the *true* loss and
+    """A feature ceiling in the closed loop: ΔQ̂ from regressors of the true ΔQ on the live
+    request — a policy.frontier.FeatureCeiling on its observable features, or an
+    EffectLossEstimator fitted to the true q_j (label "true-q") on the estimator's inputs, both
+    fitted on a separate randomised log — the params' decision rule (no loss floor), and a λ
+    controller fed the *true* loss and
     effect of what it chose (q_0 and the chosen strategy's page, run on the live state): λ
     tuned on the true loss, as for the oracle. What a policy that sees only those features can
     reach on its own cache states. Costs up to 2 extra cascades per request: evaluation only."""
@@ -204,7 +209,11 @@ class CeilingAssignment(_RecordsDecisions):
                     loss[idx] = q0[idx] - self.server.expected_clicks(batch, idx, j)
             return loss, q0
 
-        dq = self.ceiling.predict(observable_features_of_batch(batch, cache_state))
+        if hasattr(self.ceiling, "predict_log"):  # an estimator fitted to the true q_j
+            dq = self.ceiling.predict(estimator_features(batch, cache_state))[1]
+            dq = np.concatenate([np.zeros((B, 1)), dq], 1)
+        else:
+            dq = self.ceiling.predict(observable_features_of_batch(batch, cache_state))
         s = _controlled_choice(self, dq, available, np.asarray(batch.is_repeat), q0, realised=true_loss)
         return s.astype(np.int8), np.ones(B, np.float32)
 
@@ -319,7 +328,8 @@ def simulate_policy(model_dir, n_requests: int, seed: int = 0, estimator_dir=Non
     sim_options: SessionSimulator keyword overrides (e.g. continue_prob) for shifted traffic.
     random_p: the random-recycling baseline (recycle with probability p, random strategy).
     dcaf: dcaf_from_logs(...) for the DCAF-style baseline (with params and the controller).
-    ceiling: a policy.frontier.FeatureCeiling for the feature ceiling (with params and the controller)."""
+    ceiling: a policy.frontier.FeatureCeiling, or an EffectLossEstimator with label "true-q", for
+    a feature ceiling (with params and the controller; CeilingAssignment)."""
     from ..router.params import RouterParams
     from ..sim.env import SessionSimulator
     from ..sim.recycling import RecyclingServer, fixed_assignment, load_model_set, random_assignment

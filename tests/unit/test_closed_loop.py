@@ -69,6 +69,28 @@ def test_the_oracle_in_the_closed_loop_decides_on_the_true_loss(tiny_model_set):
     assert abs(sum(pol.pred_effect) - float(np.sum(q0))) < 1e-3 * float(np.sum(q0))
 
 
+def test_a_true_q_estimator_as_the_ceiling_feeds_the_controller_the_true_loss(tiny_model_set, tiny_random_log):
+    """An estimator fitted to the true q_j is run as a feature ceiling: its ΔQ̂ ranks, and the
+    λ controller is fed the true loss of what was served (not the estimator's prediction)."""
+    import json
+
+    from comrecycle.estimator.effect_loss import EffectLossEstimator
+
+    est = EffectLossEstimator(max_epochs=1, label="true-q", progress=False).fit(tiny_random_log)
+    costs = [float(v) for v in json.loads((tiny_model_set / "cost_profile.json").read_text())["strategy_cost"].values()]
+    params = {"lambda": 2.0, "omega": 0.0, "choice": "argmax", "costs": costs, "budget": 0.01}
+    ctl = LambdaController(lam=2.0, budget=0.01, half_life=1e12)  # no decay: the sums of what it was fed
+    t, pol = simulate_policy(tiny_model_set, 400, seed=3, params=params, ceiling=est, controller=ctl,
+                             progress=False)
+    s = t["strategy"].to_numpy()
+    assert (s > 0).any()
+    q0 = t["q_0"].to_numpy()
+    served = np.array([t[f"q_{j}"][i].as_py() for i, j in enumerate(s)], float)
+    true_loss = float(np.sum(q0 - served))
+    assert abs(ctl.loss_ewma - true_loss) < 1e-3 * float(np.sum(q0))
+    assert abs(sum(pol.pred_loss) - true_loss) > 1e-3 * float(np.sum(q0))  # its prediction is not the truth
+
+
 def test_the_installed_rule_and_the_simulators_learned_policy_decide_alike(tiny_model_set, tiny_estimator):
     """The closed loop of the installed rule (the router's own decision step: the estimator's ONNX
     graph called on the live cache state, the params' rule) and the simulator's PolicyAssignment

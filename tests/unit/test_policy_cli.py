@@ -287,8 +287,11 @@ def test_a_true_q_estimator_runs_in_the_closed_loop_as_the_ceiling_without_estim
     params.write_text(json.dumps({"lambda": 1.0, "omega": 0.0, "choice": "argmax", "costs": [1, 0.9, 0.8, 0.05],
                                   "budget": 0.01, "estimator_cost": 0.2}))
     out, log = tmp_path / "cl.json", tmp_path / "cl.parquet"
-    r = cli("closed-loop", "--models", tiny_model_set, "--params", params, "--estimator", est, "--controller",
-            "--requests", 300, "--seed", 4, "--quiet", "--out", out, "--log-out", log)
+    common = ["closed-loop", "--models", tiny_model_set, "--params", params, "--estimator", est,
+              "--requests", 300, "--seed", 4, "--quiet"]
+    r = cli(*common)  # λ must be tuned on the true loss, as for the summary-feature ceiling
+    assert r.returncode == 2 and "--label true-q" in r.stderr and "--controller" in r.stderr
+    r = cli(*common, "--controller", "--out", out, "--log-out", log)
     assert r.returncode == 0, r.stderr
     m = json.loads(out.read_text())
     assert m["policy"].startswith("feature ceiling (estimator inputs)")
