@@ -9,6 +9,7 @@ Used by the CLI (`comrecycle solve`, which prints the result) and by the main jo
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import UserError
+from ..estimator.labels import TRUE_Q
 from ..specs import N_RECYCLE
 from .certify import LOSS_FLOOR_SHARE
 from .decide import costs_in_log
@@ -42,7 +44,12 @@ def load_estimator_dir(est_dir):
         if not (d / f).exists():
             raise CommandError(f"estimator directory {d}: missing {f}; expected the output of "
                                f"`comrecycle train-estimator --out {d}`")
-    return EffectLossEstimator.load(d)
+    est = EffectLossEstimator.load(d)
+    if est.label == TRUE_Q:
+        print(f"note: {d} was trained with --label true-q on a simulator log's exact q_j: it is the feature "
+              f"ceiling of the estimator's inputs (its curves and savings are that ceiling), not a policy that "
+              f"real traffic, which has no q_j, could train", file=sys.stderr)
+    return est
 
 
 def resolve_costs(log: pa.Table, cost_profile: str | None, from_logs: bool,

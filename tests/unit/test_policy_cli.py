@@ -300,6 +300,10 @@ def test_a_true_q_estimator_runs_in_the_closed_loop_as_the_ceiling_without_estim
     assert m["compute_saved_pct"] == pytest.approx(want["compute_saved_pct"])
     assert want["compute_saved_pct"] != pytest.approx(
         closed_loop_metrics(pq.read_table(log), [1, 0.9, 0.8, 0.05], 0.2)["compute_saved_pct"])
+    # the offline commands run it too, and say what it is
+    r = cli("frontier", "--logs", files["held"], "--estimator", est, "--budgets", "1", "--out", tmp_path / "fr")
+    assert r.returncode == 0, r.stderr
+    assert "feature ceiling of the estimator's inputs" in r.stderr
 
 
 def test_decide_refuses_a_params_file_that_is_not_json(files):
