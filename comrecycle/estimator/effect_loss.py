@@ -37,6 +37,8 @@ ORT_CHUNK = 65_536  # rows per onnxruntime call in predict (bounds the memory of
 # ΔQ is a small difference of two levels; without the weight the level fit dominates. On the
 # 200k seed-202 log weights 1, 4 and 16 ranked alike (42.2-42.7% saved at 1% one-step).
 TRUE_Q_UPLIFT_WEIGHT = 4.0
+
+
 def _repeated_with_labels(table: pa.Table, label: str) -> tuple[pa.Table, np.ndarray, dict]:
     """The repeated requests of a log and their labels [rows]. The labels are computed over the
     whole log first: the view adjustment's item click rates use every page."""
