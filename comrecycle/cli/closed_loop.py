@@ -12,21 +12,13 @@ import pyarrow.parquet as pq
 from ..estimator.labels import TRUE_Q
 from ..specs import N_RECYCLE
 from ..policy.solve import CommandError
-from .common import budgets_pct
+from .common import budgets_pct, estimator_label
 
 
 def _require_files(paths, flag: str) -> None:
     missing = [str(p) for p in paths or () if not Path(p).is_file()]
     if missing:
         raise CommandError(f"{flag}: no such file(s) {missing}")
-
-
-def _estimator_label(estimator_dir) -> str | None:
-    """The label an estimator directory was trained on (its manifest), None when unreadable."""
-    try:
-        return json.loads((Path(estimator_dir) / "manifest.json").read_text())["params"].get("label")
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def cmd_closed_loop(a) -> int:
@@ -70,7 +62,7 @@ def cmd_closed_loop(a) -> int:
 
         ceiling = FeatureCeiling.fit(pa.concat_tables([pq.read_table(p) for p in a.feature_ceiling_logs],
                                                       promote_options="default"), seed=a.seed)
-    true_q_ceiling = bool(a.estimator) and _estimator_label(a.estimator) == TRUE_Q
+    true_q_ceiling = bool(a.estimator) and estimator_label(a.estimator) == TRUE_Q
     if true_q_ceiling:
         # fitted to the true q_j (train-estimator --label true-q): the feature ceiling of the
         # estimator's inputs, run as the summary-feature ceiling is (λ on the true loss)
@@ -179,6 +171,10 @@ def cmd_closed_loop_frontier(a) -> int:
     if (a.estimator or a.oracle_budgets or a.dcaf_logs or a.feature_ceiling_logs) and not a.params:
         raise CommandError("--estimator, --oracle-budgets, --dcaf-logs and --feature-ceiling-logs need --params "
                            "(c_j, estimator cost, starting λ)")
+    if a.estimator and estimator_label(a.estimator) == TRUE_Q:
+        raise CommandError(f"{a.estimator} was trained with --label true-q: it is a feature ceiling, not the "
+                           f"ComRecycle family of this frontier; run it with `closed-loop --estimator "
+                           f"{a.estimator} --params P --controller --budget B`")
     _require_files(a.dcaf_logs, "--dcaf-logs")
     _require_files(a.feature_ceiling_logs, "--feature-ceiling-logs")
     oracle = budgets_pct(a.oracle_budgets, "--oracle-budgets")

@@ -29,3 +29,23 @@ def budgets_pct(text: str | None, flag: str = "--budgets") -> list[float]:
     if bad:
         raise CliError(f"{flag}: expected percentages in [0, 100), got {bad}")
     return values
+
+
+def estimator_label(estimator_dir) -> str | None:
+    """The label an estimator directory was trained on (its manifest), None when unreadable."""
+    import json
+
+    try:
+        return json.loads((Path(estimator_dir) / "manifest.json").read_text())["params"].get("label")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def refuse_to_serve_true_q(estimator_dir) -> None:
+    """An estimator fitted to a simulator's exact q_j (label true-q) is a feature ceiling for
+    evaluation; serving it would claim savings that no logged traffic can train."""
+    from ..estimator.labels import TRUE_Q
+
+    if estimator_label(estimator_dir) == TRUE_Q:
+        raise CliError(f"{estimator_dir} was trained with --label true-q (a simulator's exact q_j): it is the feature "
+                       f"ceiling of the estimator's inputs, for evaluation only, and is not installed for serving")

@@ -13,6 +13,7 @@ from .common import CliError, default_model_dir
 
 # ---- estimator -------------------------------------------------------------------------------------
 def cmd_train_estimator(a) -> int:
+    from ..estimator.labels import TRUE_Q
     from ..estimator.training import train_and_evaluate
 
     if not 0 <= a.min_epochs <= a.max_epochs:
@@ -21,6 +22,9 @@ def cmd_train_estimator(a) -> int:
         raise CliError(f"--average-epochs must be in 0..--max-epochs ({a.max_epochs}), got {a.average_epochs}")
     if a.ensemble < 1:
         raise CliError(f"--ensemble must be >= 1 net, got {a.ensemble}")
+    if a.install and a.label == TRUE_Q:
+        raise CliError("--install with --label true-q: an estimator fitted to a simulator's exact q_j is the feature "
+                       "ceiling of the estimator's inputs, for evaluation only, and is not installed for serving")
     try:
         res = train_and_evaluate(a.logs, a.out, eval_logs=a.eval_logs, holdout=a.holdout, seed=a.seed,
                                  max_epochs=a.max_epochs, progress=not a.quiet, baselines=not a.no_baselines,

@@ -56,7 +56,9 @@ def cmd_serve(a) -> int:
 
 def cmd_install_estimator(a) -> int:
     from ..repository import install_estimator
+    from .common import refuse_to_serve_true_q
 
+    refuse_to_serve_true_q(a.estimator)
     dst = install_estimator(a.repository, a.estimator, version=a.version)
     print(f"installed {a.estimator} as {dst} (estimator version {dst.name})")
     print("a running server (explicit model control) loads it with: curl -X POST "

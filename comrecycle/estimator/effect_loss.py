@@ -49,12 +49,13 @@ def _repeated_with_labels(table: pa.Table, label: str) -> tuple[pa.Table, np.nda
 
 def _true_q_errors(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row squared errors [B] of the levels Σ_j (Q̂_j − q_j)² and of the uplifts
-    Σ_j (ΔQ̂_j − ΔQ_j)², over the arms whose q_j is known. logits [B, K+1], y [B, K+1] (NaN = unknown)."""
+    Σ_j (ΔQ̂_j − ΔQ_j)², over the arms whose q_j is known (an uplift also needs q_0).
+    logits [B, K+1], y [B, K+1] (NaN = unknown)."""
     q = torch.exp(logits)
     known = torch.isfinite(y)
     yk = torch.nan_to_num(y)
     level = ((q - yk) ** 2 * known).sum(1)
-    uplift = (((q[:, :1] - q[:, 1:]) - (yk[:, :1] - yk[:, 1:])) ** 2 * known[:, 1:]).sum(1)
+    uplift = (((q[:, :1] - q[:, 1:]) - (yk[:, :1] - yk[:, 1:])) ** 2 * (known[:, :1] & known[:, 1:])).sum(1)
     return level, uplift
 
 
@@ -302,13 +303,14 @@ class EffectLossEstimator:
     def calibrate(self, table: pa.Table, label: str | None = None, **options) -> "EffectLossEstimator":
         """Fit the per-depth calibration (calibration.py) on the repeated requests of a
         randomised log that the estimator was not trained on; replaces any earlier one.
-        label: the reward its doubly-robust means use (labels.py); default the training label
-        (clicks for a "true-q" estimator)."""
+        label: the reward its doubly-robust means use (labels.py); default the training label."""
+        if self.label == TRUE_Q:
+            raise UserError("a 'true-q' estimator is the feature ceiling fitted to exact q_j; a calibration on "
+                            "logged clicks would add their noise to it (calibrate estimators trained on clicks)")
         validate_training_log(table, where="calibration log")
         if not has_cache_state(table):
             raise LogError("calibration log: needs the cache_state column (depth of the cached lists)")
-        # a "true-q" estimator's calibration still rests on the logged reward (the DR means)
-        rep, y_rep, _ = _repeated_with_labels(table, label or (self.label if self.label != TRUE_Q else "clicks"))
+        rep, y_rep, _ = _repeated_with_labels(table, label or self.label)
         feats = features_from_log(rep)
         q, dq = self.predict(feats, raw=True)
         self.onnx_path_ = None  # the saved graph no longer carries this calibration

@@ -209,7 +209,10 @@ class CeilingAssignment(_RecordsDecisions):
                     loss[idx] = q0[idx] - self.server.expected_clicks(batch, idx, j)
             return loss, q0
 
-        if hasattr(self.ceiling, "predict_log"):  # an estimator fitted to the true q_j
+        from ..estimator.effect_loss import EffectLossEstimator
+
+        available = depth_guard(available, cache_state, self.params.get("max_pages"))
+        if isinstance(self.ceiling, EffectLossEstimator):  # fitted to the true q_j
             dq = self.ceiling.predict(estimator_features(batch, cache_state))[1]
             dq = np.concatenate([np.zeros((B, 1)), dq], 1)
         else:

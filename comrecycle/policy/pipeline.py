@@ -8,6 +8,7 @@ meets the same loss). Used by `comrecycle policy-check` and the tests.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -145,7 +146,6 @@ def ranking_comparison(estimator, train: pa.Table, test: pa.Table, ceiling_log: 
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     from ..estimator.baselines import TLearner
-    from ..estimator.effect_loss import EffectLossEstimator
     from ..estimator.labels import TRUE_Q
     from ..estimator.training import tabular_features
     from .frontier import feature_ceiling, feature_values, ipw_mean_loss
@@ -186,8 +186,7 @@ def ranking_comparison(estimator, train: pa.Table, test: pa.Table, ceiling_log: 
                                             loss_pcts).tolist()
     # the estimator's architecture and inputs (item-level history included) fitted to the true
     # q_j of the same log: the ceiling of what those inputs allow, as far as this net finds it
-    net_ceiling = EffectLossEstimator(label=TRUE_Q, max_epochs=estimator.max_epochs, seed=seed,
-                                      ensemble=estimator.ensemble, progress=False).fit(ceiling_log)
+    net_ceiling = dataclasses.replace(estimator, label=TRUE_Q, select="outcome").fit(ceiling_log)
     out["feature ceiling (estimator inputs)"] = ranking_saving(
         q, rep, costs, predict(test, net_ceiling, repeated_only=True)[1], loss_pcts).tolist()
     mean_loss = ipw_mean_loss(train)

@@ -300,6 +300,15 @@ def test_a_true_q_estimator_runs_in_the_closed_loop_as_the_ceiling_without_estim
     assert m["compute_saved_pct"] == pytest.approx(want["compute_saved_pct"])
     assert want["compute_saved_pct"] != pytest.approx(
         closed_loop_metrics(pq.read_table(log), [1, 0.9, 0.8, 0.05], 0.2)["compute_saved_pct"])
+    # it is not a ComRecycle family of the closed-loop frontier, and it is never installed for serving
+    r = cli("closed-loop-frontier", "--models", tiny_model_set, "--estimator", est, "--params", params,
+            "--out", tmp_path / "clf")
+    assert r.returncode == 2 and "feature ceiling" in r.stderr
+    r = cli("install-estimator", "--estimator", est, "--repository", tmp_path / "repo")
+    assert r.returncode != 0 and "not installed for serving" in r.stderr and not (tmp_path / "repo").exists()
+    r = cli("train-estimator", "--logs", files["log"], "--label", "true-q", "--install", tmp_path / "repo",
+            "--out", tmp_path / "tq2")
+    assert r.returncode != 0 and "not installed for serving" in r.stderr and not (tmp_path / "tq2").exists()
     # the offline commands run it too, and say what it is
     r = cli("frontier", "--logs", files["held"], "--estimator", est, "--budgets", "1", "--out", tmp_path / "fr")
     assert r.returncode == 0, r.stderr
