@@ -9,10 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..estimator.labels import TRUE_Q
 from ..specs import N_RECYCLE
 from ..policy.solve import CommandError
-from .common import budgets_pct, estimator_label
+from .common import budgets_pct, is_true_q_estimator
 
 
 def _require_files(paths, flag: str) -> None:
@@ -62,7 +61,7 @@ def cmd_closed_loop(a) -> int:
 
         ceiling = FeatureCeiling.fit(pa.concat_tables([pq.read_table(p) for p in a.feature_ceiling_logs],
                                                       promote_options="default"), seed=a.seed)
-    true_q_ceiling = bool(a.estimator) and estimator_label(a.estimator) == TRUE_Q
+    true_q_ceiling = bool(a.estimator) and is_true_q_estimator(a.estimator)
     if true_q_ceiling:
         # fitted to the true q_j (train-estimator --label true-q): the feature ceiling of the
         # estimator's inputs, run as the summary-feature ceiling is (λ on the true loss)
@@ -171,7 +170,7 @@ def cmd_closed_loop_frontier(a) -> int:
     if (a.estimator or a.oracle_budgets or a.dcaf_logs or a.feature_ceiling_logs) and not a.params:
         raise CommandError("--estimator, --oracle-budgets, --dcaf-logs and --feature-ceiling-logs need --params "
                            "(c_j, estimator cost, starting λ)")
-    if a.estimator and estimator_label(a.estimator) == TRUE_Q:
+    if a.estimator and is_true_q_estimator(a.estimator):
         raise CommandError(f"{a.estimator} was trained with --label true-q: it is a feature ceiling, not the "
                            f"ComRecycle family of this frontier; run it with `closed-loop --estimator "
                            f"{a.estimator} --params P --controller --budget B`")

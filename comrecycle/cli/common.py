@@ -31,21 +31,23 @@ def budgets_pct(text: str | None, flag: str = "--budgets") -> list[float]:
     return values
 
 
-def estimator_label(estimator_dir) -> str | None:
-    """The label an estimator directory was trained on (its manifest), None when unreadable."""
+def is_true_q_estimator(estimator_dir) -> bool:
+    """Whether an estimator directory's manifest says it was trained with label true-q (a
+    simulator's exact q_j); False when there is none or it cannot be read."""
     import json
 
+    from ..estimator.labels import TRUE_Q
+
     try:
-        return json.loads((Path(estimator_dir) / "manifest.json").read_text())["params"].get("label")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        label = json.loads((Path(estimator_dir) / "manifest.json").read_text())["params"].get("label")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return label == TRUE_Q
 
 
 def refuse_to_serve_true_q(estimator_dir) -> None:
     """An estimator fitted to a simulator's exact q_j (label true-q) is a feature ceiling for
     evaluation; serving it would claim savings that no logged traffic can train."""
-    from ..estimator.labels import TRUE_Q
-
-    if estimator_label(estimator_dir) == TRUE_Q:
+    if is_true_q_estimator(estimator_dir):
         raise CliError(f"{estimator_dir} was trained with --label true-q (a simulator's exact q_j): it is the feature "
                        f"ceiling of the estimator's inputs, for evaluation only, and is not installed for serving")

@@ -191,7 +191,11 @@ class CeilingAssignment(_RecordsDecisions):
     reach on its own cache states. Costs up to 2 extra cascades per request: evaluation only."""
 
     def __init__(self, params: dict, ceiling, controller: LambdaController | None = None):
+        from ..estimator.effect_loss import EffectLossEstimator
+
         self.params, self.ceiling, self.controller = dict(params), ceiling, controller
+        # which inputs the ceiling reads, decided once (not per batch)
+        self.on_estimator_inputs = isinstance(ceiling, EffectLossEstimator)
         self.server = None  # set by simulate_policy (the RecyclingServer that calls us)
         self._init_records()
 
@@ -209,10 +213,8 @@ class CeilingAssignment(_RecordsDecisions):
                     loss[idx] = q0[idx] - self.server.expected_clicks(batch, idx, j)
             return loss, q0
 
-        from ..estimator.effect_loss import EffectLossEstimator
-
         available = depth_guard(available, cache_state, self.params.get("max_pages"))
-        if isinstance(self.ceiling, EffectLossEstimator):  # fitted to the true q_j
+        if self.on_estimator_inputs:  # an estimator fitted to the true q_j
             dq = self.ceiling.predict(estimator_features(batch, cache_state))[1]
             dq = np.concatenate([np.zeros((B, 1)), dq], 1)
         else:
