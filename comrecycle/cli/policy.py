@@ -17,10 +17,9 @@ def cmd_solve(a) -> int:
     opts = SolveOptions(budget=a.budget, confidence=a.confidence, omega=a.omega, choice=a.choice,
                         max_pages=a.max_pages, credit_gains=not a.no_credit_gains, loss_estimate=a.loss_estimate,
                         label=a.label, allow_in_sample=a.allow_in_sample, loss_floor=not a.no_loss_floor,
-                        strategies=a.strategies, grid=a.grid, estimator_cost=not a.no_estimator_cost,
-                        served_max_weight=a.served_max_weight)
+                        strategies=a.strategies, grid=a.grid, estimator_cost=not a.no_estimator_cost)
     res = solve_files(a.logs, a.estimator, opts, cost_profile=a.cost_profile, costs_from_logs=a.costs_from_logs,
-                      default_cost_profile=a.default_cost_profile, out=a.out, served_logs=a.served_logs)
+                      default_cost_profile=a.default_cost_profile, out=a.out)
     params, cert, log, out = res.params, res.cert, res.log, Path(a.out)
     print("c = " + ", ".join(f"{c:.3f}" for c in res.costs) + f" ({res.costs_source}); {res.estimator_note}")
     pr = params["predicted"]
@@ -40,12 +39,6 @@ def cmd_solve(a) -> int:
               f"reward): effect loss {cert.loss_pct:.3f}% [{lvl}: {cert.ci_pct[0]:.3f}, {cert.ci_pct[1]:.3f}], "
               f"compute saved {cert.saved_pct:.2f}%, mix of repeated: " +
               ", ".join(f"{j}: {v:.1%}" for j, v in cert.strategy_mix.items()))
-        if "served_traffic" in c:
-            st = c["served_traffic"]
-            print(f"reweighted to the cache states of {st['served_repeats']:,} served repeated requests: classifier "
-                  f"AUC {st['auc']:.3f} (0.5 = no visible shift), effective sample {st['effective_share']:.0%} of "
-                  f"the log's {st['log_repeats']:,} repeated requests, {st['clipped_share']:.2%} of weights at the "
-                  f"cap {st['max_weight']:g}")
         print(f"the estimator itself predicts {c['estimator_predicted_loss_pct']:.3f}% for this rule")
         warning = prediction_warning(c["estimator_predicted_loss_pct"], a.budget, dr_loss_pct=cert.loss_pct)
         if warning:
@@ -247,13 +240,6 @@ def add_parsers(sub, default_cost_profile: str) -> None:
                    help="count max(ΔQ̂, 0) against the budget: predicted gains of recycling are not banked, so an "
                         "optimistic estimator on young caches cannot cancel the loss of deep ones (written into "
                         "the params: the router and closed-loop do the same)")
-    s.add_argument("--served-logs", nargs="+", metavar="LOG",
-                   help="with dr: logs of the requests the deployed router serves (request-log columns and "
-                        "cache_state; no rewards or randomisation needed). The certification log's repeated "
-                        "requests are reweighted to their cache states, so λ meets the budget on the traffic the "
-                        "rule is deployed on rather than on the randomised log's older caches")
-    s.add_argument("--served-max-weight", type=float, default=20.0, metavar="W",
-                   help="with --served-logs: the cap on one request's weight (weights have mean 1)")
     s.add_argument("--out", required=True, help="params JSON to write")
     s.set_defaults(func=cmd_solve, default_cost_profile=default_cost_profile)
 

@@ -197,22 +197,21 @@ def _envelope_events(c: np.ndarray, d: np.ndarray, a: np.ndarray):
     return start, r[o], key[o], frm[o], to[o]
 
 
-def _argmin_path(c, d, a, qh, t, w, res, v, sess_rep, sess, n_sess, lams, base_cost, n, rw):
+def _argmin_path(c, d, a, qh, t, w, res, v, sess_rep, sess, n_sess, lams, base_cost, n):
     """The grid evaluation of the ω = 0 rule in one pass over its switches (_envelope_events),
     keeping per-session sums: O(n log n) instead of a full argmin per grid λ. Same numbers as
-    evaluating rule_allocation at every λ (tests/unit/test_certify.py). rw [n_r]: the repeated
-    rows' weights (v already carries them)."""
+    evaluating rule_allocation at every λ (tests/unit/test_certify.py)."""
     n_r, k1 = d.shape
     rows = np.arange(n_r)
     direct = qh[:, :1] - qh  # [n_r, K+1] q̂_0 − q̂_j
     corr = ((t == 0)[:, None].astype(np.float64) - (t[:, None] == np.arange(k1)[None, :])) * (w * res)[:, None]
-    dmat = (direct + corr) * rw[:, None]  # d_i(j): the (weighted) DR term if request i gets strategy j
+    dmat = direct + corr  # d_i(j): the DR term if request i gets strategy j
     start, er, ekey, efrm, eto = _envelope_events(c, d, a)
     V_s = np.bincount(sess, weights=v, minlength=n_sess)
     D_s = np.bincount(sess_rep, weights=dmat[rows, start], minlength=n_sess)
     V = V_s.sum()
     A, B, C = float(D_s @ D_s), float(D_s @ V_s), float(V_s @ V_s)
-    counts = np.bincount(start, weights=rw, minlength=k1)
+    counts = np.bincount(start, minlength=k1).astype(np.float64)
     e_sess = sess_rep[er]
     e_dd = dmat[er, eto] - dmat[er, efrm]
     pos = 0
@@ -227,13 +226,12 @@ def _argmin_path(c, d, a, qh, t, w, res, v, sess_rep, sess, n_sess, lams, base_c
             np.add.at(D_s, e_sess[pos:end], e_dd[pos:end])
             A += float(D_s[s_aff] @ D_s[s_aff])
             B += float(D_s[s_aff] @ V_s[s_aff])
-            counts += (np.bincount(eto[pos:end], weights=rw[er[pos:end]], minlength=k1)
-                       - np.bincount(efrm[pos:end], weights=rw[er[pos:end]], minlength=k1))
+            counts += np.bincount(eto[pos:end], minlength=k1) - np.bincount(efrm[pos:end], minlength=k1)
             pos = end
         D = float(D_s.sum())
         L = D / V
         var = max(0.0, A - 2 * L * B + L * L * C) * S / max(1, S - 1) / V ** 2
-        mix = counts / rw.sum()
+        mix = counts / n_r
         out[0].append(100 * L)
         out[1].append(100 * np.sqrt(var))
         out[2].append(100 * (1 - (base_cost + n_r * (mix @ c)) / (c[0] * n)))
@@ -259,14 +257,12 @@ def noise_floor(curve: LossCurve, z: float) -> float:
 
 def certify_lambda(costs, dq, available, q_hat, t, p, r, session, is_repeat, budget: float,
                    confidence: float = 0.5, omega: float = 0.0, choice: str = "argmax",
-                   estimator_cost: float = 0.0, grid: int = DEFAULT_GRID, weights=None) -> Certification:
+                   estimator_cost: float = 0.0, grid: int = DEFAULT_GRID) -> Certification:
     """λ whose deployed rule's DR loss bound (module docstring) meets `budget` on this log.
 
     costs [K+1]; dq [n, K] or [n, K+1] (the policy's ΔQ̂, policy.decide.policy_dq); available
     [n, K+1]; q_hat [n, K+1]; t, p, r, session (any ids), is_repeat [n]. Initial requests are
-    always served in full and only enter the denominator. weights [n] (optional, >= 0): each
-    row's weight in every sum, e.g. the density ratio to the served traffic (policy.shift); the
-    loss is then Σ w·d / Σ w·v, its error clustered as before with the weighted terms."""
+    always served in full and only enter the denominator."""
     c, d_all, a_all = check_inputs(costs, dq, available)
     if not 0 <= budget < 1:
         raise SolverError(f"budget: expected a relative effect loss in [0, 1), got {budget:g}")
@@ -288,22 +284,15 @@ def certify_lambda(costs, dq, available, q_hat, t, p, r, session, is_repeat, bud
         raise SolverError("certify: predicted effects and rewards must be finite")
     if ((t < 0) | (t >= len(c))).any():
         raise SolverError(f"certify: logged strategies must be in 0..{len(c) - 1}")
-    if weights is None:
-        weights = np.ones(n)
-    weights = np.asarray(weights, np.float64)
-    if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any() or weights[rep].sum() <= 0:
-        raise SolverError(f"certify: weights must be {n} finite values >= 0, not all 0 on repeated requests; "
-                          f"got shape {weights.shape}")
     _, sess = np.unique(np.asarray(session), return_inverse=True)
     n_sess = int(sess.max()) + 1
     # repeated rows decide; the initial ones only add their reward to the full value
     d, a, qh, tr = d_all[rep], a_all[rep], q_hat[rep], t[rep]
     w = 1.0 / p[rep]
     res = r[rep] - qh[np.arange(len(tr)), tr]
-    rw = weights[rep]
     v = np.zeros(n)
-    v[~rep] = r[~rep] * weights[~rep]
-    v[rep] = (qh[:, 0] + (tr == 0) * w * res) * rw
+    v[~rep] = r[~rep]
+    v[rep] = qh[:, 0] + (tr == 0) * w * res
     if v.sum() <= 0:
         raise SolverError(f"certify: the estimated value of the full cascade is {v.sum():.4g} <= 0; "
                           "the log's rewards cannot carry a relative loss")
@@ -315,17 +304,17 @@ def certify_lambda(costs, dq, available, q_hat, t, p, r, session, is_repeat, bud
         drow = np.zeros(n)
         for lam in lams:
             x = rule_allocation(c, d, a, float(lam), omega, choice)
-            drow[rep] = _dr_terms(x, qh, tr, w, res) * rw
+            drow[rep] = _dr_terms(x, qh, tr, w, res)
             L, s = _clustered(drow, v, sess, n_sess)
             loss.append(100 * L)
             se.append(100 * s)
-            mix = (np.bincount(x, weights=rw, minlength=len(c)) if x.ndim == 1 else rw @ x) / rw.sum()
+            mix = (np.bincount(x, minlength=len(c)) / len(x)) if x.ndim == 1 else x.mean(axis=0)
             saved.append(100 * (1 - (base_cost + len(x) * (mix @ c)) / (c[0] * n)))
             recycled.append(float(1 - mix[0]))
             mixes.append(mix)
     else:
         loss, se, saved, recycled, mixes = _argmin_path(c, d, a, qh, tr, w, res, v, sess[rep], sess, n_sess,
-                                                        lams, base_cost, n, rw)
+                                                        lams, base_cost, n)
     curve = LossCurve(lams, np.array(loss), np.array(se), np.array(saved), np.array(recycled))
     bound = curve.loss_pct + z * curve.se_pct
     envelope = np.maximum.accumulate(bound[::-1])[::-1]  # max over this and every larger λ

@@ -120,7 +120,6 @@ class SolveOptions:
     strategies: str | None = None
     grid: int = 256
     estimator_cost: bool = True
-    served_max_weight: float = 20.0  # with served logs: the cap on a row's density-ratio weight (policy.shift)
 
     def check(self) -> None:
         """Refuse values that cannot work before any work is done."""
@@ -133,9 +132,6 @@ class SolveOptions:
             strategy_list(self.strategies)
         if self.max_pages is not None and self.max_pages < 1:
             raise CommandError(f"--max-pages must be >= 1, got {self.max_pages}")
-        if not self.served_max_weight > 1:
-            raise CommandError(f"--served-max-weight: expected a cap above 1 (the weights have mean 1), "
-                               f"got {self.served_max_weight:g}")
 
 
 @dataclass
@@ -151,10 +147,8 @@ class SolveResult:
 
 def solve_files(logs: str | Path, estimator: str | Path, opts: SolveOptions, *, cost_profile: str | None = None,
                 costs_from_logs: bool = False, default_cost_profile: str | None = None,
-                out: str | Path | None = None, served_logs=None) -> SolveResult:
-    """Read the log and the estimator, resolve c_j, solve (and certify) λ, write the params to `out`.
-    served_logs: logs of the traffic the deployed rule serves; the certification is then
-    reweighted to their cache states (policy.shift)."""
+                out: str | Path | None = None) -> SolveResult:
+    """Read the log and the estimator, resolve c_j, solve (and certify) λ, write the params to `out`."""
     from ..estimator.log_features import features_from_log
     from ..estimator.labels import training_labels
     from ..runtime.costs import measure_estimator_seconds
@@ -163,8 +157,6 @@ def solve_files(logs: str | Path, estimator: str | Path, opts: SolveOptions, *, 
     from .decide import available_from_log, decide, estimator_version, policy_dq, predict, solve_params, total_effect
 
     opts.check()
-    if served_logs and opts.loss_estimate != "dr":
-        raise CommandError("--served-logs reweights the off-policy certification: it needs --loss-estimate dr")
     log = read_policy_log(logs)
     est = load_estimator_dir(estimator)
     costs, source, prof = resolve_costs(log, cost_profile, costs_from_logs, default_cost_profile)
@@ -197,13 +189,11 @@ def solve_files(logs: str | Path, estimator: str | Path, opts: SolveOptions, *, 
             params["loss_floor"] = float(LOSS_FLOOR_SHARE * max(q_hat[rep, 0].mean(), 1e-9))
         rule = dict(params)
         avail = available_from_log(log, opts.max_pages)
-        shift = served_traffic_shift(log, served_logs, opts) if served_logs else None
         fam, cert, tried = certify_families(
             costs, policy_dq(dq, rule), avail, q_hat, log["strategy"].to_numpy(), log["propensity"].to_numpy(), r,
             log["session_id"].to_numpy(), log["is_repeat"].to_numpy(), opts.budget,
             families=[strategy_list(opts.strategies)] if opts.strategies else None, confidence=opts.confidence,
-            omega=opts.omega, choice=opts.choice, estimator_cost=est_cost, grid=opts.grid,
-            weights=None if shift is None else shift.weights)
+            omega=opts.omega, choice=opts.choice, estimator_cost=est_cost, grid=opts.grid)
         rule["lambda"] = cert.lam
         params["lambda"] = cert.lam
         params["strategies"] = fam
@@ -214,8 +204,6 @@ def solve_files(logs: str | Path, estimator: str | Path, opts: SolveOptions, *, 
                                                   "certified": c.certified, "loss_pct": c.loss_pct,
                                                   "bound_pct": c.bound_pct, "saved_pct": c.saved_pct}
                                                  for f, c in tried])
-        if shift is not None:
-            params["certification"]["served_traffic"] = dict(shift.as_dict(), logs=[str(p) for p in served_logs])
         # what the estimator itself predicts for the certified rule (how optimistic it is)
         s = decide(policy_dq(dq, rule), avail, rule)
         s[~rep] = 0
@@ -225,22 +213,8 @@ def solve_files(logs: str | Path, estimator: str | Path, opts: SolveOptions, *, 
         params["predicted"] = {"effect_loss_pct": cert.loss_pct, "compute_saved_pct": cert.saved_pct,
                                "strategy_mix": cert.strategy_mix, "how": "doubly robust off-policy estimate"}
         params["form"] += f", λ certified off-policy (DR, confidence {opts.confidence:g})"
-        if shift is not None:
-            params["form"] += ", reweighted to the served traffic's cache states"
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(params, indent=2) + "\n")
     return SolveResult(params, cert, log, costs, source, est_note)
-
-
-def served_traffic_shift(log: pa.Table, served_logs, opts: SolveOptions):
-    """policy.shift.ShiftWeights of the certification log towards the served logs' states."""
-    from .shift import ShiftError, served_traffic_weights
-
-    tables = [read_policy_log(p) for p in served_logs]
-    try:
-        served = pa.concat_tables(tables, promote_options="default")
-        return served_traffic_weights(log, served, max_weight=opts.served_max_weight)
-    except (ShiftError, pa.ArrowInvalid, KeyError) as e:
-        raise CommandError(f"--served-logs {' '.join(map(str, served_logs))}: {e}") from None

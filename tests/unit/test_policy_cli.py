@@ -362,27 +362,3 @@ def test_policy_check_refuses_an_ensemble_of_no_nets():
     r = cli("policy-check", "--ensemble", "0", "--quiet")
     assert r.returncode == 2 and "--ensemble: expected a number of nets >= 1, got 0" in r.stderr
     assert "Traceback" not in r.stderr
-
-
-def test_solve_reweighted_to_served_traffic(files, tiny_random_log, tiny_heldout_log):
-    """--served-logs: the certification is reweighted to the served log's cache states (here
-    another log's repeats whose rank list has served one page, a fresher traffic) and says so."""
-    from comrecycle.estimator.log_features import cache_state_from_log
-
-    d = files["dir"]
-    cs = cache_state_from_log(tiny_random_log).reshape(-1, 3, 3)
-    fresh = ~tiny_random_log["is_repeat"].to_numpy() | (cs[:, 2, 1] == 1)
-    pq.write_table(tiny_random_log.filter(pa.array(fresh)), d / "served.parquet")
-    r = cli("solve", "--logs", files["held"], "--estimator", files["est"], "--budget", "0.02", "--no-estimator-cost",
-            "--served-logs", d / "served.parquet", "--out", d / "served.json")
-    assert r.returncode == 0, r.stderr
-    assert "reweighted to the cache states of" in r.stdout
-    st = json.loads((d / "served.json").read_text())["certification"]["served_traffic"]
-    assert st["auc"] > 0.6 and 0 < st["effective_share"] < 1 and st["logs"] == [str(d / "served.parquet")]
-    pq.write_table(tiny_heldout_log.drop_columns(["cache_state"]), d / "no_cs.parquet")
-    r = cli("solve", "--logs", files["held"], "--estimator", files["est"], "--served-logs", d / "no_cs.parquet",
-            "--out", d / "x.json")
-    assert r.returncode == 2 and "--served-logs" in r.stderr and "cache_state" in r.stderr
-    r = cli("solve", "--logs", files["held"], "--estimator", files["est"], "--served-logs", d / "served.parquet",
-            "--loss-estimate", "predicted", "--out", d / "x.json")
-    assert r.returncode == 2 and "needs --loss-estimate dr" in r.stderr
