@@ -111,7 +111,7 @@ def cmd_demo(a) -> int:
 
 def add_parsers(sub) -> None:
     """The serving commands' parsers."""
-    from ..policy.deploy import DEFAULT_CERTIFY_REQUESTS, DEFAULT_TRAIN_REQUESTS
+    from ..policy.deploy import DEFAULT_CERTIFY_REQUESTS, DEFAULT_CONFIDENCE, DEFAULT_TRAIN_REQUESTS
 
     s = sub.add_parser("serve", help="run the embedded tritonserver in the foreground")
     s.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]))
@@ -169,9 +169,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--max-pages", type=int, default=0, metavar="M",
                    help="depth guard: a cached list serves at most M pages (0 = off, the default; see README, "
                         "'The policy')")
-    s.add_argument("--confidence", type=float, default=0.5,
-                   help="solve --confidence: the level of the off-policy bound that meets the budget (0.5 = the "
-                        "point estimate)")
+    s.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
+                   help="solve --confidence: the level of the off-policy bound that meets the budget (default "
+                        "%(default)s; 0.5 = the point estimate)")
     s.add_argument("--train-requests", type=int, default=DEFAULT_TRAIN_REQUESTS,
                    help="size of the randomised log the estimator is trained on (first run only; cached; "
                         "default %(default)s)")
