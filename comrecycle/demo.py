@@ -141,12 +141,11 @@ def run_demo(a) -> int:
         print(f"policy: λ = {p['lambda']:.4g} with the estimator's ΔQ̂ on every repeated request, and {guard}")
         c = p.get("certification")
         if c:
-            # ci_pct is two-sided at the certification's level: 95% for the point estimate, else
-            # the interval whose upper end is the one-sided bound (90% for a 95% bound)
-            conf = c["confidence"]
-            lvl = "95%" if conf == 0.5 else f"{2 * conf - 1:.0%}, its upper end the {conf:.0%} bound"
-            print(f"        λ certified on {c['requests']:,} held-out logged requests (DR, confidence {conf:g}): "
-                  f"one-step loss {c['loss_pct']:.2f}% [{lvl}: {c['ci_pct'][0]:.2f}, {c['ci_pct'][1]:.2f}] on the "
+            from .policy.certify import interval_label
+
+            print(f"        λ certified on {c['requests']:,} held-out logged requests (DR, confidence "
+                  f"{c['confidence']:g}): one-step loss {c['loss_pct']:.2f}% [{interval_label(c['confidence'])}: "
+                  f"{c['ci_pct'][0]:.2f}, {c['ci_pct'][1]:.2f}] on the "
                   "logged cache states; the replay above is the closed loop, where the caches age under the policy")
     else:
         print(f"policy: λ = 0 (on the solving log's states the predicted loss stays under the budget at any λ), "

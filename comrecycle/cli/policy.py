@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from ..specs import N_RECYCLE
 from ..policy.solve import CommandError, SolveOptions, load_estimator_dir, read_policy_log, resolve_costs, solve_files
+from ..policy.certify import interval_label
 
 
 def cmd_solve(a) -> int:
@@ -33,8 +34,7 @@ def cmd_solve(a) -> int:
             print(warning)
     else:
         c = params["certification"]
-        lvl = ("95% interval" if a.confidence == 0.5 else
-               f"{2 * a.confidence - 1:.0%} interval, its upper end the {a.confidence:.0%} bound")
+        lvl = interval_label(a.confidence)
         print(f"deployed rule on {cert.requests:,} held-out logged requests ({cert.sessions:,} sessions; DR, {c['label']} "
               f"reward): effect loss {cert.loss_pct:.3f}% [{lvl}: {cert.ci_pct[0]:.3f}, {cert.ci_pct[1]:.3f}], "
               f"compute saved {cert.saved_pct:.2f}%, mix of repeated: " +

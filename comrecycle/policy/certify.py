@@ -92,6 +92,14 @@ def z_of(confidence: float) -> float:
     return float(NormalDist().inv_cdf(confidence))
 
 
+def interval_label(confidence: float) -> str:
+    """What Certification.ci_pct is: the two-sided 95% interval for the point estimate, else
+    the two-sided interval whose upper end is the one-sided bound (90% for a 95% bound)."""
+    if confidence == 0.5:
+        return "95% interval"
+    return f"{2 * confidence - 1:.0%} interval, its upper end the {confidence:.0%} bound"
+
+
 def rule_allocation(costs: np.ndarray, dq: np.ndarray, avail: np.ndarray, lam: float, omega: float = 0.0,
                     choice: str = "argmax") -> np.ndarray:
     """What the deployed rule does with λ (policy.decide.decide): the chosen strategy [n] of a

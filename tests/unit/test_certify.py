@@ -218,3 +218,10 @@ def test_one_pass_path_equals_evaluating_every_lambda(seed):
         assert cert.curve.loss_pct[k] == pytest.approx(100 * L, abs=1e-9)
         assert cert.curve.se_pct[k] == pytest.approx(100 * se, rel=1e-6, abs=1e-9)
         assert cert.curve.recycled[k] == pytest.approx(np.mean(s[rep] != 0), abs=1e-12)
+
+
+def test_interval_label_names_what_ci_pct_is():
+    from comrecycle.policy.certify import interval_label
+
+    assert interval_label(0.5) == "95% interval"
+    assert interval_label(0.95) == "90% interval, its upper end the 95% bound"
