@@ -112,7 +112,7 @@ def run_demo(a) -> int:
     ensure_model_set(a.profile, model_dir, repo, seed=a.seed, progress=True)
     info = ensure_router(repo, model_dir, budget=a.budget, train_requests=a.train_requests,
                          certify_requests=a.certify_requests, seed=a.seed, max_pages=a.max_pages or None,
-                         confidence=a.confidence)
+                         confidence=a.confidence, certify_arm_weights=a.certify_arm_weights)
     world = world_from_repository(repo)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

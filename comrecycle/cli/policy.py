@@ -60,7 +60,8 @@ def cmd_solve(a) -> int:
             print(f"WARNING: b = {a.budget:.3%} is below this log's noise floor at confidence {gamma:g} ({floor}): "
                   f"the interval of any rule that recycles enough to show a loss is wider than the budget, so the "
                   f"chosen λ rests on noise (it recycles {rec:.1%} of repeated requests). Use a larger held-out log "
-                  "(the interval narrows as 1/√requests; uniform logging gives narrower ones than skewed), a "
+                  "(the interval narrows as 1/√requests, and with logging that draws the rule's strategies "
+                  "often: `simulate --arm-weights 0.45,0.05,0.05,0.45` for full or strategy 3), a "
                   "larger --budget, or a lower --confidence.")
     print(f"wrote {out}")
     return 0

@@ -107,11 +107,19 @@ def cmd_demo(a) -> int:
     if a.train_requests < 1000 or a.certify_requests < 1000:
         raise CliError(f"--train-requests and --certify-requests: expected at least 1000 requests each, got "
                        f"{a.train_requests}, {a.certify_requests}")
+    if isinstance(a.certify_arm_weights, str):
+        from .sim import parse_arm_weights
+
+        rows = parse_arm_weights(a.certify_arm_weights, option="--certify-arm-weights")
+        if len(rows) != 1:
+            raise CliError(f"--certify-arm-weights: expected one row of 4 weights, got {a.certify_arm_weights!r}")
+        a.certify_arm_weights = tuple(rows[0])
     return run_demo(a)
 
 def add_parsers(sub) -> None:
     """The serving commands' parsers."""
-    from ..policy.deploy import DEFAULT_CERTIFY_REQUESTS, DEFAULT_CONFIDENCE, DEFAULT_TRAIN_REQUESTS
+    from ..policy.deploy import (DEFAULT_CERTIFY_ARM_WEIGHTS, DEFAULT_CERTIFY_REQUESTS, DEFAULT_CONFIDENCE,
+                                 DEFAULT_TRAIN_REQUESTS)
 
     s = sub.add_parser("serve", help="run the embedded tritonserver in the foreground")
     s.add_argument("--repository", default=str(DEFAULT_REPOSITORY["cpu"]))
@@ -178,6 +186,11 @@ def add_parsers(sub) -> None:
     s.add_argument("--certify-requests", type=int, default=DEFAULT_CERTIFY_REQUESTS,
                    help="size of the second randomised log λ is certified on (first run only; cached; "
                         "default %(default)s)")
+    s.add_argument("--certify-arm-weights", metavar="W0,W1,W2,W3",
+                   default=",".join(f"{w:g}" for w in DEFAULT_CERTIFY_ARM_WEIGHTS),
+                   help="relative probabilities of strategies 0..3 in the certification log (default "
+                        "%(default)s: full or strategy 3 mostly, which the deployed rule chooses between; "
+                        "1,1,1,1 = uniform)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=str(REPO_ROOT / "runs" / "demo"))
     s.set_defaults(func=cmd_demo)

@@ -14,9 +14,9 @@ from pathlib import Path
 from ..repository import REPO_ROOT
 
 ROUTER_ARTIFACTS = REPO_ROOT / "artifacts" / "router"
-# what the estimator is trained on and what λ is certified on: two uniformly randomised logs of
-# other sessions (uniform propensities keep the off-policy interval narrow; the skewed session
-# mixture that explores deep caches gives 1/0.02 weights and an interval too wide to use)
+# what the estimator is trained on and what λ is certified on: two randomised logs of other
+# sessions, with propensities no smaller than 0.05 (the skewed session mixture that explores deep
+# caches gives 1/0.02 weights and an off-policy interval too wide to use)
 ESTIMATOR_OPTIONS = {"max_epochs": 8, "label": "view-adjusted", "ensemble": 3}
 # the estimator learns uplift from noisy clicks, and its ranking keeps improving with the log's
 # size up to 400 000 requests, the largest measured (docs/RESULTS.md, "The estimator's training seed, and an ensemble")
@@ -26,7 +26,22 @@ DEFAULT_TRAIN_REQUESTS = 400_000
 # the luck of its draw (docs/RESULTS.md, "The certification log: size and confidence")
 DEFAULT_CERTIFY_REQUESTS = 200_000
 DEFAULT_CONFIDENCE = 0.95
+# the certification log draws what the deployed rule chooses between, full or strategy 3, more
+# often than strategies 1-2 (propensities logged). A "full or strategy 3" rule's DR error then has
+# inverse-propensity weights of about 2.2 instead of 4, and the logged rank lists are closer in age
+# to those the deployed rule leaves; strategies 1-2 stay explored, so both families are certified
+# (docs/RESULTS.md, "The certification log: size and confidence"). None = uniform.
+DEFAULT_CERTIFY_ARM_WEIGHTS = (0.45, 0.05, 0.05, 0.45)
 PIPELINE_VERSION = 2  # part of the cache key: artifacts of an earlier pipeline are not reused
+
+
+def certify_log_tag(arm_weights) -> str:
+    """'' for a uniformly randomised log, else '_w' + the normalised weights ('_w0.45-0.05-0.05-0.45'):
+    part of the certification log's and the params' file names."""
+    if arm_weights is None or len(set(arm_weights)) == 1:
+        return ""
+    total = float(sum(arm_weights))
+    return "_w" + "-".join(f"{w / total:.3g}" for w in arm_weights)
 
 
 def _key(model_dir: Path, train_requests: int, seed: int) -> str:
@@ -41,14 +56,16 @@ DEFAULT_MAX_PAGES = None  # the depth guard is an option, off by default
 def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01,
                   train_requests: int = DEFAULT_TRAIN_REQUESTS, certify_requests: int = DEFAULT_CERTIFY_REQUESTS,
                   heldout_requests: int = 3_000, seed: int = 0, workers: int = 2,
-                  max_pages: int | None = DEFAULT_MAX_PAGES, confidence: float = DEFAULT_CONFIDENCE) -> dict:
+                  max_pages: int | None = DEFAULT_MAX_PAGES, confidence: float = DEFAULT_CONFIDENCE,
+                  certify_arm_weights=DEFAULT_CERTIFY_ARM_WEIGHTS) -> dict:
     """Train (or reuse) an estimator and params for this model set and install them as the
     latest estimator / recycle_router versions. Returns paths and the params.
 
-    The estimator is trained on one randomised log; `comrecycle solve` certifies λ on another
-    (doubly robust, `confidence` as in `solve --confidence`); a small third log with q_0..q_3
-    draws the one-step frontier. max_pages: the optional depth guard (a cached list that has
-    served this many pages is not recycled again)."""
+    The estimator is trained on one uniformly randomised log; `comrecycle solve` certifies λ on
+    another (doubly robust, `confidence` as in `solve --confidence`), whose strategies are drawn
+    with probabilities proportional to `certify_arm_weights` [4] among the available ones (None:
+    uniformly); a small third log with q_0..q_3 draws the one-step frontier. max_pages: the
+    optional depth guard (a cached list that has served this many pages is not recycled again)."""
     from ..estimator.effect_loss import EffectLossEstimator
     from ..repository import install_estimator, install_router_params, installed_versions
     from ..sim.logs import read_log, write_log
@@ -57,18 +74,21 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01,
 
     work = ROUTER_ARTIFACTS / _key(model_dir, train_requests, seed)
     work.mkdir(parents=True, exist_ok=True)
-    train, cert, held = work / "train.parquet", work / f"certify_{certify_requests}.parquet", work / "heldout.parquet"
+    tag = certify_log_tag(certify_arm_weights)
+    train, cert, held = work / "train.parquet", work / f"certify_{certify_requests}{tag}.parquet", work / "heldout.parquet"
     # the estimator and the params it was certified with, per estimator recipe (the logs are shared)
     recipe = hashlib.sha256(json.dumps(ESTIMATOR_OPTIONS, sort_keys=True).encode()).hexdigest()[:8]
     est_dir = work / f"estimator-{recipe}"
-    params_path = est_dir / f"params_b{budget:g}_c{confidence:g}_m{max_pages or 0}_n{certify_requests}.json"
-    for path, n, s, what in ((train, train_requests, seed + 101, "training"),
-                             (cert, certify_requests, seed + 303, "certification")):
+    params_path = est_dir / f"params_b{budget:g}_c{confidence:g}_m{max_pages or 0}_n{certify_requests}{tag}.json"
+    cert_weights = None if not tag else [list(certify_arm_weights)]
+    for path, n, s, weights, what in ((train, train_requests, seed + 101, None, "training"),
+                                      (cert, certify_requests, seed + 303, cert_weights, "certification")):
         if not path.exists():
-            print(f"[router] simulating a uniformly randomised {what} log ({n} requests) ...", flush=True)
+            how = "uniformly" if weights is None else f"(strategies 0..3 ∝ {', '.join(f'{w:g}' for w in weights[0])})"
+            print(f"[router] simulating a {how} randomised {what} log ({n} requests) ...", flush=True)
             t0 = time.time()
             write_log(simulate_log_sharded(model_dir, n, seed=s, logging="random", workers=workers,
-                                           counterfactuals=False), path)
+                                           arm_weights=weights, counterfactuals=False), path)
             print(f"[router] {what} log in {time.time() - t0:.0f}s", flush=True)
     if not held.exists():
         print(f"[router] simulating a held-out log with q_0..q_3 ({heldout_requests} requests) ...", flush=True)
