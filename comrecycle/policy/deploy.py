@@ -28,8 +28,8 @@ DEFAULT_CERTIFY_REQUESTS = 200_000
 DEFAULT_CONFIDENCE = 0.95
 # the certification log draws what the deployed rule chooses between, full or strategy 3, more
 # often than strategies 1-2 (propensities logged). A "full or strategy 3" rule's DR error then has
-# inverse-propensity weights of about 2.2 instead of 4, and the logged rank lists are closer in age
-# to those the deployed rule leaves; strategies 1-2 stay explored, so both families are certified
+# inverse-propensity weights of about 2.2 instead of 4, and the logged rank lists are older, as the
+# rule's own are (1.42 pages served on average, against 1.20 in a uniform log); strategies 1-2 stay explored, so both families are certified
 # (docs/RESULTS.md, "The certification log: size and confidence"). None = uniform.
 DEFAULT_CERTIFY_ARM_WEIGHTS = (0.45, 0.05, 0.05, 0.45)
 PIPELINE_VERSION = 2  # part of the cache key: artifacts of an earlier pipeline are not reused
