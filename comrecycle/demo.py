@@ -3,8 +3,9 @@
 1. the model set (built if missing, ~6-7 min on 2 cores) installed in the repository;
 2. the effect-loss estimator and the router params (built if missing, cached in
    artifacts/router/): a uniformly randomised training log (observed clicks only), the
-   estimator trained on it, `solve` certifying λ for the budget on a second such log, and a
-   small held-out log with q_j for the frontier; installed as new estimator / recycle_router
+   estimator trained on it, `solve` certifying λ for the budget on a second randomised log
+   (drawn with `--certify-arm-weights`: the full cascade or strategy 3 mostly, by default), and
+   a small held-out log with q_j for the frontier; installed as new estimator / recycle_router
    versions;
 3. redis-server and tritonserver started on free loopback ports;
 4. simulated sessions replayed through recycle_router (client in the feedback loop) and, on
@@ -134,7 +135,11 @@ def run_demo(a) -> int:
     s = summarise(routed, full, p["costs"], float(p.get("estimator_cost", 0.0)) if uses_estimator else 0.0, paired)
     s["estimator_called"] = uses_estimator
     s["params"] = {k: p.get(k) for k in ("lambda", "omega", "costs", "estimator_cost", "budget", "max_pages",
-                                         "loss_floor", "certification")}
+                                         "loss_floor", "certification", "solved_on")}
+    from .policy.deploy import certify_arm_shares
+
+    shares = certify_arm_shares(a.certify_arm_weights)
+    s["params"]["certification_log_shares"] = list(shares) if shares else "uniform"
     print_summary(s, a.budget)
     guard = f"the depth guard (a list serves at most {p['max_pages']} pages)" if p.get("max_pages") else "no guard"
     if uses_estimator:
@@ -143,7 +148,9 @@ def run_demo(a) -> int:
         if c:
             from .policy.certify import interval_label
 
-            print(f"        λ certified on {c['requests']:,} held-out logged requests (DR, confidence "
+            drawn = ("uniformly" if not shares else
+                     "with shares " + "/".join(f"{x:g}" for x in shares) + " of strategies 0..3")
+            print(f"        λ certified on {c['requests']:,} held-out logged requests, drawn {drawn} (DR, confidence "
                   f"{c['confidence']:g}): one-step loss {c['loss_pct']:.2f}% [{interval_label(c['confidence'])}: "
                   f"{c['ci_pct'][0]:.2f}, {c['ci_pct'][1]:.2f}] on the "
                   "logged cache states; the replay above is the closed loop, where the caches age under the policy")

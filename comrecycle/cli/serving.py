@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from ..errors import UserError
 from ..repository import DEFAULT_REPOSITORY, REPO_ROOT
 from .common import CliError
 
@@ -107,13 +108,19 @@ def cmd_demo(a) -> int:
     if a.train_requests < 1000 or a.certify_requests < 1000:
         raise CliError(f"--train-requests and --certify-requests: expected at least 1000 requests each, got "
                        f"{a.train_requests}, {a.certify_requests}")
-    if isinstance(a.certify_arm_weights, str):
-        from .sim import parse_arm_weights
+    if isinstance(a.certify_arm_weights, str):  # checked here, before minutes of simulation
+        from ..policy.deploy import certify_arm_shares
 
-        rows = parse_arm_weights(a.certify_arm_weights, option="--certify-arm-weights")
-        if len(rows) != 1:
-            raise CliError(f"--certify-arm-weights: expected one row of 4 weights, got {a.certify_arm_weights!r}")
-        a.certify_arm_weights = tuple(rows[0])
+        try:
+            weights = tuple(float(x) for x in a.certify_arm_weights.split(","))
+        except ValueError:
+            raise CliError("--certify-arm-weights: expected 4 comma-separated positive numbers W0,W1,W2,W3 "
+                           f"(strategies 0..3), got {a.certify_arm_weights!r}") from None
+        try:
+            certify_arm_shares(weights, name="--certify-arm-weights")
+        except UserError as e:
+            raise CliError(str(e)) from None
+        a.certify_arm_weights = weights
     return run_demo(a)
 
 def add_parsers(sub) -> None:
@@ -188,9 +195,12 @@ def add_parsers(sub) -> None:
                         "default %(default)s)")
     s.add_argument("--certify-arm-weights", metavar="W0,W1,W2,W3",
                    default=",".join(f"{w:g}" for w in DEFAULT_CERTIFY_ARM_WEIGHTS),
-                   help="relative probabilities of strategies 0..3 in the certification log (default "
-                        "%(default)s: full or strategy 3 mostly, which the deployed rule chooses between; "
-                        "1,1,1,1 = uniform)")
+                   help="positive relative weights of strategies 0..3 in the certification log, "
+                        "renormalised among the strategies whose cache is available; each needs a share of "
+                        "at least 0.01 (default %(default)s: the full cascade or strategy 3 mostly, which a "
+                        "'full or strategy 3' rule certifies with the narrowest bound; 1,1,1,1 = uniform). "
+                        "The log is cached per weights (artifacts/router/KEY/certify_N_wSHARES.parquet): "
+                        "new weights simulate a new one")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=str(REPO_ROOT / "runs" / "demo"))
     s.set_defaults(func=cmd_demo)

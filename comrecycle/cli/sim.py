@@ -10,17 +10,17 @@ from .common import CliError, default_model_dir
 
 
 # ---- simulate ---------------------------------------------------------------------------------
-def parse_arm_weights(text: str, option: str = "--arm-weights") -> list[list[float]]:
-    """'W0,W1,W2,W3[;W0,W1,W2,W3...]' -> rows of 4 positive floats (CliError naming `option` otherwise)."""
+def parse_arm_weights(text: str) -> list[list[float]]:
+    """'W0,W1,W2,W3[;W0,W1,W2,W3...]' -> rows of 4 positive floats (CliError otherwise)."""
     rows = []
     for part in text.split(";"):
         try:
             row = [float(x) for x in part.split(",")]
         except ValueError:
-            raise CliError(f"{option}: expected rows of 4 comma-separated numbers separated by ';', "
+            raise CliError(f"--arm-weights: expected rows of 4 comma-separated numbers separated by ';', "
                            f"got {text!r}") from None
         if len(row) != 4 or not all(x > 0 and x < float("inf") for x in row):
-            raise CliError(f"{option}: expected 4 positive numbers (strategies 0..3) per row, got {part!r}")
+            raise CliError(f"--arm-weights: expected 4 positive numbers (strategies 0..3) per row, got {part!r}")
         rows.append(row)
     return rows
 

@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from ..errors import UserError
 from ..repository import REPO_ROOT
 
 ROUTER_ARTIFACTS = REPO_ROOT / "artifacts" / "router"
@@ -26,22 +27,42 @@ DEFAULT_TRAIN_REQUESTS = 400_000
 # the luck of its draw (docs/RESULTS.md, "The certification log: size and confidence")
 DEFAULT_CERTIFY_REQUESTS = 200_000
 DEFAULT_CONFIDENCE = 0.95
-# the certification log draws what the deployed rule chooses between, full or strategy 3, more
-# often than strategies 1-2 (propensities logged). A "full or strategy 3" rule's DR error then has
-# inverse-propensity weights of about 2.2 instead of 4, and the logged rank lists are older, as the
-# rule's own are (1.42 pages served on average, against 1.20 in a uniform log); strategies 1-2 stay explored, so both families are certified
-# (docs/RESULTS.md, "The certification log: size and confidence"). None = uniform.
+# the certification log draws the full cascade and strategy 3 more often than strategies 1-2
+# (propensities logged). A "full or strategy 3" rule's DR error then has inverse-propensity weights
+# of about 2.2 instead of 4, and the logged rank lists are older, as the rule's own are; strategies
+# 1-2 stay explored, so both rule families are certified (docs/RESULTS.md, "The certification log:
+# size and confidence"). None = uniform.
 DEFAULT_CERTIFY_ARM_WEIGHTS = (0.45, 0.05, 0.05, 0.45)
+# the smallest probability share a strategy may get in the certification log: a rarer strategy
+# gives inverse-propensity weights above 100 and an off-policy bound too wide to certify with
+MIN_CERTIFY_ARM_SHARE = 0.01
 PIPELINE_VERSION = 2  # part of the cache key: artifacts of an earlier pipeline are not reused
 
 
+def certify_arm_shares(arm_weights, name: str = "certification log weights") -> tuple[float, ...] | None:
+    """Relative weights of strategies 0..3 [4] -> their shares, summing to 1 and rounded to 3
+    decimals (what the simulator draws with and what names the log), or None for a uniform
+    draw (None, or shares that round to equal). Raises UserError for anything else."""
+    if arm_weights is None:
+        return None
+    w = [float(x) for x in arm_weights]
+    got = ",".join(f"{x:g}" for x in w)
+    if len(w) != 4 or not all(0 < x < float("inf") for x in w):
+        raise UserError(f"{name}: expected 4 positive finite numbers (strategies 0..3), got {got}")
+    share = [x / sum(w) for x in w]
+    if min(share) < MIN_CERTIFY_ARM_SHARE:
+        raise UserError(f"{name}: every strategy needs a share of at least {MIN_CERTIFY_ARM_SHARE:g} "
+                        f"(inverse-propensity weights above {1 / MIN_CERTIFY_ARM_SHARE:g} leave the off-policy "
+                        f"bound too wide to certify); {got} gives shares {', '.join(f'{x:.2g}' for x in share)}")
+    shares = tuple(round(x, 3) for x in share)
+    return None if len(set(shares)) == 1 else shares
+
+
 def certify_log_tag(arm_weights) -> str:
-    """'' for a uniformly randomised log, else '_w' + the normalised weights ('_w0.45-0.05-0.05-0.45'):
-    part of the certification log's and the params' file names."""
-    if arm_weights is None or len(set(arm_weights)) == 1:
-        return ""
-    total = float(sum(arm_weights))
-    return "_w" + "-".join(f"{w / total:.3g}" for w in arm_weights)
+    """'' for a uniformly randomised log, else '_w' + the shares ('_w0.45-0.05-0.05-0.45'): part of
+    the certification log's and the params' file names."""
+    shares = certify_arm_shares(arm_weights)
+    return "" if shares is None else "_w" + "-".join(f"{x:g}" for x in shares)
 
 
 def _key(model_dir: Path, train_requests: int, seed: int) -> str:
@@ -80,12 +101,15 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01,
     recipe = hashlib.sha256(json.dumps(ESTIMATOR_OPTIONS, sort_keys=True).encode()).hexdigest()[:8]
     est_dir = work / f"estimator-{recipe}"
     params_path = est_dir / f"params_b{budget:g}_c{confidence:g}_m{max_pages or 0}_n{certify_requests}{tag}.json"
-    cert_weights = None if not tag else [list(certify_arm_weights)]
+    shares = certify_arm_shares(certify_arm_weights)
+    cert_weights = None if shares is None else [list(shares)]
     for path, n, s, weights, what in ((train, train_requests, seed + 101, None, "training"),
                                       (cert, certify_requests, seed + 303, cert_weights, "certification")):
         if not path.exists():
-            how = "uniformly" if weights is None else f"(strategies 0..3 ∝ {', '.join(f'{w:g}' for w in weights[0])})"
-            print(f"[router] simulating a {how} randomised {what} log ({n} requests) ...", flush=True)
+            how = (f"uniformly randomised {what} log" if weights is None else
+                   f"randomised {what} log (strategies 0..3 drawn with shares "
+                   f"{', '.join(f'{w:g}' for w in weights[0])} among the available ones)")
+            print(f"[router] simulating a {how} ({n} requests) ...", flush=True)
             t0 = time.time()
             write_log(simulate_log_sharded(model_dir, n, seed=s, logging="random", workers=workers,
                                            arm_weights=weights, counterfactuals=False), path)

@@ -92,18 +92,27 @@ def test_demo_refuses_a_confidence_level_before_any_work():
     assert r.returncode == 2 and "--confidence: expected a level in [0.5, 1)" in r.stderr
 
 
-@pytest.mark.parametrize("weights", ["0.5,0.5,0.5", "1,1,1,1;1,0,0,1", "0.45,0,0,0.45"])
-def test_demo_refuses_certification_arm_weights_before_any_work(weights):
+@pytest.mark.parametrize("weights, says", [
+    ("0.5,0.5,0.5", "expected 4 positive finite numbers"),
+    ("1,1,1,1;1,1,1,1", "expected 4 comma-separated positive numbers"),
+    ("0.45,0,0,0.45", "expected 4 positive finite numbers"),
+    ("1000,1,1,1000", "every strategy needs a share of at least 0.01"),
+])
+def test_demo_refuses_certification_arm_weights_before_any_work(weights, says):
     r = subprocess.run([sys.executable, "-m", "comrecycle.cli", "demo", "--certify-arm-weights", weights],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 2 and "--certify-arm-weights: expected" in r.stderr, r.stderr
+    assert r.returncode == 2 and f"--certify-arm-weights: {says}" in r.stderr, r.stderr
+    assert weights in r.stderr  # what arrived
 
 
 def test_certification_log_names_its_logging_weights():
-    from comrecycle.policy.deploy import certify_log_tag
+    from comrecycle.policy.deploy import certify_arm_shares, certify_log_tag
 
     assert certify_log_tag(None) == certify_log_tag((1, 1, 1, 1)) == ""  # uniform: the earlier file names
     assert certify_log_tag((0.45, 0.05, 0.05, 0.45)) == certify_log_tag((9, 1, 1, 9)) == "_w0.45-0.05-0.05-0.45"
+    # the simulator draws with the same rounded shares that name the log
+    assert certify_arm_shares((0.4504, 0.05, 0.05, 0.45)) == (0.45, 0.05, 0.05, 0.45)
+    assert certify_arm_shares((1, 1, 1, 1.0001)) is None and certify_log_tag((1, 1, 1, 1.0001)) == ""  # uniform
 
 
 def _dead_port() -> int:

@@ -148,3 +148,33 @@ def test_expected_clicks_rewards_good_pages(world):
     best = np.argsort(-world.logits(s), axis=1)[:, :20]
     rand = rng.integers(0, world.n_items, (50, 20))
     assert world.expected_clicks(s, best).mean() > 5 * world.expected_clicks(s, rand).mean()
+
+
+class _Repeats:
+    """What a logging assignment reads of a batch: B repeated requests of distinct sessions."""
+
+    def __init__(self, n: int):
+        self.session_id = np.arange(n, dtype=np.int64)
+        self.is_repeat = np.ones(n, bool)
+
+    def __len__(self) -> int:
+        return self.session_id.size
+
+
+def test_skewed_logging_draws_and_logs_probabilities_among_the_available_strategies():
+    from comrecycle.sim.recycling import uniform_random_assignment
+
+    n = 40_000
+    available = np.ones((n, 4), bool)
+    available[n // 2:, 2:] = False  # the second half: only strategies 0 and 1 have a cache
+    strategy, propensity = uniform_random_assignment(7, [0.45, 0.05, 0.05, 0.45])(_Repeats(n), available)
+    full, part = slice(0, n // 2), slice(n // 2, n)
+    assert np.allclose(np.bincount(strategy[full], minlength=4) / (n // 2), [0.45, 0.05, 0.05, 0.45], atol=0.01)
+    assert set(np.unique(strategy[part])) == {0, 1}
+    assert abs((strategy[part] == 0).mean() - 0.9) < 0.01
+    expected = np.where(strategy[full] % 3 == 0, 0.45, 0.05)
+    assert np.allclose(propensity[full], expected)
+    assert np.allclose(propensity[part], np.where(strategy[part] == 0, 0.9, 0.1))
+    # each strategy's inverse-propensity weights average to one: IPW stays unbiased
+    for j in range(4):
+        assert abs(np.mean((strategy[full] == j) / propensity[full]) - 1) < 0.06
