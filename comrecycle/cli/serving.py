@@ -197,8 +197,9 @@ def add_parsers(sub) -> None:
                    default=",".join(f"{w:g}" for w in DEFAULT_CERTIFY_ARM_WEIGHTS),
                    help="positive relative weights of strategies 0..3 in the certification log, "
                         "renormalised among the strategies whose cache is available; each needs a share of "
-                        "at least 0.01 (default %(default)s: the full cascade or strategy 3 mostly, which a "
-                        "'full or strategy 3' rule certifies with the narrowest bound; 1,1,1,1 = uniform). "
+                        "at least 0.01 (default %(default)s: the full cascade or strategy 3 mostly, so that a "
+                        "'full or strategy 3' rule gets a narrower bound than from a uniform log; 1,1,1,1 = "
+                        "uniform). "
                         "The log is cached per weights (artifacts/router/KEY/certify_N_wSHARES.parquet): "
                         "new weights simulate a new one")
     s.add_argument("--seed", type=int, default=0)
