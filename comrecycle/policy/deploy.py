@@ -19,8 +19,9 @@ ROUTER_ARTIFACTS = REPO_ROOT / "artifacts" / "router"
 # sessions, with propensities no smaller than 0.05 (the skewed session mixture that explores deep
 # caches gives 1/0.02 weights and an off-policy interval too wide to use)
 ESTIMATOR_OPTIONS = {"max_epochs": 8, "label": "view-adjusted", "ensemble": 3}
-# the estimator learns uplift from noisy clicks, and its ranking keeps improving with the log's
-# size up to 400 000 requests, the largest measured (docs/RESULTS.md, "The estimator's training seed, and an ensemble")
+# the estimator learns uplift from noisy clicks: its ranking improved with the log's size up to
+# 400 000 requests, and 800 000 ranked no better (docs/RESULTS.md, "The estimator's training seed,
+# and an ensemble" and "Closed loop on the simulator")
 DEFAULT_TRAIN_REQUESTS = 400_000
 # λ is certified with a 95% upper bound on 200 000 requests: on 40 000 the bound's margin is wider
 # than the budget (noise floor ~2.6%), and a point estimate on either size keeps the budget only by
