@@ -136,9 +136,7 @@ def run_demo(a) -> int:
     s["estimator_called"] = uses_estimator
     s["params"] = {k: p.get(k) for k in ("lambda", "omega", "costs", "estimator_cost", "budget", "max_pages",
                                          "loss_floor", "certification", "solved_on")}
-    from .policy.deploy import certify_arm_shares
-
-    shares = certify_arm_shares(a.certify_arm_weights)
+    shares = info["certify_shares"]
     s["params"]["certification_log_shares"] = list(shares) if shares else "uniform"
     print_summary(s, a.budget)
     guard = f"the depth guard (a list serves at most {p['max_pages']} pages)" if p.get("max_pages") else "no guard"

@@ -62,7 +62,10 @@ def certify_arm_shares(arm_weights, name: str = "certification log weights") -> 
 def certify_log_tag(arm_weights) -> str:
     """'' for a uniformly randomised log, else '_w' + the shares ('_w0.45-0.05-0.05-0.45'): part of
     the certification log's and the params' file names."""
-    shares = certify_arm_shares(arm_weights)
+    return _shares_tag(certify_arm_shares(arm_weights))
+
+
+def _shares_tag(shares: tuple[float, ...] | None) -> str:
     return "" if shares is None else "_w" + "-".join(f"{x:g}" for x in shares)
 
 
@@ -81,7 +84,8 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01,
                   max_pages: int | None = DEFAULT_MAX_PAGES, confidence: float = DEFAULT_CONFIDENCE,
                   certify_arm_weights=DEFAULT_CERTIFY_ARM_WEIGHTS) -> dict:
     """Train (or reuse) an estimator and params for this model set and install them as the
-    latest estimator / recycle_router versions. Returns paths and the params.
+    latest estimator / recycle_router versions. Returns paths, the params and the certification
+    log's strategy shares (None: uniform).
 
     The estimator is trained on one uniformly randomised log; `comrecycle solve` certifies λ on
     another (doubly robust, `confidence` as in `solve --confidence`), whose strategies are drawn
@@ -96,13 +100,13 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01,
 
     work = ROUTER_ARTIFACTS / _key(model_dir, train_requests, seed)
     work.mkdir(parents=True, exist_ok=True)
-    tag = certify_log_tag(certify_arm_weights)
+    shares = certify_arm_shares(certify_arm_weights)  # what names the log and what draws it
+    tag = _shares_tag(shares)
     train, cert, held = work / "train.parquet", work / f"certify_{certify_requests}{tag}.parquet", work / "heldout.parquet"
     # the estimator and the params it was certified with, per estimator recipe (the logs are shared)
     recipe = hashlib.sha256(json.dumps(ESTIMATOR_OPTIONS, sort_keys=True).encode()).hexdigest()[:8]
     est_dir = work / f"estimator-{recipe}"
     params_path = est_dir / f"params_b{budget:g}_c{confidence:g}_m{max_pages or 0}_n{certify_requests}{tag}.json"
-    shares = certify_arm_shares(certify_arm_weights)
     cert_weights = None if shares is None else [list(shares)]
     for path, n, s, weights, what in ((train, train_requests, seed + 101, None, "training"),
                                       (cert, certify_requests, seed + 303, cert_weights, "certification")):
@@ -143,7 +147,7 @@ def ensure_router(repo: Path, model_dir: Path, budget: float = 0.01,
     print(f"[router] installed estimator v{est_version.name} and recycle_router v{router_version.name} "
           f"(λ = {params['lambda']:.4g} for a {100 * budget:g}% loss budget; depth guard: "
           f"{'a list serves at most ' + str(max_pages) + ' pages' if max_pages else 'off'})", flush=True)
-    return {"work": work, "heldout": held, "estimator": est_dir, "params": params}
+    return {"work": work, "heldout": held, "estimator": est_dir, "params": params, "certify_shares": shares}
 
 
 def _sha(path: Path) -> str:
