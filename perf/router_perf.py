@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from comrecycle.repository import DEFAULT_REPOSITORY
+from comrecycle.router.batch import PHASES
 from comrecycle.specs import ROUTER, STRATEGIES, router_request
 
 from .perf_analyzer_run import format_rows, run_perf, write_input_data, write_rows_csv
@@ -112,15 +113,37 @@ def strategy_columns(latencies: dict[int, np.ndarray]) -> dict[str, float]:
     return cols
 
 
-def _strategy_counts(metrics_url: str) -> np.ndarray:
+def _router_counters(metrics_url: str) -> dict:
+    """The router's counters on /metrics: requests by strategy ("requests", [4]) and, per phase
+    of a router batch, the summed seconds and the number of batches ("phase_sum", "phase_count")."""
     time.sleep(METRICS_LAG_S)  # the router sends its counters every metrics_flush_s
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    counts = np.zeros(4)
+    out = {"requests": np.zeros(4), "phase_sum": {}, "phase_count": {}}
     for line in text.splitlines():
         if line.startswith("comrecycle_router_requests_total{"):
             j = int(line.split('strategy="')[1].split('"')[0])
-            counts[j] += float(line.rsplit(" ", 1)[1])
-    return counts
+            out["requests"][j] += float(line.rsplit(" ", 1)[1])
+        for key, prefix in (("phase_sum", "comrecycle_router_phase_seconds_sum{"),
+                            ("phase_count", "comrecycle_router_phase_seconds_count{")):
+            if line.startswith(prefix):
+                phase = line.split('phase="')[1].split('"')[0]
+                out[key][phase] = out[key].get(phase, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def phase_columns(before: dict, after: dict) -> dict:
+    """Row columns of one run from the router's counters before and after it: the mean wall
+    time of each phase of a router batch (phase_<name>_ms) and the mean batch size (requests
+    per batch, counted on the parse phase, which every batch passes)."""
+    cols = {}
+    for phase, total in after["phase_sum"].items():
+        n = after["phase_count"].get(phase, 0.0) - before["phase_count"].get(phase, 0.0)
+        if n > 0:
+            cols[f"phase_{phase}_ms"] = 1e3 * (total - before["phase_sum"].get(phase, 0.0)) / n
+    batches = after["phase_count"].get("parse", 0.0) - before["phase_count"].get("parse", 0.0)
+    if batches > 0:
+        cols["mean_batch"] = float((after["requests"] - before["requests"]).sum() / batches)
+    return cols
 
 
 def run(repo: Path, out: Path, concurrency: list[int], measurement_ms: int, n_users: int,
@@ -161,7 +184,7 @@ def run(repo: Path, out: Path, concurrency: list[int], measurement_ms: int, n_us
         exports = Path(tempfile.mkdtemp(prefix="router_perf-"))  # MBs each: parsed, then removed
         for rnd, label, model, level in plan:
             print(f"[round {rnd + 1}/{rounds}] perf_analyzer {label} concurrency {level} ...", flush=True)
-            before = _strategy_counts(srv.metrics_endpoint) if model == ROUTER else None
+            before = _router_counters(srv.metrics_endpoint) if model == ROUTER else None
             export = exports / f"{label}_c{level}_r{rnd}.json"
             got = run_perf(model, srv.grpc_url, "grpc", [level], input_data=str(files[label]),
                            label=label, **measurement_args(measurement_ms),
@@ -170,10 +193,13 @@ def run(repo: Path, out: Path, concurrency: list[int], measurement_ms: int, n_us
             if export.is_file():
                 by_strategy = strategy_columns(strategy_latencies(json.loads(export.read_text())))
                 export.unlink()
-            rows += [{**r, "round": rnd, **by_strategy} for r in got]
+            phases = {}
             if before is not None:
-                d = _strategy_counts(srv.metrics_endpoint) - before
+                after = _router_counters(srv.metrics_endpoint)
+                d = after["requests"] - before["requests"]
                 mixes[f"{label}@{level}#{rnd}"] = (d / max(d.sum(), 1)).round(4).tolist()
+                phases = phase_columns(before, after)
+            rows += [{**r, "round": rnd, **by_strategy, **phases} for r in got]
         shutil.rmtree(exports, ignore_errors=True)
     write_rows_csv(rows, out / "results.csv")
     res = {"rows": rows, "strategy_mix": mixes, "rounds": rounds,
@@ -247,11 +273,31 @@ def markdown(res: dict) -> str:
         lines.append(f"| {rnd + 1} | {r['label']} | {r['concurrency']} | {r['throughput_infer_per_s']:.1f} | "
                      f"{r['p50_us'] / 1e3:.2f} | {r['p99_us'] / 1e3:.2f} | "
                      f"{'/'.join(f'{100 * m:.0f}%' for m in mix) if mix else '—'} | {', '.join(by) or '—'} |")
+    phased = [r for r in rows if any(k.startswith("phase_") for k in r)]
+    if phased:
+        names = [p for p in PHASES if any(f"phase_{p}_ms" in r for r in phased)]
+        lines += ["", "Where the router's time goes: mean ms per router batch, by phase (the router's "
+                  "comrecycle_router_phase_seconds), and the mean batch size.", "",
+                  f"| round | run | concurrency | {' | '.join(names)} | requests per batch |",
+                  "|---|---|---|" + "---|" * len(names) + "---|"]
+        for r in phased:
+            cells = [f"{r[f'phase_{p}_ms']:.2f}" if f"phase_{p}_ms" in r else "—" for p in names]
+            lines.append(f"| {r.get('round', 0) + 1} | {r['label']} | {r['concurrency']} | {' | '.join(cells)} | "
+                         f"{r.get('mean_batch', float('nan')):.2f} |")
     lines += ["", "| target | concurrency | median over rounds | each round | goal |", "|---|---|---|---|---|"]
     for (key, c), rs in sorted(ratios(res).items(), key=lambda kv: (list(COMPARISONS).index(kv[0][0]), kv[0][1])):
         _, _, what, _, goal = COMPARISONS[key]
         lines.append(f"| {what} | {c} | {np.median(rs):.2f}x | {', '.join(f'{x:.2f}' for x in rs)} | {goal} |")
     return "\n".join(lines) + "\n"
+
+
+def missing_router_install(repo: Path) -> list[str]:
+    """What the router needs that the repository lacks: an estimator version with model.onnx and
+    a recycle_router version with params.json ([] when both are installed)."""
+    from comrecycle.serving.layout import installed_versions
+
+    need = (("estimator", "model.onnx"), ("recycle_router", "params.json"))
+    return [f"{model}/<version>/{file}" for model, file in need if not installed_versions(repo / model, file)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="model repository with an installed model set, estimator and router params")
     ap.add_argument("--models", default=str(REPO_ROOT / "artifacts" / "models" / "default"),
                     help="model set (to train/install the estimator and params if the repository lacks them)")
+    ap.add_argument("--no-install", action="store_true",
+                    help="use the estimator and router params already installed in --repository as they "
+                         "are (a GPU node need not hold the model set or the training logs)")
     ap.add_argument("--out", default=str(REPO_ROOT / "runs" / "router_perf"))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--measurement-ms", type=int, default=15000,
@@ -274,9 +323,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {repo} has no installed model set; run `bash scripts/demo.sh` or "
               f"`python build_models.py` first", file=sys.stderr)
         return 2
-    from comrecycle.policy.deploy import ensure_router
+    if a.no_install:
+        missing = missing_router_install(repo)
+        if missing:
+            print(f"error: --no-install, but {repo} lacks {' and '.join(missing)}; install them with "
+                  f"`comrecycle demo` or run without --no-install", file=sys.stderr)
+            return 2
+    else:
+        from comrecycle.policy.deploy import ensure_router
 
-    ensure_router(repo, Path(a.models))
+        ensure_router(repo, Path(a.models))
     t0 = time.time()
     res = run(repo, Path(a.out), sorted(a.concurrency), a.measurement_ms, a.users, a.rounds)
     print(format_rows(res["rows"]))

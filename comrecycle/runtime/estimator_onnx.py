@@ -17,8 +17,8 @@ from .validation import InputError, check_request
 class EstimatorRuntime:
     name = "estimator"
 
-    def __init__(self, onnx_path: str | Path, device: str = "cpu", threads: int = 1):
-        self.session = make_session(onnx_path, device=device, threads=threads)
+    def __init__(self, onnx_path: str | Path, device: str = "cpu", threads: int = 1, device_id: int = 0):
+        self.session = make_session(onnx_path, device=device, threads=threads, device_id=device_id)
         names = {i.name for i in self.session.get_inputs()}
         missing = [t.name for t in ESTIMATOR_INPUTS if t.name not in names]
         if missing:

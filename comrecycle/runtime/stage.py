@@ -7,6 +7,7 @@ Rows whose output has fewer than top_k real items (short candidate lists) are tr
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,14 @@ import numpy as np
 from ..specs import PAD_ID, StageSpec
 from .validation import InputError, check_request
 
+LOG = logging.getLogger(__name__)
 
-def make_session(onnx_path: str | Path, device: str = "cpu", threads: int = 1):
+
+def make_session(onnx_path: str | Path, device: str = "cpu", threads: int = 1, device_id: int = 0):
+    """An onnxruntime session; device "gpu" asks for the CUDA execution provider on GPU
+    `device_id` (the Triton instance's GPU). onnxruntime falls back to the CPU when CUDA cannot
+    be loaded (no onnxruntime-gpu, a CUDA or cuDNN library missing): that is logged as a warning
+    naming the providers available, so a GPU model that runs on the CPU is visible in the log."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -25,10 +32,16 @@ def make_session(onnx_path: str | Path, device: str = "cpu", threads: int = 1):
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if device == "gpu":
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers = [("CUDAExecutionProvider", {"device_id": int(device_id)}), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+    session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+    if device == "gpu" and "CUDAExecutionProvider" not in session.get_providers():
+        LOG.warning("%s: asked for the CUDA execution provider on GPU %d but runs on %s "
+                    "(onnxruntime %s offers %s; a GPU model needs onnxruntime-gpu and CUDA's libraries)",
+                    onnx_path, device_id, session.get_providers(), ort.__version__,
+                    ort.get_available_providers())
+    return session
 
 
 def pad_lists(rows: list[np.ndarray], min_width: int = 1) -> np.ndarray:
@@ -52,9 +65,10 @@ class StageResult:
 class StageRuntime:
     """A stage: its spec (comrecycle.specs) and its ONNX session."""
 
-    def __init__(self, spec: StageSpec, onnx_path: str | Path, device: str = "cpu", threads: int = 1):
+    def __init__(self, spec: StageSpec, onnx_path: str | Path, device: str = "cpu", threads: int = 1,
+                 device_id: int = 0):
         self.spec = spec
-        self.session = make_session(onnx_path, device=device, threads=threads)
+        self.session = make_session(onnx_path, device=device, threads=threads, device_id=device_id)
         self.onnx_inputs = {i.name for i in self.session.get_inputs()}
         missing = [t.name for t in spec.inputs if t.name not in self.onnx_inputs]
         if missing:

@@ -45,7 +45,8 @@ class StageModel:
         if args.get("model_instance_kind") == "GPU":
             device = "gpu"
         threads = int(os.environ.get("COMRECYCLE_ORT_THREADS", params.get("ort_intra_op_threads", "1")))
-        rt = StageRuntime(spec, onnx_path, device=device, threads=threads)
+        device_id = int(args.get("model_instance_device_id") or 0)
+        rt = StageRuntime(spec, onnx_path, device=device, threads=threads, device_id=device_id)
         log.info("stage %s v%s: %s, top_k=%d, device=%s, providers=%s", name, args["model_version"],
                  onnx_path, spec.top_k, device, rt.session.get_providers())
         return cls(rt)

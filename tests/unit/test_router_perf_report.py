@@ -1,4 +1,5 @@
 """perf/router_perf's report: ratios pair the router and cascade runs of the same round."""
+import pytest
 from perf.router_perf import markdown, ratios
 
 
@@ -64,3 +65,38 @@ def test_the_strategy_3_target_uses_the_strategy_3_latency():
     md = markdown(res)
     assert "| p50 of a strategy-3 request / full cascade | 1 | 0.28x | 0.28 | <= 0.3x |" in md
     assert "s0: 4.20 / 6.00, s3: 1.10 / 2.00" in md
+
+
+def test_no_install_names_what_the_repository_lacks(tmp_path, capsys):
+    from perf.router_perf import main, missing_router_install
+
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "estimator" / "1").mkdir(parents=True)
+    (tmp_path / "estimator" / "1" / "model.onnx").write_bytes(b"x")
+    assert missing_router_install(tmp_path) == ["recycle_router/<version>/params.json"]
+    assert main(["--repository", str(tmp_path), "--no-install"]) == 2
+    assert "recycle_router/<version>/params.json" in capsys.readouterr().err
+    (tmp_path / "recycle_router" / "2").mkdir(parents=True)
+    (tmp_path / "recycle_router" / "2" / "params.json").write_text("{}")
+    assert missing_router_install(tmp_path) == []
+
+
+def test_phase_columns_are_per_batch_means_over_the_run():
+    import numpy as np
+
+    from perf.router_perf import markdown, phase_columns
+
+    before = {"requests": np.array([10.0, 0, 0, 5]), "phase_sum": {"parse": 0.1, "decide": 1.0},
+              "phase_count": {"parse": 10.0, "decide": 4.0}}
+    after = {"requests": np.array([30.0, 0, 0, 25]), "phase_sum": {"parse": 0.2, "decide": 1.5, "commit": 0.3},
+             "phase_count": {"parse": 30.0, "decide": 14.0, "commit": 3.0}}
+    cols = phase_columns(before, after)
+    assert cols["phase_parse_ms"] == pytest.approx(1e3 * 0.1 / 20)
+    assert cols["phase_decide_ms"] == pytest.approx(1e3 * 0.5 / 10)
+    assert cols["phase_commit_ms"] == pytest.approx(100.0)  # a phase first seen in this run
+    assert cols["mean_batch"] == pytest.approx(40 / 20)
+    row = {"label": "router_mix74", "concurrency": 4, "throughput_infer_per_s": 1.0, "p50_us": 1.0,
+           "p99_us": 1.0, **cols}
+    text = markdown({"rows": [row], "strategy_mix": {}})
+    assert "| round | run | concurrency | parse | decide | commit | requests per batch |" in text
+    assert "| 1 | router_mix74 | 4 | 5.00 | 50.00 | 100.00 | 2.00 |" in text

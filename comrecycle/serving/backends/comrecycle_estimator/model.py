@@ -23,7 +23,8 @@ class TritonPythonModel:
                                     f"(comrecycle train-estimator ... --install)")
         device = "gpu" if args.get("model_instance_kind") == "GPU" else params.get("device", "cpu")
         threads = int(os.environ.get("COMRECYCLE_ORT_THREADS", params.get("ort_intra_op_threads", "1")))
-        self.runtime = EstimatorRuntime(path, device=device, threads=threads)
+        self.runtime = EstimatorRuntime(path, device=device, threads=threads,
+                                        device_id=int(args.get("model_instance_device_id") or 0))
 
     def execute(self, requests):
         return execute_batch(pb_utils, requests, self.runtime.input_names, self.runtime.run)
