@@ -117,7 +117,10 @@ def router_config(variant: str = "cpu") -> mc.ModelConfig:
     bookkeeping). With the CPU model set it runs the stages in its own process (`local_stages:
     all`; the Python-backend stages' inter-process hops cost more than the stages); in the GPU
     and container variants Triton serves the stages (GPU, onnxruntime backend) and the router
-    calls them by BLS (`local_stages: none`)."""
+    calls them by BLS (`local_stages: none`). The estimator runs in the router's process in the
+    CPU and GPU variants (`local_estimator: 1`): on an H200 its BLS call to the GPU estimator
+    cost 6.9-12.7 ms per router batch against 1.1-1.5 ms on the router's CPU (docs/RESULTS.md,
+    "recycle_router on a GPU"). The container variant keeps the BLS call (not measured there)."""
     cfg = mc.ModelConfig(name=ROUTER, backend=ROUTER_BACKEND, max_batch_size=SERVING.router_max_batch)
     cfg.input.extend(_input(t, ragged=True) for t in ROUTER_INPUTS)
     cfg.output.extend(_output(t) for t in ROUTER_OUTPUTS)
@@ -125,7 +128,7 @@ def router_config(variant: str = "cpu") -> mc.ModelConfig:
     cfg.dynamic_batching.max_queue_delay_microseconds = SERVING.router_queue_delay_us
     cfg.version_policy.latest.num_versions = 1
     cpu = variant == "cpu"
-    settings = RouterSettings(local_stages="all" if cpu else "none", local_estimator=int(cpu))
+    settings = RouterSettings(local_stages="all" if cpu else "none", local_estimator=int(variant in ("cpu", "gpu")))
     for k, v in sorted(settings.config_parameters().items()):  # never the password: environment only
         cfg.parameters[k].string_value = v
     return cfg

@@ -107,11 +107,12 @@ class RouterSettings:
                                  "stages run in the router's process: a list such as rank,rerank, all, or "
                                  "none (every stage through Triton by BLS: stages on a GPU)")
     # the estimator by BLS costs two inter-process hops and its batcher's queue delay on every
-    # repeated request (~2.5 ms of a recycled request's latency on 2 cores)
+    # repeated request (~2.5 ms of a recycled request's latency on 2 cores); on an H200 the BLS
+    # call to the GPU estimator cost 6.9-12.7 ms per router batch against 1.1-1.5 ms in-process
     local_estimator: int = _setting(1, "COMRECYCLE_ROUTER_LOCAL_ESTIMATOR",
                                     "1: the estimator version the params pin runs in the router's process "
-                                    "(onnxruntime on its installed model.onnx); 0: through Triton by BLS "
-                                    "(an estimator on a GPU)")
+                                    "(onnxruntime on its installed model.onnx, on the CPU); 0: through Triton "
+                                    "by BLS (the container variant's estimator)")
     # every pb_utils metric update is an inter-process round trip (~65-80 us): summed locally
     # and sent by a background thread
     metrics_flush_s: float = _setting(0.5, "COMRECYCLE_ROUTER_METRICS_FLUSH_S",
