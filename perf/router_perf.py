@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -113,28 +114,44 @@ def strategy_columns(latencies: dict[int, np.ndarray]) -> dict[str, float]:
     return cols
 
 
-def _router_counters(metrics_url: str) -> dict:
-    """The router's counters on /metrics: requests by strategy ("requests", [4]) and, per phase
-    of a router batch, the summed seconds and the number of batches ("phase_sum", "phase_count")."""
-    time.sleep(METRICS_LAG_S)  # the router sends its counters every metrics_flush_s
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+_METRIC_LINE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)(?:\s+-?\d+)?\s*$')
+_LABEL = re.compile(r'(?:^|,)\s*(?P<key>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<value>[^"]*)"')
+
+
+def parse_router_counters(text: str) -> dict:
+    """The router's counters in a Prometheus text exposition: requests by strategy ("requests",
+    [4]) and, per phase of a router batch, the summed seconds and the number of batches
+    ("phase_sum", "phase_count"). Labels may come in any order; an optional timestamp is
+    ignored."""
     out = {"requests": np.zeros(4), "phase_sum": {}, "phase_count": {}}
     for line in text.splitlines():
-        if line.startswith("comrecycle_router_requests_total{"):
-            j = int(line.split('strategy="')[1].split('"')[0])
-            out["requests"][j] += float(line.rsplit(" ", 1)[1])
-        for key, prefix in (("phase_sum", "comrecycle_router_phase_seconds_sum{"),
-                            ("phase_count", "comrecycle_router_phase_seconds_count{")):
-            if line.startswith(prefix):
-                phase = line.split('phase="')[1].split('"')[0]
-                out[key][phase] = out[key].get(phase, 0.0) + float(line.rsplit(" ", 1)[1])
+        m = _METRIC_LINE.match(line)
+        if m is None:
+            continue
+        labels = {lm["key"]: lm["value"] for lm in _LABEL.finditer(m["labels"])}
+        name, value = m["name"], float(m["value"])
+        if name == "comrecycle_router_requests_total" and labels.get("strategy", "").isdigit():
+            j = int(labels["strategy"])
+            if 0 <= j < 4:
+                out["requests"][j] += value
+        elif name in ("comrecycle_router_phase_seconds_sum", "comrecycle_router_phase_seconds_count") \
+                and "phase" in labels:
+            key = "phase_sum" if name.endswith("_sum") else "phase_count"
+            out[key][labels["phase"]] = out[key].get(labels["phase"], 0.0) + value
     return out
+
+
+def _router_counters(metrics_url: str) -> dict:
+    """parse_router_counters of the server's /metrics, read after the router's flush lag."""
+    time.sleep(METRICS_LAG_S)  # the router sends its counters every metrics_flush_s
+    return parse_router_counters(urllib.request.urlopen(metrics_url, timeout=5).read().decode())
 
 
 def phase_columns(before: dict, after: dict) -> dict:
     """Row columns of one run from the router's counters before and after it: the mean wall
-    time of each phase of a router batch (phase_<name>_ms) and the mean batch size (requests
-    per batch, counted on the parse phase, which every batch passes)."""
+    time of each phase of a router batch (phase_<name>_ms) and the mean batch size (answered
+    requests, counted by strategy, per batch; batches counted on the parse phase, which every
+    batch passes)."""
     cols = {}
     for phase, total in after["phase_sum"].items():
         n = after["phase_count"].get(phase, 0.0) - before["phase_count"].get(phase, 0.0)
@@ -278,7 +295,7 @@ def markdown(res: dict) -> str:
         names = [p for p in PHASES if any(f"phase_{p}_ms" in r for r in phased)]
         lines += ["", "Where the router's time goes: mean ms per router batch, by phase (the router's "
                   "comrecycle_router_phase_seconds), and the mean batch size.", "",
-                  f"| round | run | concurrency | {' | '.join(names)} | requests per batch |",
+                  f"| round | run | concurrency | {' | '.join(names)} | answered requests per batch |",
                   "|---|---|---|" + "---|" * len(names) + "---|"]
         for r in phased:
             cells = [f"{r[f'phase_{p}_ms']:.2f}" if f"phase_{p}_ms" in r else "—" for p in names]

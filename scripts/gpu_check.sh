@@ -2,7 +2,8 @@
 # The GPU model repository on a machine with an NVIDIA GPU, in one short run:
 #   1. the GPU and driver (nvidia-smi);
 #   2. each GPU model's onnxruntime session (retrieval, prerank, rank, rerank, estimator) asks for
-#      the CUDA execution provider and gets it: the check fails if any runs on the CPU;
+#      the CUDA execution provider and gets it: the check fails if any runs on the CPU (the
+#      router itself runs its copy of the estimator on its CPU: local_estimator = 1);
 #   3. perf.router_perf on the GPU repository (recycle_router against the always-full cascade,
 #      both served by the embedded tritonserver with the stages on the GPU), while nvidia-smi
 #      samples the GPU's use once a second;
@@ -24,6 +25,8 @@ OUT=${1:-runs/gpu_check}
 PY=${PYTHON:-python3}
 REPOSITORY=${REPOSITORY:-artifacts/model_repository/gpu}
 mkdir -p "$OUT/tmp"
+LOGDIR=$(cd "$OUT/tmp" && pwd)  # absolute: the server's log must land here, whatever OUT is
+rm -f "$LOGDIR"/tritonserver-*.log  # a log of an earlier run must not decide this one
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   echo "gpu_check: expected an NVIDIA GPU (nvidia-smi -L); none is visible here" >&2
@@ -58,7 +61,8 @@ for model in ("retrieval", "prerank", "rank", "rerank", "estimator"):
     if "CUDAExecutionProvider" not in providers:
         on_cpu.append(model)
 if on_cpu:
-    sys.exit(f"these GPU models run on the CPU: {on_cpu}")
+    print(f"these GPU models run on the CPU: {on_cpu}")
+    sys.exit(1)
 EOF
 
 echo "== perf.router_perf on $REPOSITORY"
@@ -67,13 +71,20 @@ DMON=$!
 trap 'kill $DMON 2>/dev/null || true' EXIT
 # TMPDIR: the server's log lands in $OUT/tmp (tritonserver-*.log)
 # shellcheck disable=SC2086
-TMPDIR="$PWD/$OUT/tmp" "$PY" -m perf.router_perf --repository "$REPOSITORY" --no-install \
+TMPDIR="$LOGDIR" "$PY" -m perf.router_perf --repository "$REPOSITORY" --no-install \
   --concurrency ${CONCURRENCY:-1 4 16} --rounds "${ROUNDS:-1}" --measurement-ms "${MEASUREMENT_MS:-6000}" \
   --users "${USERS:-400}" --out "$OUT"
 kill $DMON 2>/dev/null || true
 
-if grep -l "asked for the CUDA execution provider" "$OUT"/tmp/tritonserver-*.log 2>/dev/null; then
+shopt -s nullglob
+logs=("$LOGDIR"/tritonserver-*.log)
+if [ ${#logs[@]} -eq 0 ]; then
+  echo "gpu_check: expected the server's log in $LOGDIR; none was written, so the fallback check" \
+       "cannot be made" >&2
+  exit 1
+fi
+if grep -l "asked for the CUDA execution provider" "${logs[@]}"; then
   echo "gpu_check: a GPU model fell back to the CPU inside tritonserver (see the log above)" >&2
   exit 1
 fi
-echo "gpu_check: every GPU model ran on CUDA; results in $OUT/results.md"
+echo "gpu_check: every GPU model that Triton serves ran on CUDA; results in $OUT/results.md"

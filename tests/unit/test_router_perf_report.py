@@ -98,5 +98,24 @@ def test_phase_columns_are_per_batch_means_over_the_run():
     row = {"label": "router_mix74", "concurrency": 4, "throughput_infer_per_s": 1.0, "p50_us": 1.0,
            "p99_us": 1.0, **cols}
     text = markdown({"rows": [row], "strategy_mix": {}})
-    assert "| round | run | concurrency | parse | decide | commit | requests per batch |" in text
+    assert "| round | run | concurrency | parse | decide | commit | answered requests per batch |" in text
     assert "| 1 | router_mix74 | 4 | 5.00 | 50.00 | 100.00 | 2.00 |" in text
+
+
+def test_router_counters_read_labels_in_any_order_and_ignore_other_lines():
+    from perf.router_perf import parse_router_counters
+
+    text = "\n".join([
+        "# HELP comrecycle_router_requests_total requests served, by strategy",
+        'comrecycle_router_requests_total{model="recycle_router",strategy="3",version="1"} 7',
+        'comrecycle_router_requests_total{strategy="0",model="recycle_router",version="2"} 5 1700000000000',
+        'comrecycle_router_requests_total{model="recycle_router",version="1"} 99',  # no strategy label
+        'comrecycle_router_phase_seconds_sum{phase="claim",model="recycle_router",version="1"} 0.5',
+        'comrecycle_router_phase_seconds_sum{model="recycle_router",subphase="claim",version="1"} 9',
+        'comrecycle_router_phase_seconds_count{model="recycle_router",phase="claim",version="1"} 4',
+        'comrecycle_router_phase_seconds_bucket{model="recycle_router",phase="claim",le="0.001"} 1',
+        "nv_inference_request_success{model=\"cascade\",version=\"1\"} 12",
+    ])
+    got = parse_router_counters(text)
+    assert got["requests"].tolist() == [5.0, 0.0, 0.0, 7.0]
+    assert got["phase_sum"] == {"claim": 0.5} and got["phase_count"] == {"claim": 4.0}
